@@ -1,0 +1,251 @@
+"""One Config: documented defaults, a configs/NAME.yaml overlay, command-line overrides, validation.
+
+Defaults live in configs/basic_config.yaml (with a comment each); this module knows only each
+option's type and allowed values. Everything is checked before any work starts, and every
+problem is reported as one ConfigError naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+BASIC = "basic_config"
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Option:
+    kind: type                                  # bool, int, float or str
+    check: Callable[[Any], bool] | None = None  # extra constraint on the typed value
+    allowed: str = ""                           # words for the error message
+    nullable: bool = False
+
+
+def _choice(*names: str) -> Option:
+    return Option(str, lambda v: v in names, "one of " + ", ".join(names))
+
+
+def _registry_choice(registry_getter: Callable[[], list[str]], extra: tuple[str, ...] = ()) -> Option:
+    # Registries are read lazily so that config.py does not import torch to validate a name.
+    return Option(str, lambda v: v in (*extra, *registry_getter()),
+                  "one of " + ", ".join((*extra, *registry_getter())))
+
+
+def _datasets() -> list[str]:
+    from data import DATASETS
+    return sorted(DATASETS)
+
+
+def _models() -> list[str]:
+    from models import MODELS
+    return sorted(MODELS)
+
+
+def _server_opts() -> list[str]:
+    from optimizers import SERVER_OPTIMIZERS
+    return sorted(SERVER_OPTIMIZERS)
+
+
+def _strategies() -> list[str]:
+    from merging import STRATEGIES
+    return sorted(STRATEGIES)
+
+
+def _client_opts() -> list[str]:
+    from optimizers import CLIENT_OPTIMIZERS
+    return sorted(CLIENT_OPTIMIZERS)
+
+
+_positive = Option(float, lambda v: v > 0, "a number > 0")
+_density = Option(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+_pos_int = Option(int, lambda v: v >= 1, "an integer >= 1")
+_nonneg_int = Option(int, lambda v: v >= 0, "an integer >= 0")
+
+SCHEMA: dict[str, Option] = {
+    "dir": Option(str, lambda v: v != "", "a non-empty path"),
+    "name": Option(str, lambda v: v not in ("", ".", "..") and "/" not in v,
+                   "a non-empty folder name without '/'"),
+    "seed": _nonneg_int,
+    "gpu": Option(str, lambda v: v in ("auto", "cpu") or v.isdigit(),
+                  "auto, cpu or a CUDA device index such as 0"),
+    "bf16": Option(bool),
+    "dataset": _registry_choice(_datasets),
+    "data_dir": Option(str, lambda v: v != "", "a non-empty path"),
+    "max_length": Option(int, lambda v: 8 <= v <= 4096, "an integer in [8, 4096]"),
+    "clients": _pos_int,
+    "partition": _choice("dirichlet", "iid"),
+    "iid_alpha": _positive,
+    "min_client_size": _nonneg_int,
+    "model": _registry_choice(_models, extra=("auto",)),
+    "model_path": Option(str, lambda v: v != "", "a folder path or null", nullable=True),
+    "lora_rank": Option(int, lambda v: v >= -1, "an integer >= -1 (0: head only, -1: full fine-tuning)"),
+    "lora_alpha": _positive,
+    "lora_dropout": Option(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "freeze_a": Option(bool),
+    "server_rounds": _nonneg_int,
+    "server_batch": _pos_int,
+    "server_opt": _registry_choice(_server_opts),
+    "server_lr": _positive,
+    "client_opt": _registry_choice(_client_opts),
+    "client_lr": _positive,
+    "client_batch": _pos_int,
+    "client_epochs": _pos_int,
+    "merging_strategy": _registry_choice(_strategies),
+    "dl_density": _density,
+    "ul_density": _density,
+    "dl_density_decay": _density,
+    "ul_density_decay": _density,
+    "decay_freq": _pos_int,
+    "server_freeze": Option(bool),
+    "client_freeze": Option(bool),
+    "eval_freq": _pos_int,
+    "eval_masked": Option(bool),
+    "eval_batch": _pos_int,
+}
+
+
+class Config(dict):
+    """A validated mapping of every option; options read as attributes (cfg.client_lr)."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def list_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of option: value")
+    return data
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, SCHEMA, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"unknown option '{key}' in {where}{hint}; "
+                       f"options are documented in configs/{BASIC}.yaml")
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Type-check one value; ints are accepted where floats are expected."""
+    opt = SCHEMA[key]
+    if value is None:
+        if opt.nullable:
+            return None
+        raise ConfigError(f"{key}: null is not allowed; expected {_describe(opt)}")
+    ok = False
+    if opt.kind is bool:
+        ok = isinstance(value, bool)
+    elif opt.kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif opt.kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok:
+            value = float(value)
+    elif opt.kind is str:
+        # Numbers are fine as names and device indices (gpu: 0); keep them as text.
+        ok = isinstance(value, (str, int)) and not isinstance(value, bool)
+        if ok:
+            value = str(value)
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is not valid; expected {_describe(opt)}")
+    if opt.check is not None and not opt.check(value):
+        raise ConfigError(f"{key}: {value!r} is out of range; expected {_describe(opt)}")
+    return value
+
+
+def _describe(opt: Option) -> str:
+    if opt.allowed:
+        return opt.allowed
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}[opt.kind]
+
+
+def _check_together(cfg: Config) -> None:
+    """Constraints between options."""
+    if cfg.server_batch > cfg.clients:
+        raise ConfigError(f"server_batch: {cfg.server_batch} clients per round is more than "
+                          f"clients ({cfg.clients}); expected at most {cfg.clients}")
+    if cfg.freeze_a and cfg.lora_rank <= 0:
+        raise ConfigError("freeze_a: true needs LoRA adapters; expected lora_rank >= 1 "
+                          f"(got {cfg.lora_rank})")
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """'--client-lr 0.1' / '--client_lr=0.1' -> {'client_lr': 0.1}; values parsed as YAML scalars."""
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument '{arg}'; options look like --option-name value")
+        key, eq, raw = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key.replace('_', '-')} needs a value")
+            raw = argv[i + 1]
+            i += 1
+        if key not in SCHEMA:
+            raise _unknown(key, "the command line")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        overrides[key] = value
+        i += 1
+    return overrides
+
+
+def load_config(name: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """basic_config.yaml <- configs/NAME.yaml <- overrides, validated."""
+    values = _read_yaml(CONFIG_DIR / f"{BASIC}.yaml")
+    missing = set(SCHEMA) - set(values)
+    if missing:  # a development error, but say it plainly
+        raise ConfigError(f"configs/{BASIC}.yaml lacks defaults for: {', '.join(sorted(missing))}")
+    layers: list[tuple[str, dict]] = []
+    if name is not None and name != BASIC:
+        path = CONFIG_DIR / f"{name}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"--config: no config named '{name}'; available: {', '.join(list_configs())}")
+        layers.append((f"configs/{name}.yaml", _read_yaml(path)))
+    layers.append(("the command line", dict(overrides or {})))
+    for where, layer in layers:
+        for key, value in layer.items():
+            if key not in SCHEMA:
+                raise _unknown(str(key), where)
+            values[key] = value
+    cfg = Config({key: coerce(key, values[key]) for key in SCHEMA})
+    _check_together(cfg)
+    return cfg
+
+
+def from_mapping(values: dict[str, Any]) -> Config:
+    """Validate a complete mapping (e.g. a saved run's config.yaml)."""
+    for key in values:
+        if key not in SCHEMA:
+            raise _unknown(str(key), "the saved config")
+    return load_config(overrides=values)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(dict(cfg), sort_keys=False)

@@ -1,0 +1,69 @@
+"""Split a training set among clients: each client is an index array into one dataset.
+
+Dirichlet label skew (as in FLASC and Hsu et al. 2019): client k draws class proportions
+q_k ~ Dir(alpha); each class c is then shared among clients in proportion to q_k[c] / sum_j q_j[c].
+Counts are rounded with the largest-remainder rule so that every example goes to exactly one client
+(the seed code's plain rounding could drop or run past examples).
+
+Empty or tiny clients: with small alpha some clients may receive (almost) nothing. A client below
+`min_size` examples receives examples moved one at a time from the currently largest client, so the
+number of clients stays as configured (it enters sampling and privacy accounting) and every client
+can train. With min_size=0 empty clients are kept; they train on nothing and send a zero update.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
+    """Integer counts proportional to `shares` that sum exactly to `total`."""
+    exact = shares / shares.sum() * total
+    counts = np.floor(exact).astype(np.int64)
+    short = total - counts.sum()
+    if short > 0:
+        order = np.argsort(-(exact - counts), kind="stable")
+        counts[order[:short]] += 1
+    return counts
+
+
+def dirichlet(labels: np.ndarray, n_clients: int, alpha: float, rng: np.random.Generator,
+              min_size: int = 1) -> list[np.ndarray]:
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    q = rng.dirichlet(np.full(len(classes), alpha), size=n_clients)  # (clients, classes)
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
+    for j, c in enumerate(classes):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        counts = _largest_remainder(q[:, j], len(idx))
+        for k, chunk in enumerate(np.split(idx, np.cumsum(counts)[:-1])):
+            parts[k].append(chunk)
+    clients = [np.concatenate(p).astype(np.int64) for p in parts]
+    return enforce_min_size(clients, min_size)
+
+
+def iid(n_examples: int, n_clients: int, rng: np.random.Generator, min_size: int = 1) -> list[np.ndarray]:
+    perm = rng.permutation(n_examples).astype(np.int64)
+    return enforce_min_size([np.asarray(p) for p in np.array_split(perm, n_clients)], min_size)
+
+
+def enforce_min_size(clients: list[np.ndarray], min_size: int) -> list[np.ndarray]:
+    total = sum(len(c) for c in clients)
+    if min_size * len(clients) > total:
+        raise ValueError(f"min_client_size: {min_size} examples for each of {len(clients)} clients "
+                         f"needs {min_size * len(clients)}, but the training split has {total}")
+    clients = [c.copy() for c in clients]
+    sizes = np.array([len(c) for c in clients])
+    while sizes.min() < min_size:
+        small, large = int(sizes.argmin()), int(sizes.argmax())
+        clients[small] = np.append(clients[small], clients[large][-1])
+        clients[large] = clients[large][:-1]
+        sizes[small] += 1
+        sizes[large] -= 1
+    return [np.sort(c) for c in clients]
+
+
+def label_histogram(clients: list[np.ndarray], labels: np.ndarray, n_labels: int) -> np.ndarray:
+    """(clients, labels) counts, for reports and tests."""
+    labels = np.asarray(labels)
+    return np.stack([np.bincount(labels[c], minlength=n_labels) for c in clients])

@@ -1,0 +1,85 @@
+"""Text tasks: raw texts -> padded token tensors, cached on disk once per tokenizer and length."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class DataUnavailable(RuntimeError):
+    """The data set cannot be loaded here; the message says how to provide it."""
+
+
+@dataclass
+class RawTexts:
+    label_names: list[str]
+    splits: dict[str, tuple[list[str], list[int]]]  # 'train' | 'val' | 'test' -> (texts, labels)
+
+
+@dataclass
+class Split:
+    input_ids: torch.Tensor       # (N, L) int64, right-padded
+    attention_mask: torch.Tensor  # (N, L) int64
+    labels: torch.Tensor          # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The examples at idx, padding trimmed to the longest of them (saves compute)."""
+        mask = self.attention_mask[idx]
+        width = max(int(mask.sum(1).max()), 1)
+        return {"input_ids": self.input_ids[idx, :width], "attention_mask": mask[:, :width],
+                "labels": self.labels[idx]}
+
+
+@dataclass
+class Task:
+    name: str
+    label_names: list[str]
+    train: Split
+    val: Split
+    test: Split
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def _fingerprint(raw: RawTexts, tokenizer_tag: str, max_length: int) -> str:
+    h = hashlib.sha1(f"{tokenizer_tag}|{max_length}|{raw.label_names}".encode())
+    for split in ("train", "val", "test"):
+        texts, labels = raw.splits[split]
+        h.update(split.encode())
+        for text, label in zip(texts, labels):
+            h.update(text.encode("utf-8", "replace"))
+            h.update(label.to_bytes(4, "little"))
+    return h.hexdigest()[:16]
+
+
+def _tokenize(texts: list[str], labels: list[int], tokenizer, max_length: int) -> Split:
+    enc = tokenizer(texts, max_length=max_length, padding="max_length", truncation=True,
+                    return_tensors="pt")
+    return Split(enc["input_ids"].long(), enc["attention_mask"].long(), torch.tensor(labels, dtype=torch.long))
+
+
+def tokenize_cached(name: str, raw: RawTexts, data_dir: str, tokenizer, tokenizer_tag: str,
+                    max_length: int) -> Task:
+    key = _fingerprint(raw, tokenizer_tag, max_length)
+    path = Path(data_dir) / name / f"tokens-{key}.pt"
+    if path.is_file():
+        try:
+            blob = torch.load(path, weights_only=True)
+            splits = {s: Split(**blob[s]) for s in ("train", "val", "test")}
+            return Task(name, raw.label_names, **splits)
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+    splits = {s: _tokenize(*raw.splits[s], tokenizer, max_length) for s in ("train", "val", "test")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({s: vars(v) for s, v in splits.items()}, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+    return Task(name, raw.label_names, **splits)

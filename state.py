@@ -1,0 +1,34 @@
+"""The exchanged state: all trainable tensors of the one resident model as a flat fp32 vector.
+
+Server and clients hold flat vectors; a client is "loaded" by copying its vector into the model's
+trainable parameters in place, so the base model is never copied.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class FlatParams:
+    def __init__(self, model: torch.nn.Module):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.numels = [p.numel() for p in self.params]
+        self.numel = sum(self.numels)
+
+    def read(self) -> torch.Tensor:
+        """A flat fp32 copy of the trainable parameters."""
+        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
+
+    @torch.no_grad()
+    def write(self, flat: torch.Tensor) -> None:
+        """Copy a flat vector into the trainable parameters, in place."""
+        for p, chunk in zip(self.params, flat.split(self.numels)):
+            p.copy_(chunk.view_as(p))
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a flat vector shaped like each trainable parameter."""
+        return [chunk.view_as(p) for p, chunk in zip(self.params, flat.split(self.numels))]
+
+    def named(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.split(flat)))

@@ -80,7 +80,7 @@ SCHEMA: dict[str, Option] = {
     "bf16": Option(bool),
     "dataset": _registry_choice(_datasets),
     "data_dir": Option(str, lambda v: v != "", "a non-empty path"),
-    "max_length": Option(int, lambda v: 8 <= v <= 4096, "an integer in [8, 4096]"),
+    "max_length": Option(int, lambda v: v == 0 or 8 <= v <= 4096, "0 (dataset default) or an integer in [8, 4096]"),
     "clients": _pos_int,
     "partition": _choice("dirichlet", "iid"),
     "iid_alpha": _positive,

@@ -45,9 +45,31 @@ def _from_pretrained(loader: Callable, source: str, what: str, **kwargs):
             f"download it elsewhere and pass its folder with --model-path") from None
 
 
+class MeanPoolClassifier(torch.nn.Module):
+    """Encoder, masked mean of the token states, dropout, linear head.
+
+    all-MiniLM-L6-v2 was trained to embed text by mean pooling (its 1_Pooling config), so this
+    head starts from a meaningful representation; BERT's [CLS] pooler was never tuned there.
+    """
+
+    def __init__(self, encoder, num_labels: int):
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config
+        self.dropout = torch.nn.Dropout(encoder.config.hidden_dropout_prob)
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids, attention_mask, **_):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+        return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str                 # 'bert' | 'gpt2': decides LoRA targets and the head
+    family: str                 # 'bert' (mean-pooled head) | 'gpt2' (last-token score head)
     source: Callable[[], str]   # default folder or hub name of weights and tokenizer
     pretrained: bool            # False: random init from `tiny_config` (tests)
     target_modules: tuple[str, ...]
@@ -107,20 +129,21 @@ def load_tokenizer(cfg):
 def build_base(cfg, num_labels: int, pad_token_id: int):
     """The base classifier, deterministic for a given seed (random heads included)."""
     _quiet_transformers()
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForSequenceClassification
     name = resolve_name(cfg)
     spec = MODELS[name]
+    auto = AutoModel if spec.family == "bert" else AutoModelForSequenceClassification
     torch.manual_seed(seeding.derive_seed(cfg.seed, "model_init"))
     if spec.pretrained:
-        model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, _source(cfg),
-                                 f"model {name}", num_labels=num_labels, pad_token_id=pad_token_id)
+        extra = {} if spec.family == "bert" else {"num_labels": num_labels}
+        model = _from_pretrained(auto.from_pretrained, _source(cfg), f"model {name}",
+                                 pad_token_id=pad_token_id, **extra)
     else:
-        tok_vocab = len(load_tokenizer(cfg)[0])
-        config = spec.tiny_config(tok_vocab, num_labels)
+        config = spec.tiny_config(len(load_tokenizer(cfg)[0]), num_labels)
         config.pad_token_id = pad_token_id
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = auto.from_config(config)
     model.config.pad_token_id = pad_token_id
-    return model
+    return MeanPoolClassifier(model, num_labels) if spec.family == "bert" else model
 
 
 def add_adapters(model, cfg):

@@ -1,0 +1,52 @@
+"""Shared fixtures: a small synthetic text task and tiny random models, so tests need no network."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+from data.text import RawTexts  # noqa: E402
+
+TOPIC_WORDS = [["stock", "market", "profit", "bank"], ["film", "music", "actor", "award"],
+               ["election", "minister", "vote", "party"]]
+
+
+def toy_raw(data_dir: str, n_per_class: int = 40) -> RawTexts:
+    """Three topics, each text a few of its topic's words mixed with shared filler words."""
+    rng = np.random.default_rng(0)
+    filler = ["the", "a", "today", "news", "said", "new", "year"]
+
+    def make(n):
+        texts, labels = [], []
+        for label, words in enumerate(TOPIC_WORDS):
+            for _ in range(n):
+                toks = list(rng.choice(words, 3)) + list(rng.choice(filler, 4))
+                rng.shuffle(toks)
+                texts.append(" ".join(toks))
+                labels.append(label)
+        return texts, labels
+
+    return RawTexts(["business", "entertainment", "politics"],
+                    {"train": make(n_per_class), "val": make(8), "test": make(10)})
+
+
+@pytest.fixture(autouse=True)
+def toy_dataset(monkeypatch):
+    """Registers the 'toy' dataset (tiny-bert by default) for every test."""
+    monkeypatch.setitem(data.DATASETS, "toy", toy_raw)
+    monkeypatch.setitem(data.DEFAULT_MODEL, "toy", "tiny-bert")
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    """Overrides that make a run take a second or two."""
+    return {"dataset": "toy", "model": "tiny-bert", "data_dir": str(tmp_path / "data"),
+            "dir": str(tmp_path / "runs"), "name": "run", "max_length": 16, "clients": 6,
+            "server_batch": 3, "server_rounds": 3, "eval_freq": 2, "lora_rank": 4, "lora_alpha": 8,
+            "client_batch": 8, "client_lr": 0.1, "gpu": "cpu"}

@@ -1,0 +1,104 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import config
+from config import ConfigError, load_config, parse_overrides
+from conftest import ROOT
+
+
+def test_basic_config_documents_every_option():
+    text = (ROOT / "configs" / "basic_config.yaml").read_text()
+    assert set(yaml.safe_load(text)) == set(config.SCHEMA)
+    for line in text.splitlines():
+        if line and not line.startswith("#") and ":" in line:
+            assert "#" in line, f"option without a comment: {line}"
+
+
+def test_every_shipped_config_is_valid():
+    for name in config.list_configs():
+        load_config(name)
+    assert {"fedavg", "flasc"} <= set(config.list_configs())
+
+
+def test_layers_override_in_order():
+    base = load_config()
+    assert base.dl_density == 1.0
+    flasc = load_config("flasc")
+    assert flasc.dl_density == 0.25 and flasc.ul_density == 0.25
+    cli = load_config("flasc", parse_overrides(["--dl-density", "0.5", "--client_lr=0.2", "--name", "x"]))
+    assert (cli.dl_density, cli.ul_density, cli.client_lr, cli.name) == (0.5, 0.25, 0.2, "x")
+
+
+def test_values_are_typed():
+    cfg = load_config(overrides=parse_overrides(["--server-rounds", "7", "--server-lr", "1", "--gpu", "0",
+                                                 "--server-freeze", "true", "--model-path", "null"]))
+    assert cfg.server_rounds == 7 and isinstance(cfg.server_lr, float) and cfg.gpu == "0"
+    assert cfg.server_freeze is True and cfg.model_path is None
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--no-such-option", "1"], ["no_such_option", "basic_config.yaml"]),
+    (["--dl-densty", "0.5"], ["dl_densty", "did you mean dl_density"]),
+    (["--dl-density", "1.5"], ["dl_density", "(0, 1]"]),
+    (["--ul-density", "0"], ["ul_density", "(0, 1]"]),
+    (["--client-lr", "-0.1"], ["client_lr", "> 0"]),
+    (["--server-lr", "abc"], ["server_lr", "a number > 0"]),
+    (["--server-rounds", "2.5"], ["server_rounds", "integer"]),
+    (["--server-batch", "50", "--clients", "10"], ["server_batch", "at most 10"]),
+    (["--server-opt", "adamax"], ["server_opt", "one of", "sgd"]),
+    (["--client-opt", "rmsprop"], ["client_opt", "one of", "adam"]),
+    (["--dataset", "mnist"], ["dataset", "bbcnews"]),
+    (["--model", "bert-huge"], ["model", "minilm"]),
+    (["--partition", "shards"], ["partition", "dirichlet"]),
+    (["--lora-rank", "-2"], ["lora_rank", ">= -1"]),
+    (["--freeze-a", "true", "--lora-rank", "0"], ["freeze_a", "lora_rank"]),
+    (["--eval-masked", "maybe"], ["eval_masked", "true or false"]),
+    (["--gpu", "cuda9"], ["gpu", "auto"]),
+    (["--decay-freq", "0"], ["decay_freq", ">= 1"]),
+    (["--iid-alpha", "0"], ["iid_alpha", "> 0"]),
+    (["--name", "a/b"], ["name", "without '/'"]),
+    (["--seed"], ["--seed needs a value"]),
+    (["stray"], ["unexpected argument 'stray'"]),
+])
+def test_rejections_name_the_key(args, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=parse_overrides(args))
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path, monkeypatch):
+    (tmp_path / "basic_config.yaml").write_text((ROOT / "configs" / "basic_config.yaml").read_text())
+    (tmp_path / "bad.yaml").write_text("client_lr: 0.1\nclient_lrr: 0.2\n")
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    with pytest.raises(ConfigError, match=r"client_lrr.*configs/bad.yaml"):
+        load_config("bad")
+
+
+def test_unknown_config_name_lists_the_available_ones():
+    with pytest.raises(ConfigError, match=r"no config named 'nope'.*fedavg"):
+        load_config("nope")
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "train_lora.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args", [["--dl-density", "1.5"], ["--config", "nope"],
+                                  ["--server-batch", "30"], ["--bogus", "1"]])
+def test_cli_bad_input_is_one_clear_line(args, tmp_path):
+    proc = run_cli(*args, "--dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_cli_lists_configs(tmp_path):
+    proc = run_cli("--list-configs", cwd=tmp_path)
+    assert proc.returncode == 0 and "fedavg" in proc.stdout.split() and "flasc" in proc.stdout.split()

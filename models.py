@@ -153,6 +153,7 @@ def add_adapters(model, cfg):
         from peft import LoraConfig, get_peft_model
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(spec.target_modules), bias="none",
+                          fan_in_fan_out=spec.family == "gpt2",  # GPT-2 stores Conv1D weights transposed
                           modules_to_save=list(spec.head_modules))
         torch.manual_seed(seeding.derive_seed(cfg.seed, "model_init", 1))  # LoRA A init
         model = get_peft_model(model, lora)

@@ -306,8 +306,10 @@ def parse_cli(argv: list[str]) -> config_mod.Config | None:
 
 def main(argv: list[str] | None = None) -> int:
     import tracking
+    from dotenv import load_dotenv
     from loguru import logger
 
+    load_dotenv()  # a local .env may set CUDA_VISIBLE_DEVICES, HF_HOME, HF_HUB_OFFLINE...
     logger.remove()
     try:
         cfg = parse_cli(sys.argv[1:] if argv is None else argv)

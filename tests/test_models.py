@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+import config
+import models
+
+
+def trainable_names(model):
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def cfg_with(**kw):
+    base = {"dataset": "toy", "model": "tiny-bert", "lora_rank": 4, "lora_alpha": 8}
+    return config.load_config(overrides={**base, **kw})
+
+
+def test_lora_trains_adapters_and_head_only():
+    names = trainable_names(models.build_model(cfg_with(), 3, 0))
+    assert names and all(("lora_" in n) or ("classifier" in n) for n in names)
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    assert any("query" in n for n in names) and any("value" in n for n in names)
+
+
+def test_freeze_a_leaves_only_b_and_head():
+    names = trainable_names(models.build_model(cfg_with(freeze_a=True), 3, 0))
+    assert not any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+
+
+def test_rank_zero_trains_the_head_only():
+    model = models.build_model(cfg_with(lora_rank=0), 3, 0)
+    assert sorted(trainable_names(model)) == ["classifier.bias", "classifier.weight"]
+
+
+def test_rank_minus_one_trains_everything():
+    model = models.build_model(cfg_with(lora_rank=-1), 3, 0)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_same_seed_same_model_different_seed_different_head():
+    a = models.build_model(cfg_with(seed=1), 3, 0).state_dict()
+    b = models.build_model(cfg_with(seed=1), 3, 0).state_dict()
+    c = models.build_model(cfg_with(seed=2), 3, 0).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("name, target", [("tiny-bert", "query"), ("tiny-gpt2", "c_attn")])
+def test_both_families_forward_with_adapters(name, target):
+    cfg = cfg_with(model=name)
+    tok, _ = models.load_tokenizer(cfg)
+    model = models.build_model(cfg, 3, tok.pad_token_id)
+    assert any(target in n and "lora_A" in n for n in trainable_names(model))
+    enc = tok(["a short text", "another longer text here"], padding=True, return_tensors="pt")
+    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    assert logits.shape == (2, 3)
+
+
+def test_missing_hub_model_is_a_clear_error(tmp_path):
+    cfg = cfg_with(model="gpt2", model_path=str(tmp_path / "nothing-here"))
+    with pytest.raises(models.ModelUnavailable, match="--model-path"):
+        models.load_tokenizer(cfg)

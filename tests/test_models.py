@@ -59,3 +59,15 @@ def test_missing_hub_model_is_a_clear_error(tmp_path):
     cfg = cfg_with(model="gpt2", model_path=str(tmp_path / "nothing-here"))
     with pytest.raises(models.ModelUnavailable, match="--model-path"):
         models.load_tokenizer(cfg)
+
+
+def test_bf16_option_runs_the_forward_in_bfloat16():
+    from evaluation import logits_of
+    cfg = cfg_with()
+    model = models.build_model(cfg, 3, 0)
+    seen = []
+    model.base_model.model.classifier.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    batch = {"input_ids": torch.tensor([[101, 2000, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    assert logits_of(model, batch, torch.device("cpu"), bf16=True).dtype == torch.float32
+    logits_of(model, batch, torch.device("cpu"), bf16=False)
+    assert seen == [torch.bfloat16, torch.float32]

@@ -100,6 +100,21 @@ SCHEMA: dict[str, Option] = {
     "client_batch": _pos_int,
     "client_epochs": _pos_int,
     "merging_strategy": _registry_choice(_strategies),
+    "merge_space": _choice("factors", "product"),
+    "weighting": _choice("uniform", "num_examples"),
+    "scaling_coefficient": _positive,
+    "density": _density,
+    "ties_scope": _choice("tensor", "global"),
+    "drop_rate": Option(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "fisher_examples": _pos_int,
+    "regmean_examples": _pos_int,
+    "regmean_alpha": Option(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "beta1": Option(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "beta2": Option(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "tau": _positive,
+    "server_schedule": _choice("constant", "cosine"),
+    "mu": Option(float, lambda v: v >= 0, "a number >= 0"),
+    "early_stopping": Option(float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0: off)"),
     "dl_density": _density,
     "ul_density": _density,
     "dl_density_decay": _density,
@@ -185,6 +200,12 @@ def _check_together(cfg: Config) -> None:
     if cfg.server_batch > cfg.clients:
         raise ConfigError(f"server_batch: {cfg.server_batch} clients per round is more than "
                           f"clients ({cfg.clients}); expected at most {cfg.clients}")
+    if cfg.merge_space == "product" and cfg.lora_rank <= 0:
+        raise ConfigError(f"merge_space: product merges LoRA products B·A; expected lora_rank >= 1 "
+                          f"(got {cfg.lora_rank}) or merge_space: factors")
+    if cfg.merging_strategy == "regmean" and cfg.lora_rank <= 0:
+        raise ConfigError(f"merging_strategy: regmean merges LoRA layers; expected lora_rank >= 1 "
+                          f"(got {cfg.lora_rank})")
     if cfg.freeze_a and cfg.lora_rank <= 0:
         raise ConfigError("freeze_a: true needs LoRA adapters; expected lora_rank >= 1 "
                           f"(got {cfg.lora_rank})")

@@ -1,42 +1,278 @@
-"""Server-side aggregation strategies, chosen by name with the option merging_strategy.
+"""Server-side aggregation: merging strategies (chosen by merging_strategy) in a merge space.
 
-A strategy receives the round's client updates as uploaded (flat vectors, after sparsification)
-and returns the pseudo-gradient that the server optimizer applies. Adding a strategy means one
-registered function here, its config and its test; the round loop never names strategies.
+Every strategy receives the round's client updates as uploaded (update_k = server ⊙ mask − client_k,
+after upload sparsification) and returns the pseudo-gradient that the server optimizer applies.
+The round loop only calls `Aggregator.client_statistics` and `Aggregator.aggregate`; adding a
+strategy means one registered entry here, its config file and its test.
+
+Merge spaces (merge_space):
+- factors: every trainable tensor is merged entrywise; for LoRA that merges A and B separately
+  (what the seed code does), although averaging A and B is not averaging B·A.
+- product: per LoRA layer the merged quantity is the layer's weight update
+  δW_k = s·(B A − B_k A_k) (s = lora_alpha / r, B A the downloaded factors, same sign convention as
+  the updates), other tensors (the head) entrywise. The merged δW is turned back into factors:
+  the target M = s·B A − δW is truncated to rank r by SVD; the new A is the clients' weighted
+  mean A projected onto M's top-r row space (so the factors move continuously from round to round
+  and an unchanged A stays unchanged), the new B solves B·A_new = M/s in least squares. With
+  freeze_a, A stays fixed and B = (M/s)·A⁺. The share of M's energy the factors keep,
+  1 − ||M − s·B_new A_new||² / ||M||², is logged per round (svd_energy_kept).
+
+Strategies (weights w_k: uniform or proportional to examples, summing to one):
+    average           Σ w_k τ_k
+    task_arithmetic   λ Σ w_k τ_k                       (λ = scaling_coefficient; 1 gives average)
+    ties              trim each τ_k to its top `density` by magnitude (per tensor or global:
+                      ties_scope), elect per entry the sign of Σ w_k τ_k, weighted mean of the
+                      entries agreeing with it, times λ
+    dare              drop entries with probability drop_rate, rescale by 1/(1 − drop_rate),
+                      Σ w_k τ_k, times λ
+    dare_ties         DARE's drop, then TIES' sign election and disjoint mean, times λ
+    magnitude_prune   trim to the top `density` as TIES does, then Σ w_k τ_k
+    fisher            Σ w_k F_k τ_k / Σ w_k F_k entrywise, F_k the client's diagonal Fisher
+    regmean           per LoRA layer (A and B each in factor space, δW in product space) the
+                      RegMean solution (Σ w_k τ_k G_k)(Σ w_k G_k)⁻¹ with each client's input Gram
+                      matrix G_k (off-diagonals scaled by regmean_alpha); other tensors Σ w_k τ_k
+The first six are one parameterised operation (sparsify × sign consensus × rescale), as in
+mergekit's generalized task arithmetic.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
 
 import torch
+
+import merge_statistics
+import seeding
+from model_merging_methods import (dare_drop, disjoint_mean, elect_sign, fisher_weighted_mean,
+                                   regmean_merge, shrink_gram, trim_magnitude, weighted_sum)
+from state import FlatParams, LoraPair, lora_pairs
 
 
 @dataclass
 class ClientUpdate:
     client_id: int
-    delta: torch.Tensor   # flat: (server ⊙ download mask) − client, after upload sparsification
+    delta: torch.Tensor          # flat: (server ⊙ download mask) − client, after upload sparsification
     num_examples: int
+    stats: dict = field(default_factory=dict)   # Fisher or Gram matrices, when the strategy needs them
 
 
-Strategy = Callable[[list[ClientUpdate], object], torch.Tensor]
-STRATEGIES: dict[str, Strategy] = {}
+Blocks = dict[str, torch.Tensor]   # name -> (clients, *shape)
 
 
-def register(name: str) -> Callable[[Strategy], Strategy]:
-    def add(fn: Strategy) -> Strategy:
-        STRATEGIES[name] = fn
-        return fn
-    return add
+def client_weights(updates: list[ClientUpdate], weighting: str) -> torch.Tensor:
+    if weighting == "num_examples":
+        w = torch.tensor([float(u.num_examples) for u in updates])
+        if w.sum() > 0:
+            return w / w.sum()
+    return torch.full((len(updates),), 1.0 / len(updates))
 
 
-@register("average")
-def average(updates: list[ClientUpdate], cfg) -> torch.Tensor:
-    """FedAvg: the unweighted mean of the updates (as in the FLASC seeds)."""
-    return torch.stack([u.delta for u in updates]).mean(0)
+# ------------------------------------------------------------------ merge spaces
+class FactorSpace:
+    """Every trainable tensor merged entrywise, LoRA factors included."""
+    name = "factors"
+
+    def __init__(self, flat: FlatParams, pairs: list[LoraPair]):
+        self.flat, self.pairs = flat, pairs
+
+    def blocks(self, updates: list[ClientUpdate], start: torch.Tensor) -> Blocks:
+        stacked = torch.stack([u.delta for u in updates])
+        return {name: chunk.reshape(len(updates), *p.shape) for name, p, chunk in
+                zip(self.flat.names, self.flat.params, stacked.split(self.flat.numels, dim=1))}
+
+    def grams(self, updates: list[ClientUpdate]) -> Blocks:
+        """Input Gram of each LoRA factor: x for A, A x for B."""
+        out = {}
+        for pair in self.pairs:
+            if pair.a is not None:
+                out[pair.a] = torch.stack([u.stats[pair.name + ".x"] for u in updates])
+            out[pair.b] = torch.stack([u.stats[pair.name + ".ax"] for u in updates])
+        return out
+
+    def to_flat(self, merged: Blocks, updates, start, weights) -> tuple[torch.Tensor, dict]:
+        return torch.cat([merged[name].reshape(-1) for name in self.flat.names]), {}
 
 
-def aggregate(updates: list[ClientUpdate], cfg) -> torch.Tensor:
-    # Summation order is fixed by client id so the result never depends on visiting order.
-    updates = sorted(updates, key=lambda u: u.client_id)
-    return STRATEGIES[cfg.merging_strategy](updates, cfg)
+class ProductSpace(FactorSpace):
+    """LoRA layers merged as weight updates δW = s·(B A − B_k A_k), then re-factorized to rank r."""
+    name = "product"
+
+    def _factors(self, pair: LoraPair, named: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        a = pair.frozen_a.to(named[pair.b].device) if pair.a is None else named[pair.a]
+        return a, named[pair.b]
+
+    def blocks(self, updates, start) -> Blocks:
+        factor_blocks = super().blocks(updates, start)
+        named = self.flat.named(start)
+        out = {}
+        lora = {pair.a for pair in self.pairs} | {pair.b for pair in self.pairs}
+        for pair in self.pairs:
+            a0, b0 = self._factors(pair, named)
+            b_k = b0 - factor_blocks[pair.b]
+            a_k = a0 if pair.a is None else a0 - factor_blocks[pair.a]
+            out[pair.name] = pair.scaling * (b0 @ a0 - b_k @ a_k)
+        out.update({name: blk for name, blk in factor_blocks.items() if name not in lora})
+        return out
+
+    def grams(self, updates) -> Blocks:
+        return {pair.name: torch.stack([u.stats[pair.name + ".x"] for u in updates]) for pair in self.pairs}
+
+    def to_flat(self, merged: Blocks, updates, start, weights) -> tuple[torch.Tensor, dict]:
+        named = self.flat.named(start)
+        factor_blocks = super().blocks(updates, start) if any(p.a for p in self.pairs) else {}
+        grad = {name: merged[name] for name in self.flat.names if name in merged}
+        residual, energy, per_layer = 0.0, 0.0, []
+        for pair in self.pairs:
+            a0, b0 = self._factors(pair, named)
+            target = (pair.scaling * (b0 @ a0) - merged[pair.name]) / pair.scaling   # M / s
+            if pair.a is None:
+                a_new = a0
+            else:
+                a_ref = weighted_sum(a0 - factor_blocks[pair.a], weights)
+                a_new = project_rows(a_ref, target, pair.rank)
+            b_new = target @ torch.linalg.pinv(a_new)
+            if pair.a is not None:
+                grad[pair.a] = a0 - a_new
+            grad[pair.b] = b0 - b_new
+            total = float((target ** 2).sum()) * pair.scaling ** 2
+            lost = float(((target - b_new @ a_new) ** 2).sum()) * pair.scaling ** 2
+            residual += lost
+            energy += total
+            per_layer.append(1.0 - lost / total if total > 0 else 1.0)
+        flat = torch.cat([grad[name].reshape(-1) for name in self.flat.names])
+        info = {"svd_energy_kept": 1.0 - residual / energy if energy > 0 else 1.0,
+                "svd_energy_kept_min": min(per_layer) if per_layer else 1.0}
+        return flat, info
+
+
+def project_rows(a_ref: torch.Tensor, target: torch.Tensor, rank: int) -> torch.Tensor:
+    """a_ref's rows projected onto the span of target's top-`rank` right singular vectors."""
+    if not torch.any(target):
+        return a_ref
+    _, _, vh = torch.linalg.svd(target, full_matrices=False)
+    v = vh[:rank].T
+    return (a_ref @ v) @ v.T
+
+
+SPACES = {"factors": FactorSpace, "product": ProductSpace}
+
+
+# ------------------------------------------------------------------ strategies
+class Strategy:
+    statistic: str | None = None   # what clients compute on their data: None | 'fisher' | 'gram'
+
+    def merge(self, blocks: Blocks, weights: torch.Tensor, ctx: "Aggregator", updates) -> Blocks:
+        raise NotImplementedError
+
+
+@dataclass
+class GeneralizedTaskArithmetic(Strategy):
+    """sparsify (none | magnitude | dare) × sign consensus × rescale by λ, over any blocks."""
+    sparsify: str | None = None
+    consensus: bool = False
+    scaled: bool = False
+
+    def merge(self, blocks, weights, ctx, updates):
+        cfg = ctx.cfg
+        if self.sparsify == "magnitude":
+            blocks = trim_blocks(blocks, cfg.density, cfg.ties_scope)
+        elif self.sparsify == "dare":
+            blocks = dare_blocks(blocks, cfg.drop_rate, cfg.seed, ctx.rnd, [u.client_id for u in updates])
+        out = {}
+        for name, tasks in blocks.items():
+            if self.consensus:
+                sign = elect_sign(tasks * weights.view(-1, *([1] * (tasks.dim() - 1))).to(tasks.dtype))
+                merged = disjoint_mean(tasks, weights, sign)
+            else:
+                merged = weighted_sum(tasks, weights)
+            out[name] = merged * cfg.scaling_coefficient if self.scaled else merged
+        return out
+
+
+def trim_blocks(blocks: Blocks, density: float, scope: str) -> Blocks:
+    """Magnitude trim of each client's update, per tensor (block) or over all blocks together."""
+    if scope == "tensor":
+        return {name: torch.stack([trim_magnitude(t, density) for t in tasks]) for name, tasks in blocks.items()}
+    names = list(blocks)
+    m = next(iter(blocks.values())).shape[0]
+    rows = torch.cat([blocks[n].reshape(m, -1) for n in names], dim=1)
+    rows = torch.stack([trim_magnitude(r, density) for r in rows])
+    sizes = [blocks[n][0].numel() for n in names]
+    return {n: chunk.reshape(blocks[n].shape) for n, chunk in zip(names, rows.split(sizes, dim=1))}
+
+
+def dare_blocks(blocks: Blocks, drop_rate: float, seed: int, rnd: int, clients: list[int]) -> Blocks:
+    """DARE drop per client, from a generator seeded by (seed, round, client)."""
+    gens = [seeding.torch_generator(seed, "merge", rnd, c) for c in clients]
+    return {name: torch.stack([dare_drop(t, drop_rate, g) for t, g in zip(tasks, gens)])
+            for name, tasks in blocks.items()}
+
+
+class FisherMerging(Strategy):
+    statistic = "fisher"
+
+    def merge(self, blocks, weights, ctx, updates):
+        return {name: fisher_weighted_mean(tasks, torch.stack([u.stats[name] for u in updates]), weights)
+                for name, tasks in blocks.items()}
+
+
+class RegMean(Strategy):
+    statistic = "gram"
+
+    def merge(self, blocks, weights, ctx, updates):
+        grams = ctx.space.grams(updates)
+        out = {}
+        for name, tasks in blocks.items():
+            if name in grams:
+                g = shrink_gram(grams[name], ctx.cfg.regmean_alpha)
+                out[name] = regmean_merge(tasks, g, weights)
+            else:
+                out[name] = weighted_sum(tasks, weights)
+        return out
+
+
+GTA = GeneralizedTaskArithmetic
+STRATEGIES: dict[str, Strategy] = {
+    "average": GTA(),
+    "task_arithmetic": GTA(scaled=True),
+    "ties": GTA(sparsify="magnitude", consensus=True, scaled=True),
+    "dare": GTA(sparsify="dare", scaled=True),
+    "dare_ties": GTA(sparsify="dare", consensus=True, scaled=True),
+    "magnitude_prune": GTA(sparsify="magnitude"),
+    "fisher": FisherMerging(),
+    "regmean": RegMean(),
+}
+
+
+# ------------------------------------------------------------------ what the round loop calls
+class Aggregator:
+    """The configured strategy in the configured space, bound to the resident model."""
+
+    def __init__(self, cfg, model: torch.nn.Module, flat: FlatParams):
+        self.cfg = cfg
+        self.flat = flat
+        self.pairs = lora_pairs(model, flat) if cfg.lora_rank > 0 else []
+        self.space = SPACES[cfg.merge_space](flat, self.pairs)
+        self.strategy = STRATEGIES[cfg.merging_strategy]
+        self.rnd = 0
+
+    def client_statistics(self, fed, batch: dict) -> tuple[dict, int]:
+        """Statistics of the client model now loaded in `fed.model`, and how many values they add
+        to the upload (dense fp32; Gram matrices count their upper triangle)."""
+        if self.strategy.statistic == "fisher":
+            stats = merge_statistics.fisher_diagonal(fed, batch, self.pairs, self.space.name == "product")
+            return stats, sum(v.numel() for v in stats.values())
+        if self.strategy.statistic == "gram":
+            stats = merge_statistics.input_grams(fed, batch, self.pairs)
+            if self.space.name == "product":
+                stats = {k: v for k, v in stats.items() if k.endswith(".x")}
+            return stats, sum(v.shape[0] * (v.shape[0] + 1) // 2 for v in stats.values())
+        return {}, 0
+
+    def aggregate(self, updates: list[ClientUpdate], start: torch.Tensor, rnd: int) -> tuple[torch.Tensor, dict]:
+        # Summation order is fixed by client id so the result never depends on visiting order.
+        updates = sorted(updates, key=lambda u: u.client_id)
+        self.rnd = rnd
+        weights = client_weights(updates, self.cfg.weighting).to(start.device)
+        blocks = self.space.blocks(updates, start)
+        merged = self.strategy.merge(blocks, weights, self, updates)
+        return self.space.to_flat(merged, updates, start, weights)

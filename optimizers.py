@@ -1,25 +1,99 @@
-"""Client and server optimizers by name.
+"""Client and server optimizers by name, and the server learning-rate schedule.
 
-The server treats the aggregated client update as a gradient: it sets server.grad to the
-pseudo-gradient and calls step(), one code path for every server optimizer. Server sgd with
-lr 1 is FedAvg: w <- w - mean(update) = mean of the client models (for dense download).
+The server treats the aggregated client update g_t (the pseudo-gradient: a weighted merge of
+update_k = server ⊙ mask − client_k) as a gradient: it sets server.grad = g_t and calls step().
+One code path serves every server optimizer. The updates, following "Adaptive Federated
+Optimization" (Reddi et al. 2021, Algorithm 2, with Δ_t = −g_t), η the server learning rate:
+
+    sgd      (FedAvg)     x ← x − η g                                 (η = 1: the mean client model)
+    sgdm     (FedAvgM)    m ← β1 m + g;                 x ← x − η m    (torch SGD momentum, m_0 = 0)
+    adam     (FedAdam)    m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;          x ← x − η m / (√v + τ)
+    adagrad  (FedAdagrad) m ← β1 m + (1−β1) g;  v ← v + g²;                    x ← x − η m / (√v + τ)
+    yogi     (FedYogi)    m ← β1 m + (1−β1) g;  v ← v − (1−β2) g² sign(v − g²); x ← x − η m / (√v + τ)
+
+with m_0 = v_0 = 0 and no bias correction, as in the paper.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import torch
 
 Params = Iterable[torch.nn.Parameter]
 
-CLIENT_OPTIMIZERS: dict[str, Callable[[Params, float], torch.optim.Optimizer]] = {
-    # momentum 0.9 as in the FLASC seeds; state starts fresh for every client every round
-    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
-    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+
+class AdaptiveFedOpt(torch.optim.Optimizer):
+    """FedAdam / FedAdagrad / FedYogi of Reddi et al. (2021): one class, the second moment differs."""
+
+    MODES = ("adam", "adagrad", "yogi")
+
+    def __init__(self, params: Params, lr: float, mode: str, beta1: float = 0.9, beta2: float = 0.99,
+                 tau: float = 1e-3):
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}")
+        super().__init__(params, dict(lr=lr, beta1=beta1, beta2=beta2, tau=tau))
+        self.mode = mode
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, b1, b2, tau = group["lr"], group["beta1"], group["beta2"], group["tau"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if not state:
+                    state["m"] = torch.zeros_like(p)
+                    state["v"] = torch.zeros_like(p)
+                m, v = state["m"], state["v"]
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                g2 = g * g
+                if self.mode == "adam":
+                    v.mul_(b2).add_(g2, alpha=1 - b2)
+                elif self.mode == "adagrad":
+                    v.add_(g2)
+                else:  # yogi: additive, sign-controlled change of v
+                    v.sub_((1 - b2) * g2 * torch.sign(v - g2))
+                p.sub_(lr * m / (v.sqrt() + tau))
+
+
+def _server_adaptive(mode: str):
+    return lambda params, cfg: AdaptiveFedOpt(params, cfg.server_lr, mode, cfg.beta1, cfg.beta2, cfg.tau)
+
+
+SERVER_OPTIMIZERS: dict[str, Callable[[Params, object], torch.optim.Optimizer]] = {
+    "sgd": lambda params, cfg: torch.optim.SGD(params, lr=cfg.server_lr),
+    "sgdm": lambda params, cfg: torch.optim.SGD(params, lr=cfg.server_lr, momentum=cfg.beta1),
+    "adam": _server_adaptive("adam"),
+    "adagrad": _server_adaptive("adagrad"),
+    "yogi": _server_adaptive("yogi"),
 }
 
-SERVER_OPTIMIZERS: dict[str, Callable[[Params, float], torch.optim.Optimizer]] = {
-    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
-    # bias-corrected Adam (betas 0.9, 0.999; eps 1e-8) on the pseudo-gradient
+# Client optimizers start fresh for every client every round. sgd: momentum 0.9 as in the FLASC
+# seeds; adam and adagrad: torch defaults; yogi: Zaheer et al. (2018) with their ε = 1e-3.
+CLIENT_OPTIMIZERS: dict[str, Callable[[Params, float], torch.optim.Optimizer]] = {
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+    "adagrad": lambda params, lr: torch.optim.Adagrad(params, lr=lr),
+    "yogi": lambda params, lr: AdaptiveFedOpt(params, lr, "yogi", beta1=0.9, beta2=0.999, tau=1e-3),
 }
+
+
+def server_schedule(optimizer: torch.optim.Optimizer, kind: str, rounds: int):
+    """constant, or cosine: round t (from 0) uses lr · ½(1 + cos(π t / rounds))."""
+    if kind == "constant":
+        factor = lambda t: 1.0  # noqa: E731
+    else:
+        factor = lambda t: 0.5 * (1 + math.cos(math.pi * min(t, rounds) / max(rounds, 1)))  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def proximal_grad_(params: list[torch.nn.Parameter], anchors: list[torch.Tensor], mu: float) -> None:
+    """FedProx (Li et al. 2020): add the gradient of (mu/2)·||w − w_global||², i.e. mu·(w − w_global)."""
+    for p, anchor in zip(params, anchors):
+        p.grad.add_(p.detach() - anchor, alpha=mu)

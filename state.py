@@ -32,3 +32,30 @@ class FlatParams:
 
     def named(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.split(flat)))
+
+
+class LoraPair:
+    """One LoRA-adapted layer: ΔW = scaling · B A, with A (r, in) and B (out, r).
+
+    `a` / `b` are the names of the factors in FlatParams (a is None when A is frozen, then
+    `frozen_a` holds its fixed value).
+    """
+
+    def __init__(self, name: str, module, flat: FlatParams):
+        self.name = name
+        self.module = module
+        a_param = module.lora_A["default"].weight
+        self.a = f"{name}.lora_A.default.weight" if a_param.requires_grad else None
+        self.b = f"{name}.lora_B.default.weight"
+        self.frozen_a = None if a_param.requires_grad else a_param.detach()
+        self.scaling = float(module.scaling["default"])
+        self.rank = a_param.shape[0]
+        if self.b not in flat.names or (self.a is not None and self.a not in flat.names):
+            raise ValueError(f"LoRA factors of {name} are not among the trainable tensors")
+
+
+def lora_pairs(model: torch.nn.Module, flat: FlatParams) -> list[LoraPair]:
+    """Every LoRA-adapted layer of a peft model, in module order (empty without LoRA)."""
+    from peft.tuners.lora import LoraLayer
+    return [LoraPair(name, module, flat) for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and "default" in module.lora_A]

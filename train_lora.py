@@ -24,7 +24,7 @@ import seeding
 from data import DataUnavailable, Task, load_task
 from data import partition as partition_mod
 from evaluation import evaluate, logits_of
-from optimizers import CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS
+from optimizers import CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS, proximal_grad_, server_schedule
 from state import FlatParams
 
 
@@ -71,13 +71,17 @@ class Federation:
     flat: FlatParams = field(init=False)
     server: torch.nn.Parameter = field(init=False)
     server_opt: torch.optim.Optimizer = field(init=False)
+    schedule: torch.optim.lr_scheduler.LRScheduler = field(init=False)
+    aggregator: merging.Aggregator = field(init=False)
     frozen_mask: torch.Tensor | None = field(init=False, default=None)
     eval_mask: torch.Tensor | None = field(init=False, default=None)  # last round's download mask
 
     def __post_init__(self):
         self.flat = FlatParams(self.model)
         self.server = torch.nn.Parameter(self.flat.read())
-        self.server_opt = SERVER_OPTIMIZERS[self.cfg.server_opt]([self.server], self.cfg.server_lr)
+        self.server_opt = SERVER_OPTIMIZERS[self.cfg.server_opt]([self.server], self.cfg)
+        self.schedule = server_schedule(self.server_opt, self.cfg.server_schedule, self.cfg.server_rounds)
+        self.aggregator = merging.Aggregator(self.cfg, self.model, self.flat)
 
     # -- download
     def download_mask(self, rnd: int, density: float) -> torch.Tensor | None:
@@ -102,14 +106,25 @@ class Federation:
         g = seeding.torch_generator(self.cfg.seed, "sampling", rnd)
         return sorted(torch.randperm(len(self.clients), generator=g)[: self.cfg.server_batch].tolist())
 
-    def client_batches(self, rnd: int, client: int):
-        """The client's minibatches for all its local epochs, in a seeded order."""
+    def client_epochs(self, rnd: int, client: int):
+        """For each local epoch, the client's minibatches in a seeded order."""
         g = seeding.torch_generator(self.cfg.seed, "client", rnd, client)
         idx = self.clients[client]
         for _ in range(self.cfg.client_epochs):
             order = idx[torch.randperm(len(idx), generator=g)]
-            for start in range(0, len(order), self.cfg.client_batch):
-                yield self.task.train.batch(order[start:start + self.cfg.client_batch])
+            yield (self.task.train.batch(order[s:s + self.cfg.client_batch])
+                   for s in range(0, len(order), self.cfg.client_batch))
+
+    def client_batches(self, rnd: int, client: int):
+        """All the client's minibatches of a round, epoch after epoch (without early stopping)."""
+        for epoch in self.client_epochs(rnd, client):
+            yield from epoch
+
+    def client_examples(self, rnd: int, client: int, count: int) -> dict:
+        """Up to `count` of the client's examples in a seeded order, for merge statistics."""
+        g = seeding.torch_generator(self.cfg.seed, "stats", rnd, client)
+        idx = self.clients[client]
+        return self.task.train.batch(idx[torch.randperm(len(idx), generator=g)[:count]])
 
     def train_client(self, rnd: int, client: int, start: torch.Tensor,
                      grad_mask: list[torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
@@ -119,23 +134,32 @@ class Federation:
         # Dropout draws from torch's global generator: seed it per (seed, round, client).
         torch.manual_seed(seeding.derive_seed(cfg.seed, "client", rnd, client, 1))
         opt = CLIENT_OPTIMIZERS[cfg.client_opt](self.flat.params, cfg.client_lr)
+        anchors = self.flat.split(start) if cfg.mu > 0 else None
         self.model.train()
-        loss_sum, correct, count = 0.0, 0, 0
-        for batch in self.client_batches(rnd, client):
-            logits = logits_of(self.model, batch, self.device, cfg.bf16)
-            labels = batch["labels"].to(self.device)
-            loss = F.cross_entropy(logits, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_mask is not None:  # client_freeze: train only the downloaded entries
-                for p, m in zip(self.flat.params, grad_mask):
-                    p.grad.mul_(m)
-            opt.step()
-            n = len(labels)
-            loss_sum += loss.item() * n
-            correct += int((logits.argmax(-1) == labels).sum())
-            count += n
-        return self.flat.read(), {"loss_sum": loss_sum, "correct": correct, "count": count}
+        loss_sum, correct, count, epochs_run = 0.0, 0, 0, 0
+        for epoch in self.client_epochs(rnd, client):
+            epoch_correct, epoch_count = 0, 0
+            for batch in epoch:
+                logits = logits_of(self.model, batch, self.device, cfg.bf16)
+                labels = batch["labels"].to(self.device)
+                loss = F.cross_entropy(logits, labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if anchors is not None:  # FedProx: pull towards the downloaded model
+                    proximal_grad_(self.flat.params, anchors, cfg.mu)
+                if grad_mask is not None:  # client_freeze: train only the downloaded entries
+                    for p, m in zip(self.flat.params, grad_mask):
+                        p.grad.mul_(m)
+                opt.step()
+                n = len(labels)
+                loss_sum += loss.item() * n
+                epoch_correct += int((logits.argmax(-1) == labels).sum())
+                epoch_count += n
+            correct, count, epochs_run = correct + epoch_correct, count + epoch_count, epochs_run + 1
+            if cfg.early_stopping > 0 and epoch_count and epoch_correct / epoch_count >= cfg.early_stopping:
+                break
+        return self.flat.read(), {"loss_sum": loss_sum, "correct": correct, "count": count,
+                                  "epochs": epochs_run}
 
     def run_round(self, rnd: int) -> dict:
         cfg = self.cfg
@@ -147,7 +171,8 @@ class Federation:
         grad_mask = self.flat.split(mask.to(start.dtype)) if (cfg.client_freeze and mask is not None) else None
         dl_bytes = communication.message_bytes(n, n if mask is None else int(mask.sum()))
 
-        updates, totals, norms, ul_bytes = [], {"loss_sum": 0.0, "correct": 0, "count": 0}, [], 0
+        updates, norms, ul_bytes, stats_seconds = [], [], 0, 0.0
+        totals = {"loss_sum": 0.0, "correct": 0, "count": 0, "epochs": 0}
         for client in self.sample_clients(rnd):
             client_params, stats = self.train_client(rnd, client, start, grad_mask)
             delta = start - client_params
@@ -158,20 +183,35 @@ class Federation:
             else:
                 ul_bytes += communication.message_bytes(n, n)
             norms.append(float(delta.norm()))
-            updates.append(merging.ClientUpdate(client, delta, len(self.clients[client])))
+            update = merging.ClientUpdate(client, delta, len(self.clients[client]))
+            if self.aggregator.strategy.statistic:  # Fisher / Gram of the uploaded client model
+                t_stats = time.perf_counter()
+                self.flat.write(start - delta)
+                n_stats = cfg.fisher_examples if self.aggregator.strategy.statistic == "fisher" else cfg.regmean_examples
+                update.stats, extra_values = self.aggregator.client_statistics(
+                    self, self.client_examples(rnd, client, n_stats))
+                ul_bytes += communication.VALUE_BYTES * extra_values
+                stats_seconds += time.perf_counter() - t_stats
+            updates.append(update)
             for k in totals:
                 totals[k] += stats[k]
 
-        pseudo_grad = merging.aggregate(updates, cfg)
+        pseudo_grad, merge_info = self.aggregator.aggregate(updates, start, rnd)
+        server_lr = self.server_opt.param_groups[0]["lr"]
         self.server_opt.zero_grad(set_to_none=True)
         self.server.grad = pseudo_grad.to(self.server.dtype)
         self.server_opt.step()
+        self.schedule.step()
 
         self.eval_mask = mask
         count = max(totals["count"], 1)
         return {
             "train_loss": totals["loss_sum"] / count,
             "train_accuracy": totals["correct"] / count,
+            "local_epochs": totals["epochs"] / len(updates),
+            "server_lr": server_lr,
+            "stats_seconds": stats_seconds,
+            **merge_info,
             "update_norm": sum(norms) / len(norms),
             "dl_density": dl_density,
             "ul_density": ul_density,
@@ -232,15 +272,18 @@ def train(cfg, console=None) -> Path:
             evals.append(record)
         bar = tqdm(range(cfg.server_rounds), desc="rounds", disable=console is None, file=sys.stderr)
         for rnd in bar:
-            t0 = time.time()
+            t0 = time.perf_counter()
             record = {"round": rnd + 1, **fed.run_round(rnd)}
+            record["train_seconds"] = time.perf_counter() - t0
             up_total += record["bytes_up"]
             down_total += record["bytes_down"]
             record.update(bytes_up_total=up_total, bytes_down_total=down_total)
             if (rnd + 1) % cfg.eval_freq == 0 or rnd + 1 == cfg.server_rounds:
+                t_eval = time.perf_counter()
                 record.update(fed.evaluate())
+                record["eval_seconds"] = time.perf_counter() - t_eval
                 evals.append(record)
-            record["seconds"] = time.time() - t0
+            record["seconds"] = time.perf_counter() - t0
             run.log_round(record)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_accuracy']:.3f}",
                             test=f"{evals[-1]['test_accuracy']:.3f}" if evals else "-")

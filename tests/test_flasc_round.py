@@ -41,7 +41,7 @@ def test_round_masked_download_topk_upload_mean_and_server_step(tiny_overrides, 
 
     def fake_train(rnd, client, start, grad_mask):
         received[client] = start.clone()
-        return start + offsets[client], {"loss_sum": 0.0, "correct": 0, "count": 1}
+        return start + offsets[client], {"loss_sum": 0.0, "correct": 0, "count": 1, "epochs": 1}
 
     monkeypatch.setattr(fed, "train_client", fake_train)
     sampled = fed.sample_clients(0)
@@ -74,7 +74,7 @@ def test_dense_round_is_fedavg_of_client_models(tiny_overrides, monkeypatch):
     def fake_train(rnd, client, start, grad_mask):
         assert torch.equal(start, s0)
         clients_after[client] = start + torch.randn(n, generator=torch.Generator().manual_seed(client))
-        return clients_after[client], {"loss_sum": 0.0, "correct": 0, "count": 1}
+        return clients_after[client], {"loss_sum": 0.0, "correct": 0, "count": 1, "epochs": 1}
 
     monkeypatch.setattr(fed, "train_client", fake_train)
     stats = fed.run_round(0)

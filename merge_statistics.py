@@ -1,0 +1,98 @@
+"""Client-side statistics that Fisher merging and RegMean need, computed on the client's own data
+with the client's uploaded model loaded in the resident model.
+
+Diagonal Fisher (Matena & Raffel 2022): F = E_x Σ_y p(y|x) (∂ log p(y|x) / ∂θ)², the exact expectation
+over labels under the model, from per-example gradients (never the square of a batch-summed
+gradient). In product space the LoRA layers' Fisher is taken over the effective weight W of the
+layer: per example ∂/∂W = Σ_tokens (∂L/∂out_t) x_tᵀ.
+
+Input Gram matrices (RegMean, Jin et al. 2023): G = mean over non-padding tokens of x xᵀ, for the
+input x of every LoRA layer (that is A's input) and for B's input A x.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from evaluation import autocast
+
+
+def _record_layer_io(pairs):
+    """Forward hooks keeping each LoRA layer's input (detached) and output (in the graph)."""
+    seen, handles = {}, []
+    for pair in pairs:
+        def keep(module, args, out, name=pair.name):
+            seen[name] = (args[0].detach(), out)
+        handles.append(pair.module.register_forward_hook(keep))
+    return seen, handles
+
+
+def fisher_diagonal(fed, batch: dict, pairs, product_space: bool) -> dict[str, torch.Tensor]:
+    """Per-example Fisher over `batch`, averaged; keys are flat names, and in product space the
+    LoRA pairs' names (their W) replace their factors."""
+    model, flat, device = fed.model, fed.flat, fed.device
+    model.eval()  # no dropout: the Fisher of the model as it will be merged
+    layers = list(pairs) if product_space else []
+    factor_names = {n for p in layers for n in (p.a, p.b) if n}
+    plain = [(n, p) for n, p in zip(flat.names, flat.params) if n not in factor_names]
+    totals = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in plain}
+    seen, handles = _record_layer_io(layers)
+    n = len(batch["labels"])
+    try:
+        for i in range(n):
+            ids = batch["input_ids"][i:i + 1].to(device)
+            mask = batch["attention_mask"][i:i + 1].to(device)
+            with autocast(device, fed.cfg.bf16):
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            logp = F.log_softmax(logits, -1)[0]
+            probs = logp.exp().detach()
+            tokens = mask[0].bool()
+            targets = [p for _, p in plain] + [seen[p.name][1] for p in layers]
+            for y in range(len(probs)):
+                grads = torch.autograd.grad(logp[y], targets, retain_graph=True, allow_unused=True)
+                for (name, _), g in zip(plain, grads):
+                    if g is not None:
+                        totals[name] += probs[y] * g.float() ** 2
+                for pair, g_out in zip(layers, grads[len(plain):]):
+                    if g_out is None:
+                        continue
+                    x = seen[pair.name][0][0][tokens].float()
+                    gw = g_out[0][tokens].float().T @ x          # ∂ log p / ∂W, (out, in)
+                    totals[pair.name] = totals.get(pair.name, 0) + probs[y] * gw ** 2
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v / max(n, 1) for k, v in totals.items()}
+
+
+@torch.no_grad()
+def input_grams(fed, batch: dict, pairs, batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """{pair.name + '.x': Gram of the layer input, pair.name + '.ax': Gram of A x}."""
+    model, device = fed.model, fed.device
+    model.eval()
+    sums, counts, handles = {}, {}, []
+    token_mask = {}
+
+    def add(key, x):
+        x = x.float()[token_mask["m"]]
+        sums[key] = sums.get(key, 0) + x.T @ x
+        counts[key] = counts.get(key, 0) + x.shape[0]
+
+    def hook(module, args, out, key):
+        add(key + ".x", args[0])
+        add(key + ".ax", out)  # returns None: a forward hook that returns a value replaces the output
+
+    for pair in pairs:
+        handles.append(pair.module.lora_A["default"].register_forward_hook(
+            lambda m, args, out, key=pair.name: hook(m, args, out, key)))
+    try:
+        for start in range(0, len(batch["labels"]), batch_size):
+            ids = batch["input_ids"][start:start + batch_size].to(device)
+            mask = batch["attention_mask"][start:start + batch_size].to(device)
+            token_mask["m"] = mask.bool()
+            with autocast(device, fed.cfg.bf16):
+                model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: sums[k] / max(counts[k], 1) for k in sums}

@@ -29,6 +29,14 @@ def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
     return mask.view_as(x)
 
 
+def sparsify(update: torch.Tensor, density: float) -> tuple[torch.Tensor, int]:
+    """Upload sparsification: the update with all but its global top-k entries zeroed, and k."""
+    if density >= 1:
+        return update, update.numel()
+    mask = topk_mask(update, density)
+    return update * mask, int(mask.sum())
+
+
 def message_bytes(n: int, k: int) -> int:
     """Bytes to send k of n fp32 values: whichever encoding is cheapest.
 

@@ -85,6 +85,7 @@ SCHEMA: dict[str, Option] = {
     "partition": _choice("dirichlet", "iid"),
     "iid_alpha": _positive,
     "min_client_size": _nonneg_int,
+    "iid_mix": Option(float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0: natural clients, 1: IID)"),
     "model": _registry_choice(_models, extra=("auto",)),
     "model_path": Option(str, lambda v: v != "", "a folder path or null", nullable=True),
     "lora_rank": Option(int, lambda v: v >= -1, "an integer >= -1 (0: head only, -1: full fine-tuning)"),
@@ -122,6 +123,13 @@ SCHEMA: dict[str, Option] = {
     "decay_freq": _pos_int,
     "server_freeze": Option(bool),
     "client_freeze": Option(bool),
+    "l2_clip_norm": Option(float, lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
+    "noise_multiplier": Option(float, lambda v: v >= 0, "a number >= 0 (0: no noise)"),
+    "dp_delta": Option(float, lambda v: 0 <= v < 1, "a number in [0, 1) (0: 1 / clients)"),
+    "tiers": _pos_int,
+    "syshet": _choice("rank", "rankl1", "density"),
+    "tier_assignment": _choice("mod", "random"),
+    "ckpt_freq": _nonneg_int,
     "eval_freq": _pos_int,
     "eval_masked": Option(bool),
     "eval_batch": _pos_int,
@@ -206,9 +214,38 @@ def _check_together(cfg: Config) -> None:
     if cfg.merging_strategy == "regmean" and cfg.lora_rank <= 0:
         raise ConfigError(f"merging_strategy: regmean merges LoRA layers; expected lora_rank >= 1 "
                           f"(got {cfg.lora_rank})")
+    if cfg.noise_multiplier > 0:
+        if cfg.l2_clip_norm <= 0:
+            raise ConfigError("noise_multiplier: noise is scaled by the clipping norm; expected "
+                              "l2_clip_norm > 0 as well")
+        if (cfg.merging_strategy, cfg.weighting, cfg.merge_space) != ("average", "uniform", "factors"):
+            raise ConfigError("noise_multiplier: the Gaussian mechanism is accounted for the uniform mean of "
+                              "clipped updates; expected merging_strategy: average, weighting: uniform, "
+                              "merge_space: factors")
+    if cfg.tiers > 1:
+        _check_tiers(cfg)
     if cfg.freeze_a and cfg.lora_rank <= 0:
         raise ConfigError("freeze_a: true needs LoRA adapters; expected lora_rank >= 1 "
                           f"(got {cfg.lora_rank})")
+
+
+def _check_tiers(cfg: Config) -> None:
+    if cfg.lora_rank <= 0:
+        raise ConfigError(f"tiers: heterogeneity tiers need LoRA adapters; expected lora_rank >= 1 "
+                          f"(got {cfg.lora_rank})")
+    if cfg.merge_space != "factors":
+        raise ConfigError("tiers: clients of different tiers start from different downloads; expected "
+                          "merge_space: factors")
+    if cfg.server_freeze:
+        raise ConfigError("tiers: each tier has its own download mask; expected server_freeze: false")
+    if cfg.syshet in ("rank", "rankl1"):
+        top = 4 ** (cfg.tiers - 1)
+        if cfg.lora_rank < top:
+            raise ConfigError(f"lora_rank: {cfg.tiers} rank tiers train ranks 1..{top}; expected "
+                              f"lora_rank >= {top} (got {cfg.lora_rank})")
+        if cfg.dl_density < 1 or cfg.ul_density < 1:
+            raise ConfigError("syshet: rank tiers send whole components; expected dl_density: 1 and "
+                              "ul_density: 1 (or syshet: density)")
 
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:

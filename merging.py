@@ -11,10 +11,11 @@ Merge spaces (merge_space):
 - product: per LoRA layer the merged quantity is the layer's weight update
   δW_k = s·(B A − B_k A_k) (s = lora_alpha / r, B A the downloaded factors, same sign convention as
   the updates), other tensors (the head) entrywise. The merged δW is turned back into factors:
-  the target M = s·B A − δW is truncated to rank r by SVD; the new A is the clients' weighted
-  mean A projected onto M's top-r row space (so the factors move continuously from round to round
-  and an unchanged A stays unchanged), the new B solves B·A_new = M/s in least squares. With
-  freeze_a, A stays fixed and B = (M/s)·A⁺. The share of M's energy the factors keep,
+  the target M = s·B A − δW is truncated to rank r by SVD (U Σ Vᵀ). B·A is unchanged by
+  B → B G⁻¹, A → G A, so the factors are fixed in the gauge nearest to the clients' mean A:
+  A = c·Q·Vᵀ (Q the orthogonal Procrustes fit to mean-A·V, c = ||mean A||_F / √r), B = U Σ Qᵀ / c;
+  both stay well conditioned (a least-squares B for a given A can blow up when that A is nearly
+  singular on M's row space). With freeze_a, A stays fixed and B = (M/s)·A⁺. The share of M's energy the factors keep,
   1 − ||M − s·B_new A_new||² / ||M||², is logged per round (svd_energy_kept).
 
 Strategies (weights w_k: uniform or proportional to examples, summing to one):
@@ -125,11 +126,10 @@ class ProductSpace(FactorSpace):
             a0, b0 = self._factors(pair, named)
             target = (pair.scaling * (b0 @ a0) - merged[pair.name]) / pair.scaling   # M / s
             if pair.a is None:
-                a_new = a0
+                a_new, b_new = a0, target @ torch.linalg.pinv(a0)
             else:
                 a_ref = weighted_sum(a0 - factor_blocks[pair.a], weights)
-                a_new = project_rows(a_ref, target, pair.rank)
-            b_new = target @ torch.linalg.pinv(a_new)
+                b_new, a_new = refactorize(target, a_ref, pair.rank)
             if pair.a is not None:
                 grad[pair.a] = a0 - a_new
             grad[pair.b] = b0 - b_new
@@ -144,13 +144,19 @@ class ProductSpace(FactorSpace):
         return flat, info
 
 
-def project_rows(a_ref: torch.Tensor, target: torch.Tensor, rank: int) -> torch.Tensor:
-    """a_ref's rows projected onto the span of target's top-`rank` right singular vectors."""
+def refactorize(target: torch.Tensor, a_ref: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (B, A) with B·A the best rank-`rank` approximation of target (truncated SVD
+    U Σ Vᵀ), in the gauge closest to a reference A: A = c·Q·Vᵀ with Q the orthogonal matrix
+    nearest to a_ref·V (orthogonal Procrustes) and c = ||a_ref||_F / √r, so A keeps the clients'
+    scale and orientation and both factors stay well conditioned; B = U Σ Qᵀ / c."""
     if not torch.any(target):
-        return a_ref
-    _, _, vh = torch.linalg.svd(target, full_matrices=False)
-    v = vh[:rank].T
-    return (a_ref @ v) @ v.T
+        return torch.zeros(target.shape[0], a_ref.shape[0], dtype=target.dtype, device=target.device), a_ref
+    u, sigma, vh = torch.linalg.svd(target, full_matrices=False)
+    u, sigma, v = u[:, :rank], sigma[:rank], vh[:rank].T
+    p, _, wh = torch.linalg.svd(a_ref @ v)
+    q = p @ wh
+    c = float(a_ref.norm()) / rank ** 0.5 or 1.0
+    return (u * sigma) @ q.T / c, c * q @ v.T
 
 
 SPACES = {"factors": FactorSpace, "product": ProductSpace}
@@ -255,13 +261,19 @@ class Aggregator:
         self.strategy = STRATEGIES[cfg.merging_strategy]
         self.rnd = 0
 
-    def client_statistics(self, fed, batch: dict) -> tuple[dict, int]:
-        """Statistics of the client model now loaded in `fed.model`, and how many values they add
-        to the upload (dense fp32; Gram matrices count their upper triangle)."""
+    @property
+    def needs_statistics(self) -> bool:
+        return self.strategy.statistic is not None
+
+    def client_statistics(self, fed, rnd: int, client: int) -> tuple[dict, int]:
+        """Statistics of the client model now loaded in `fed.model`, on the client's own examples,
+        and how many values they add to the upload (fp32; Gram matrices count their upper triangle)."""
         if self.strategy.statistic == "fisher":
+            batch = fed.client_examples(rnd, client, self.cfg.fisher_examples)
             stats = merge_statistics.fisher_diagonal(fed, batch, self.pairs, self.space.name == "product")
             return stats, sum(v.numel() for v in stats.values())
         if self.strategy.statistic == "gram":
+            batch = fed.client_examples(rnd, client, self.cfg.regmean_examples)
             stats = merge_statistics.input_grams(fed, batch, self.pairs)
             if self.space.name == "product":
                 stats = {k: v for k, v in stats.items() if k.endswith(".x")}

@@ -35,16 +35,30 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 class RunLog:
-    def __init__(self, cfg, console=None):
-        self.dir = unique_run_dir(cfg.dir, cfg.name)
-        (self.dir / "config.yaml").write_text(config_mod.dump(cfg))
+    def __init__(self, cfg, console=None, existing: Path | None = None, metrics_offset: int = 0,
+                 purge_step: int | None = None):
+        """A new run folder, or (existing) a resumed one: metrics.jsonl is cut back to what the
+        checkpoint had seen and TensorBoard drops events from purge_step on, so the rounds redone
+        after a crash are not recorded twice."""
+        if existing is None:
+            self.dir = unique_run_dir(cfg.dir, cfg.name)
+            (self.dir / "config.yaml").write_text(config_mod.dump(cfg))
+        else:
+            self.dir = Path(existing)
+            metrics = self.dir / "metrics.jsonl"
+            if metrics.exists():
+                os.truncate(metrics, metrics_offset)
         self._sinks = [logger.add(self.dir / "train.log", level="DEBUG",
                                   format="{time:YYYY-MM-DD HH:mm:ss} | {level} | {message}")]
         if console is not None:
             self._sinks.append(logger.add(console, level="INFO", format="{message}", colorize=False))
         self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
-        self.tb = SummaryWriter(str(self.dir / "tb"))
+        self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=purge_step)
+
+    def metrics_offset(self) -> int:
+        self._metrics.flush()
+        return self._metrics.tell()
 
     def log_round(self, record: dict) -> None:
         self._metrics.write(json.dumps(record) + "\n")

@@ -15,12 +15,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
+import checkpoint
 import communication
 import config as config_mod
 import merging
 import models
+import privacy
 import seeding
+import tiers as tiers_mod
+import tracking
 from data import DataUnavailable, Task, load_task
 from data import partition as partition_mod
 from evaluation import evaluate, logits_of
@@ -56,6 +61,8 @@ def make_clients(cfg, task: Task) -> list[torch.Tensor]:
             parts = partition_mod.dirichlet(labels, cfg.clients, cfg.iid_alpha, rng, cfg.min_client_size)
     except ValueError as e:
         raise config_mod.ConfigError(str(e)) from None
+    if cfg.iid_mix > 0:
+        parts = partition_mod.iid_mix(parts, cfg.iid_mix, rng)
     return [torch.from_numpy(p) for p in parts]
 
 
@@ -75,6 +82,8 @@ class Federation:
     aggregator: merging.Aggregator = field(init=False)
     frozen_mask: torch.Tensor | None = field(init=False, default=None)
     eval_mask: torch.Tensor | None = field(init=False, default=None)  # last round's download mask
+    client_tier: list[int] = field(init=False)
+    tier_masks: list = field(init=False, default_factory=list)   # last round's download mask per tier
 
     def __post_init__(self):
         self.flat = FlatParams(self.model)
@@ -82,6 +91,7 @@ class Federation:
         self.server_opt = SERVER_OPTIMIZERS[self.cfg.server_opt]([self.server], self.cfg)
         self.schedule = server_schedule(self.server_opt, self.cfg.server_schedule, self.cfg.server_rounds)
         self.aggregator = merging.Aggregator(self.cfg, self.model, self.flat)
+        self.client_tier = tiers_mod.assign(self.cfg).tolist()
 
     # -- download
     def download_mask(self, rnd: int, density: float) -> torch.Tensor | None:
@@ -166,45 +176,59 @@ class Federation:
         n = self.flat.numel
         dl_density = communication.density_at(cfg.dl_density, cfg.dl_density_decay, cfg.decay_freq, rnd)
         ul_density = communication.density_at(cfg.ul_density, cfg.ul_density_decay, cfg.decay_freq, rnd)
-        mask = self.download_mask(rnd, dl_density)
-        start = self.masked_server(mask)
-        grad_mask = self.flat.split(mask.to(start.dtype)) if (cfg.client_freeze and mask is not None) else None
-        dl_bytes = communication.message_bytes(n, n if mask is None else int(mask.sum()))
+        plans = tiers_mod.plans(self, rnd, dl_density, ul_density)
+        starts = [self.masked_server(p.download) for p in plans]
+        grad_masks = [None if p.train is None else self.flat.split(p.train.to(starts[0].dtype)) for p in plans]
 
-        updates, norms, ul_bytes, stats_seconds = [], [], 0, 0.0
+        updates, norms, clipped, stats_seconds = [], [], 0, 0.0
+        up, down = [0] * len(plans), [0] * len(plans)
         totals = {"loss_sum": 0.0, "correct": 0, "count": 0, "epochs": 0}
         for client in self.sample_clients(rnd):
-            client_params, stats = self.train_client(rnd, client, start, grad_mask)
+            tier = self.client_tier[client]
+            plan, start = plans[tier], starts[tier]
+            client_params, stats = self.train_client(rnd, client, start, grad_masks[tier])
+            # the update transforms, in order: restrict to the tier's entries -> sparsify -> clip
             delta = start - client_params
-            if ul_density < 1:
-                ul_mask = communication.topk_mask(delta, ul_density)
-                delta = delta * ul_mask
-                ul_bytes += communication.message_bytes(n, int(ul_mask.sum()))
-            else:
-                ul_bytes += communication.message_bytes(n, n)
-            norms.append(float(delta.norm()))
+            if plan.restrict is not None:
+                delta = delta * plan.restrict
+            delta, sent = communication.sparsify(delta, plan.ul_density)
+            if plan.restrict is not None and plan.ul_density >= 1:
+                sent = int(plan.restrict.sum())
+            delta, norm = privacy.clip_update(delta, cfg.l2_clip_norm)
+            norms.append(norm)
+            clipped += int(0 < cfg.l2_clip_norm < norm)
+            up[tier] += tiers_mod.upload_bytes(plan, n, sent)
+            down[tier] += plan.dl_bytes
             update = merging.ClientUpdate(client, delta, len(self.clients[client]))
-            if self.aggregator.strategy.statistic:  # Fisher / Gram of the uploaded client model
+            if self.aggregator.needs_statistics:  # Fisher / Gram of the uploaded client model
                 t_stats = time.perf_counter()
                 self.flat.write(start - delta)
-                n_stats = cfg.fisher_examples if self.aggregator.strategy.statistic == "fisher" else cfg.regmean_examples
-                update.stats, extra_values = self.aggregator.client_statistics(
-                    self, self.client_examples(rnd, client, n_stats))
-                ul_bytes += communication.VALUE_BYTES * extra_values
+                update.stats, extra_values = self.aggregator.client_statistics(self, rnd, client)
+                up[tier] += communication.VALUE_BYTES * extra_values
                 stats_seconds += time.perf_counter() - t_stats
             updates.append(update)
+            checkpoint.crash_point("mid_round", rnd + 1)
             for k in totals:
                 totals[k] += stats[k]
 
-        pseudo_grad, merge_info = self.aggregator.aggregate(updates, start, rnd)
+        # one shared start without tiers; with tiers only factor-space strategies run (config.py)
+        pseudo_grad, merge_info = self.aggregator.aggregate(updates, starts[0], rnd)
+        if cfg.noise_multiplier > 0:  # Gaussian mechanism on the sum of clipped updates
+            pseudo_grad = privacy.noisy_mean(pseudo_grad, len(updates), cfg.noise_multiplier, cfg.l2_clip_norm,
+                                             seeding.torch_generator(cfg.seed, "noise", rnd))
         server_lr = self.server_opt.param_groups[0]["lr"]
         self.server_opt.zero_grad(set_to_none=True)
         self.server.grad = pseudo_grad.to(self.server.dtype)
         self.server_opt.step()
         self.schedule.step()
 
-        self.eval_mask = mask
+        self.eval_mask = plans[0].download if cfg.tiers <= 1 else None
+        self.tier_masks = [p.download for p in plans] if cfg.tiers > 1 else []
         count = max(totals["count"], 1)
+        per_tier = {}
+        if cfg.tiers > 1:
+            for i in range(cfg.tiers):
+                per_tier.update({f"bytes_up_tier{i}": up[i], f"bytes_down_tier{i}": down[i]})
         return {
             "train_loss": totals["loss_sum"] / count,
             "train_accuracy": totals["correct"] / count,
@@ -213,11 +237,32 @@ class Federation:
             "stats_seconds": stats_seconds,
             **merge_info,
             "update_norm": sum(norms) / len(norms),
+            "clipped_fraction": clipped / len(updates),
             "dl_density": dl_density,
             "ul_density": ul_density,
-            "bytes_down": dl_bytes * len(updates),
-            "bytes_up": ul_bytes,
+            "bytes_down": sum(down),
+            "bytes_up": sum(up),
+            **per_tier,
         }
+
+    # -- checkpoints
+    def state(self) -> dict:
+        """The server side that carries over between rounds (clients keep no state)."""
+        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+        return {"server": cpu(self.server), "server_opt": self.server_opt.state_dict(),
+                "schedule": self.schedule.state_dict(), "frozen_mask": cpu(self.frozen_mask),
+                "eval_mask": cpu(self.eval_mask), "tier_masks": [cpu(m) for m in self.tier_masks],
+                "torch_rng": torch.get_rng_state()}
+
+    def load_state(self, state: dict) -> None:
+        dev = lambda t: None if t is None else t.to(self.device)  # noqa: E731
+        with torch.no_grad():
+            self.server.copy_(state["server"].to(self.device))
+        self.server_opt.load_state_dict(state["server_opt"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.frozen_mask, self.eval_mask = dev(state["frozen_mask"]), dev(state["eval_mask"])
+        self.tier_masks = [dev(m) for m in state["tier_masks"]]
+        torch.set_rng_state(state["torch_rng"])
 
     # -- evaluation
     def load_eval_model(self) -> None:
@@ -227,13 +272,21 @@ class Federation:
         self.flat.write(self.masked_server(mask))
 
     def evaluate(self, splits=("val", "test")) -> dict:
-        self.load_eval_model()
+        """Validation and test metrics of the server model; with tiers, also each tier's model
+        (the server masked as that tier downloads it) on the test split."""
         out = {}
+        for i, mask in enumerate(self.tier_masks):
+            self.flat.write(self.masked_server(mask))
+            stats = self._evaluate_split("test")
+            out.update({f"tier{i}_test_{k}": v for k, v in stats.items()})
+        self.load_eval_model()
         for split in splits:
-            stats = evaluate(self.model, getattr(self.task, split), self.cfg.eval_batch, self.device,
-                             self.cfg.bf16, self.task.num_labels)
-            out.update({f"{split}_{k}": v for k, v in stats.items()})
+            out.update({f"{split}_{k}": v for k, v in self._evaluate_split(split).items()})
         return out
+
+    def _evaluate_split(self, split: str) -> dict:
+        return evaluate(self.model, getattr(self.task, split), self.cfg.eval_batch, self.device,
+                        self.cfg.bf16, self.task.num_labels)
 
 
 # ---------------------------------------------------------------- the run
@@ -246,72 +299,143 @@ def build(cfg, device: torch.device) -> Federation:
     return Federation(cfg, model, task, clients, device)
 
 
-def train(cfg, console=None) -> Path:
-    """Run the whole federated training; returns the run folder."""
-    import tracking
+@dataclass
+class Progress:
+    """What the run carries from round to round besides the server; saved in every checkpoint."""
+    rounds_done: int = 0
+    totals: dict = field(default_factory=dict)    # cumulative bytes_* counters
+    evals: list = field(default_factory=list)     # the records of evaluated rounds
+    wall_time_s: float = 0.0                      # before the current process started
+
+
+def round_record(fed: Federation, rnd: int, progress: Progress) -> dict:
+    """Run round `rnd` (and its evaluation when due); the metrics.jsonl line."""
+    cfg = fed.cfg
+    t0 = time.perf_counter()
+    record = {"round": rnd + 1, **fed.run_round(rnd)}
+    record["train_seconds"] = time.perf_counter() - t0
+    for key in [k for k in record if k.startswith("bytes_")]:
+        progress.totals[key] = progress.totals.get(key, 0) + record[key]
+        record[key + "_total"] = progress.totals[key]
+    if cfg.noise_multiplier > 0:
+        record["epsilon"] = privacy.epsilon(cfg.noise_multiplier, cfg.server_batch / cfg.clients, rnd + 1,
+                                            privacy.resolved_delta(cfg))
+    if (rnd + 1) % cfg.eval_freq == 0 or rnd + 1 == cfg.server_rounds:
+        t_eval = time.perf_counter()
+        record.update(fed.evaluate())
+        record["eval_seconds"] = time.perf_counter() - t_eval
+        progress.evals.append(record)
+    record["seconds"] = time.perf_counter() - t0
+    return record
+
+
+def describe_setup(fed: Federation, run, logger) -> dict:
+    """Log the config, model and partition; save partition.json; the run facts for summary.json."""
+    cfg = fed.cfg
+    logger.info(f"run folder {run.dir}\n{config_mod.dump(cfg)}")
+    info = {**models.describe(fed.model), "device": str(fed.device), "model": models.resolve_name(cfg),
+            "train_examples": len(fed.task.train)}
+    logger.info(f"{info['trainable_params']} trainable of {info['total_params']} parameters on {fed.device}")
+    report = partition_mod.report([c.numpy() for c in fed.clients], fed.task.train.labels.numpy(),
+                                  fed.task.label_names)
+    tracking.write_json_atomic(run.dir / "partition.json", report)
+    part = report["summary"]
+    logger.info(f"partition: {part['examples']} training examples over {part['clients']} clients, "
+                f"{part['min_examples']}..{part['max_examples']} each (median {part['median_examples']:g}, "
+                f"{part['empty_clients']} empty); mean label TV distance from the whole "
+                f"{part['mean_label_tv_distance']:.3f}")
+    return info
+
+
+def summarize(fed: Federation, progress: Progress, wall_time_s: float) -> dict:
+    cfg, evals, totals = fed.cfg, progress.evals, progress.totals
+    final, best = evals[-1], max(evals, key=lambda r: r["val_accuracy"])
+    up_total, down_total = totals.get("bytes_up", 0), totals.get("bytes_down", 0)
+    summary = {
+        "test_accuracy": final["test_accuracy"],
+        "test_macro_f1": final["test_macro_f1"],
+        "test_loss": final["test_loss"],
+        "val_accuracy": final["val_accuracy"],
+        "best_test_accuracy": max(r["test_accuracy"] for r in evals),
+        "best_val_accuracy": best["val_accuracy"],
+        "test_accuracy_at_best_val": best["test_accuracy"],
+        "bytes_up": up_total,
+        "bytes_down": down_total,
+        "bytes_total": up_total + down_total,
+        "rounds": cfg.server_rounds,
+        "wall_time_s": wall_time_s,
+        **{k: v for k, v in final.items() if k.startswith("tier")},
+        **{k: v for k, v in totals.items() if "_tier" in k},
+        **models.describe(fed.model), "device": str(fed.device), "model": models.resolve_name(cfg),
+        "train_examples": len(fed.task.train),
+    }
+    if cfg.noise_multiplier > 0:
+        dp_delta = privacy.resolved_delta(cfg)
+        summary.update(epsilon=privacy.epsilon(cfg.noise_multiplier, cfg.server_batch / cfg.clients,
+                                               cfg.server_rounds, dp_delta),
+                       dp_delta=dp_delta, noise_multiplier=cfg.noise_multiplier, l2_clip_norm=cfg.l2_clip_norm)
+    return summary
+
+
+def train(cfg, console=None, resume_dir: Path | None = None) -> Path:
+    """Run the whole federated training (or continue it from resume_dir); returns the run folder."""
     from loguru import logger
     from tqdm import tqdm
 
     started = time.time()
     device = pick_device(cfg.gpu)
     fed = build(cfg, device)  # everything that can fail on bad input fails before the run folder exists
-    run = tracking.RunLog(cfg, console)
+    progress = Progress()
+    if resume_dir is None:
+        run = tracking.RunLog(cfg, console)
+    else:
+        state = checkpoint.load(resume_dir, cfg, fed.flat.numel)
+        fed.load_state(state["federation"])
+        progress = Progress(**state["progress"])
+        run = tracking.RunLog(cfg, console, existing=resume_dir, metrics_offset=state["metrics_offset"],
+                              purge_step=progress.rounds_done + 1)
+    elapsed = lambda: progress.wall_time_s + time.time() - started  # noqa: E731
+
+    def save_checkpoint():
+        checkpoint.save(run.dir, {
+            "round": progress.rounds_done, "config_fingerprint": checkpoint.config_fingerprint(cfg),
+            "federation": fed.state(), "metrics_offset": run.metrics_offset(),
+            "progress": {**vars(progress), "wall_time_s": elapsed()}})
+
     try:
-        logger.info(f"run folder {run.dir}\n{config_mod.dump(cfg)}")
-        info = {**models.describe(fed.model), "device": str(device), "model": models.resolve_name(cfg),
-                "train_examples": len(fed.task.train), "client_sizes": [len(c) for c in fed.clients]}
-        logger.info(f"{info['trainable_params']} trainable of {info['total_params']} parameters on {device}; "
-                    f"{len(fed.task.train)} training examples over {cfg.clients} clients "
-                    f"(sizes {min(info['client_sizes'])}..{max(info['client_sizes'])})")
-        record, evals = {}, []
-        up_total = down_total = 0
-        if cfg.server_rounds == 0:  # evaluate (and save) the initial model
-            record = {"round": 0, **fed.evaluate(), "bytes_up_total": 0, "bytes_down_total": 0,
-                      "seconds": 0.0}
+        if resume_dir is None:
+            describe_setup(fed, run, logger)
+        else:
+            logger.info(f"resumed {run.dir} after round {progress.rounds_done} of {cfg.server_rounds}")
+        if cfg.server_rounds == 0 and not progress.evals:  # evaluate (and save) the initial model
+            record = {"round": 0, **fed.evaluate(), "bytes_up_total": 0, "bytes_down_total": 0, "seconds": 0.0}
             run.log_round(record)
-            evals.append(record)
-        bar = tqdm(range(cfg.server_rounds), desc="rounds", disable=console is None, file=sys.stderr)
+            progress.evals.append(record)
+        bar = tqdm(range(progress.rounds_done, cfg.server_rounds), desc="rounds", disable=console is None,
+                   file=sys.stderr, initial=progress.rounds_done, total=cfg.server_rounds)
         for rnd in bar:
-            t0 = time.perf_counter()
-            record = {"round": rnd + 1, **fed.run_round(rnd)}
-            record["train_seconds"] = time.perf_counter() - t0
-            up_total += record["bytes_up"]
-            down_total += record["bytes_down"]
-            record.update(bytes_up_total=up_total, bytes_down_total=down_total)
-            if (rnd + 1) % cfg.eval_freq == 0 or rnd + 1 == cfg.server_rounds:
-                t_eval = time.perf_counter()
-                record.update(fed.evaluate())
-                record["eval_seconds"] = time.perf_counter() - t_eval
-                evals.append(record)
-            record["seconds"] = time.perf_counter() - t0
+            record = round_record(fed, rnd, progress)
             run.log_round(record)
+            progress.rounds_done = rnd + 1
+            checkpoint.crash_point("after_log", rnd + 1)
+            if cfg.ckpt_freq and (rnd + 1) % cfg.ckpt_freq == 0 and rnd + 1 < cfg.server_rounds:
+                save_checkpoint()
+            evals = progress.evals
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_accuracy']:.3f}",
                             test=f"{evals[-1]['test_accuracy']:.3f}" if evals else "-")
             if "test_accuracy" in record:
+                eps = f", epsilon {record['epsilon']:.3f}" if "epsilon" in record else ""
                 logger.info(f"round {rnd + 1}: train loss {record['train_loss']:.4f}, "
                             f"val acc {record['val_accuracy']:.4f}, test acc {record['test_accuracy']:.4f}, "
-                            f"MB up/down {up_total / 1e6:.2f}/{down_total / 1e6:.2f}")
+                            f"MB up/down {progress.totals['bytes_up'] / 1e6:.2f}/"
+                            f"{progress.totals['bytes_down'] / 1e6:.2f}{eps}")
+        save_checkpoint()  # the end state: a crash while saving below resumes straight to saving
         fed.load_eval_model()  # the saved adapter is exactly the model evaluated last
         models.save_trained(fed.model, run.dir / "adapter")
-        final, best = evals[-1], max(evals, key=lambda r: r["val_accuracy"])
-        summary = {
-            "test_accuracy": final["test_accuracy"],
-            "test_macro_f1": final["test_macro_f1"],
-            "test_loss": final["test_loss"],
-            "val_accuracy": final["val_accuracy"],
-            "best_test_accuracy": max(r["test_accuracy"] for r in evals),
-            "best_val_accuracy": best["val_accuracy"],
-            "test_accuracy_at_best_val": best["test_accuracy"],
-            "bytes_up": up_total,
-            "bytes_down": down_total,
-            "bytes_total": up_total + down_total,
-            "rounds": cfg.server_rounds,
-            "wall_time_s": time.time() - started,
-            **info,
-        }
+        summary = summarize(fed, progress, elapsed())
         run.write_summary(summary)
         logger.info(f"done: test accuracy {summary['test_accuracy']:.4f}, "
-                    f"{(up_total + down_total) / 1e6:.2f} MB communicated, "
+                    f"{summary['bytes_total'] / 1e6:.2f} MB communicated, "
                     f"{summary['wall_time_s']:.0f} s; results in {run.dir}")
         return run.dir
     finally:
@@ -319,10 +443,33 @@ def train(cfg, console=None) -> Path:
 
 
 USAGE = """usage: python train_lora.py [--config NAME] [--option-name value ...]
+       python train_lora.py --resume RUN_DIR
        python train_lora.py --list-configs
 
 Options and their defaults are documented in configs/basic_config.yaml;
 --config NAME overlays configs/NAME.yaml; command-line options override both."""
+
+
+def parse_resume(argv: list[str]) -> tuple[config_mod.Config, Path] | None:
+    """--resume RUN_DIR: the run's saved config and its folder."""
+    if "--resume" not in argv and not any(a.startswith("--resume=") for a in argv):
+        return None
+    args = [a for a in argv if a != "--resume"]
+    folder = args[0].split("=", 1)[1] if args and args[0].startswith("--resume=") else (args[0] if args else None)
+    if folder is None or len(args) != 1:
+        raise config_mod.ConfigError("--resume RUN_DIR continues a run with its saved config; "
+                                     "it takes the folder and no other option")
+    run_dir = Path(folder)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise config_mod.ConfigError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
+    try:
+        values = yaml.safe_load(saved.read_text())
+    except yaml.YAMLError:
+        raise config_mod.ConfigError(f"--resume: {saved} is not valid YAML") from None
+    if not isinstance(values, dict):
+        raise config_mod.ConfigError(f"--resume: {saved} is not a config")
+    return config_mod.from_mapping(values), run_dir
 
 
 def parse_cli(argv: list[str]) -> config_mod.Config | None:
@@ -348,18 +495,26 @@ def parse_cli(argv: list[str]) -> config_mod.Config | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import tracking
     from dotenv import load_dotenv
     from loguru import logger
 
     load_dotenv()  # a local .env may set CUDA_VISIBLE_DEVICES, HF_HOME, HF_HUB_OFFLINE...
     logger.remove()
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = parse_cli(sys.argv[1:] if argv is None else argv)
+        resume = parse_resume(argv)
+        if resume is not None:
+            cfg, run_dir = resume
+            if (run_dir / "summary.json").is_file():
+                print(f"{run_dir} is finished already (summary.json); nothing to resume")
+                return 0
+            train(cfg, console=tracking.console_sink, resume_dir=run_dir)
+            return 0
+        cfg = parse_cli(argv)
         if cfg is None:
             return 0
         train(cfg, console=tracking.console_sink)
-    except (config_mod.ConfigError, DataUnavailable, models.ModelUnavailable) as e:
+    except (config_mod.ConfigError, DataUnavailable, models.ModelUnavailable, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

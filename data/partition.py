@@ -67,3 +67,36 @@ def label_histogram(clients: list[np.ndarray], labels: np.ndarray, n_labels: int
     """(clients, labels) counts, for reports and tests."""
     labels = np.asarray(labels)
     return np.stack([np.bincount(labels[c], minlength=n_labels) for c in clients])
+
+
+def iid_mix(clients: list[np.ndarray], p: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """FLASC's iid-mix: every client keeps a random (1 − p) share of its own examples; the rest of
+    everybody's examples is pooled, shuffled and dealt out again in equal parts (the remainder
+    round-robin, so no example is lost). p = 0 keeps the natural clients, p = 1 is IID."""
+    keep, pool = [], []
+    for c in clients:
+        c = rng.permutation(c)
+        n_keep = int(round((1 - p) * len(c)))
+        keep.append(c[:n_keep])
+        pool.append(c[n_keep:])
+    pool = rng.permutation(np.concatenate(pool)) if pool else np.array([], dtype=np.int64)
+    dealt = np.array_split(pool, len(clients))
+    return [np.sort(np.concatenate([k, d])).astype(np.int64) for k, d in zip(keep, dealt)]
+
+
+def report(clients: list[np.ndarray], labels: np.ndarray, label_names: list[str]) -> dict:
+    """Examples and label histogram per client, and a summary of the skew."""
+    labels = np.asarray(labels)
+    hist = label_histogram(clients, labels, len(label_names))
+    sizes = hist.sum(1)
+    overall = np.bincount(labels, minlength=len(label_names)) / max(len(labels), 1)
+    rows = hist[sizes > 0] / sizes[sizes > 0, None]
+    tv = 0.5 * np.abs(rows - overall).sum(1) if len(rows) else np.zeros(1)
+    return {
+        "label_names": list(label_names),
+        "clients": [{"client": i, "examples": int(s), "labels": h.tolist()} for i, (s, h) in enumerate(zip(sizes, hist))],
+        "summary": {"clients": len(clients), "examples": int(sizes.sum()), "min_examples": int(sizes.min()),
+                    "median_examples": float(np.median(sizes)), "max_examples": int(sizes.max()),
+                    "empty_clients": int((sizes == 0).sum()),
+                    "mean_label_tv_distance": float(tv.mean())},
+    }

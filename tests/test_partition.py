@@ -69,3 +69,38 @@ def test_iid_shards_are_balanced_and_cover():
     clients = partition.iid(1003, 10, np.random.default_rng(0))
     assert {len(c) for c in clients} <= {100, 101}
     assert_exact_cover(clients, 1003)
+
+
+def test_iid_mix_zero_keeps_natural_clients():
+    y = labels_of()
+    natural = partition.dirichlet(y, 10, 0.1, np.random.default_rng(0))
+    mixed = partition.iid_mix(natural, 0.0, np.random.default_rng(1))
+    assert all(np.array_equal(a, b) for a, b in zip(natural, mixed))
+
+
+def test_iid_mix_one_is_iid_and_loses_nothing():
+    y = labels_of()
+    natural = partition.dirichlet(y, 10, 0.05, np.random.default_rng(0))
+    mixed = partition.iid_mix(natural, 1.0, np.random.default_rng(1))
+    assert_exact_cover(mixed, len(y))
+    assert {len(c) for c in mixed} <= {len(y) // 10, len(y) // 10 + 1}
+    glob = np.bincount(y) / len(y)
+    tv = lambda cs: np.mean([0.5 * np.abs(np.bincount(y[c], minlength=5) / len(c) - glob).sum() for c in cs])  # noqa: E731
+    assert tv(mixed) < 0.1 < tv(natural)
+
+
+def test_iid_mix_half_keeps_half_of_each_client():
+    y = labels_of()
+    natural = partition.dirichlet(y, 10, 0.1, np.random.default_rng(0))
+    mixed = partition.iid_mix(natural, 0.5, np.random.default_rng(1))
+    assert_exact_cover(mixed, len(y))
+    for a, b in zip(natural, mixed):
+        assert len(np.intersect1d(a, b)) >= round(0.5 * len(a))
+
+
+def test_partition_report():
+    y = np.array([0, 0, 1, 1, 1, 2])
+    rep = partition.report([np.array([0, 1, 2]), np.array([3, 4, 5]), np.array([], dtype=np.int64)], y,
+                           ["a", "b", "c"])
+    assert rep["clients"][0] == {"client": 0, "examples": 3, "labels": [2, 1, 0]}
+    assert rep["summary"]["empty_clients"] == 1 and rep["summary"]["examples"] == 6

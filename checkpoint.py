@@ -1,0 +1,76 @@
+"""Checkpoints of a run, written atomically, and the resume that continues them exactly.
+
+A checkpoint holds everything that carries over from one round to the next: the server's trainable
+vector, the server optimizer and schedule states, the download masks, the round index, the running
+totals and evaluations, how far metrics.jsonl had been written, and torch's global generator. Every
+other random choice is drawn from a generator seeded by (seed, round, client) and needs no state;
+the privacy accountant is a function of the rounds done. Clients keep no state across rounds
+(their optimizers start fresh), so there is none to save.
+
+Writes go to a temporary file in the run folder, are flushed to disk, then renamed over the old
+checkpoint: a crash at any moment leaves the previous checkpoint or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+FILE = "checkpoint.pt"
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def config_fingerprint(cfg) -> str:
+    """Identifies what a checkpoint was made under (every option except where runs are written)."""
+    keys = sorted(k for k in cfg if k not in ("dir", "name"))
+    return hashlib.sha1(repr([(k, cfg[k]) for k in keys]).encode()).hexdigest()[:16]
+
+
+def save(run_dir: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
+    tmp = run_dir / (FILE + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        crash_point("checkpoint_write", state["round"])   # tests: die with half a file written
+        f.write(buf.getvalue()[len(buf.getvalue()) // 2:])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / FILE)
+
+
+def load(run_dir: Path, cfg, numel: int) -> dict:
+    path = run_dir / FILE
+    if not path.is_file():
+        raise CheckpointError(f"--resume: {run_dir} has no {FILE}; it was stopped before its first "
+                              "checkpoint, start it again instead")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"--resume: {path} is damaged and cannot be read ({type(e).__name__}); "
+                              "start the run again") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"--resume: {path} has an unknown format; it was written by another "
+                              "version of flasc")
+    if state.get("config_fingerprint") != config_fingerprint(cfg):
+        raise CheckpointError(f"--resume: {path} was written under another configuration than "
+                              f"{run_dir / 'config.yaml'}; it cannot continue this run")
+    if state["federation"]["server"].numel() != numel:
+        raise CheckpointError(f"--resume: {path} holds {state['federation']['server'].numel()} trainable values but the "
+                              f"model has {numel}; the model or its adapters changed")
+    return state
+
+
+def crash_point(point: str, rnd: int) -> None:
+    """Fault injection for the resume tests: FLASC_CRASH_AT=point:round kills this process
+    (SIGKILL, as an out-of-memory kill or a power cut would) when it reaches that point."""
+    if os.environ.get("FLASC_CRASH_AT") == f"{point}:{rnd}":
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,139 @@
+"""Figures of finished runs: accuracy per round, accuracy per megabyte sent, final accuracy per run.
+
+    python plot.py runs/study/*            # figures in runs/study/plots/ (PNG and PDF)
+    python plot.py RUN_DIR... --out figs
+
+Runs that differ only by seed are drawn as one curve: the mean, with a band from the lowest to the
+highest seed; bars show the mean and the seeds' standard deviation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+
+class PlotError(ValueError):
+    pass
+
+
+def load_run(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise PlotError(f"{folder} is not a run folder")
+    if not (folder / "metrics.jsonl").is_file() or not (folder / "config.yaml").is_file():
+        raise PlotError(f"{folder} holds no run (no metrics.jsonl / config.yaml)")
+    if not (folder / "summary.json").is_file():
+        raise PlotError(f"{folder} is unfinished (no summary.json); resume it with "
+                        f"python train_lora.py --resume {folder}")
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+    evals = [m for m in metrics if "test_accuracy" in m]
+    if not evals:
+        raise PlotError(f"{folder} has no evaluated round")
+    return {"dir": folder, "config": yaml.safe_load((folder / "config.yaml").read_text()),
+            "summary": json.loads((folder / "summary.json").read_text()), "evals": evals}
+
+
+def group_key(run: dict) -> str:
+    """A label from the options that distinguish the runs (seed, dir, name excluded)."""
+    return run["label"]
+
+
+def label_runs(runs: list[dict]) -> None:
+    keys = sorted({k for r in runs for k in r["config"]} - {"seed", "dir", "name"})
+    differing = [k for k in keys if len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
+    for r in runs:
+        parts = [f"{k}={r['config'][k]}" for k in differing]
+        r["label"] = ", ".join(parts) if parts else r["config"]["merging_strategy"]
+
+
+def _groups(runs: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in runs:
+        out.setdefault(group_key(r), []).append(r)
+    return out
+
+
+def _curve(ax, runs: list[dict], x_of, label: str) -> None:
+    xs = [x_of(e) for e in runs[0]["evals"]]
+    ys = [[e["test_accuracy"] for e in r["evals"]] for r in runs]
+    n = min(len(y) for y in ys)
+    mean = [statistics.fmean(y[i] for y in ys) for i in range(n)]
+    line, = ax.plot(xs[:n], mean, marker="o", ms=3, label=label + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
+    if len(runs) > 1:
+        ax.fill_between(xs[:n], [min(y[i] for y in ys) for i in range(n)], [max(y[i] for y in ys) for i in range(n)],
+                        color=line.get_color(), alpha=0.2)
+
+
+def plot(runs: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    label_runs(runs)
+    groups = _groups(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, stem):
+        for ext in ("png", "pdf"):
+            path = out / f"{stem}.{ext}"
+            fig.savefig(path, bbox_inches="tight", dpi=150)
+            written.append(path)
+        plt.close(fig)
+
+    for stem, x_of, xlabel in (
+        ("accuracy_vs_round", lambda e: e["round"], "round"),
+        ("accuracy_vs_megabytes", lambda e: (e["bytes_up_total"] + e["bytes_down_total"]) / 1e6,
+         "megabytes communicated (up + down)"),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, members in groups.items():
+            _curve(ax, members, x_of, label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save(fig, stem)
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(groups) + 2), 4.5))
+    labels = list(groups)
+    finals = [[r["summary"]["test_accuracy"] for r in groups[k]] for k in labels]
+    means = [statistics.fmean(f) for f in finals]
+    errs = [statistics.stdev(f) if len(f) > 1 else 0.0 for f in finals]
+    ax.bar(range(len(labels)), means, yerr=errs, capsize=4)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("final test accuracy")
+    lo = min(m - e for m, e in zip(means, errs))
+    ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(m + e for m, e in zip(means, errs)) + 0.02))
+    ax.grid(axis="y", alpha=0.3)
+    save(fig, "final_accuracy")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="*", help="run folders")
+    ap.add_argument("--out", help="output folder (default: plots/ beside the first run)")
+    args = ap.parse_args(argv)
+    try:
+        if not args.runs:
+            raise PlotError("no run folders given")
+        folders = [Path(p) for p in args.runs if Path(p).name not in ("logs", "plots") and not Path(p).is_file()]
+        if not folders:
+            raise PlotError("no run folders among the arguments")
+        runs = [load_run(f) for f in folders]
+    except PlotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else folders[0].parent / "plots"
+    for path in plot(runs, out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# A sweep in the spirit of the FLASC / merging seeds: server optimizers x client optimizers x local
+# epochs x merging strategies x seeds, each a train_lora.py run on the embedded default.
+#
+#   bash run.sh                 # the full sweep (long: 5 x 2 x 2 x 4 x 2 = 160 runs)
+#   ROUNDS=4 SEEDS="0" SERVER_OPTS="sgd adam" STRATEGIES="average ties" bash run.sh   # a slice
+#   DRY_RUN=1 bash run.sh       # print the commands only
+#
+# Runs land in $DIR/<server_opt>-<client_opt>-e<epochs>-<strategy>-seed<s>; a run whose folder
+# already has summary.json is skipped, one with a checkpoint is resumed, so the script can be
+# started again after an interruption.
+set -uo pipefail
+cd "$(dirname "$0")"
+
+DIR=${DIR:-runs/sweep}
+ROUNDS=${ROUNDS:-16}
+SEEDS=${SEEDS:-"0 1"}
+SERVER_OPTS=${SERVER_OPTS:-"sgd sgdm adam adagrad yogi"}
+CLIENT_OPTS=${CLIENT_OPTS:-"sgd adam"}
+EPOCHS=${EPOCHS:-"1 2"}
+STRATEGIES=${STRATEGIES:-"average task_arithmetic ties dare"}
+PYTHON=${PYTHON:-python}
+
+# Server learning rate per server optimizer (tuned on the embedded default, see configs/fed*.yaml):
+# SGD-like optimizers move by the update itself, adaptive ones by about lr per coordinate.
+server_lr() {
+  case "$1" in
+    sgd) echo 1.0 ;;
+    sgdm) echo 0.5 ;;
+    adam|yogi) echo 0.01 ;;
+    adagrad) echo 0.03 ;;
+  esac
+}
+# Client learning rate per client optimizer.
+client_lr() {
+  case "$1" in
+    sgd) echo 0.05 ;;
+    adam|adagrad|yogi) echo 0.001 ;;
+  esac
+}
+
+failed=0
+for seed in $SEEDS; do
+for sopt in $SERVER_OPTS; do
+for copt in $CLIENT_OPTS; do
+for ep in $EPOCHS; do
+for strat in $STRATEGIES; do
+  name="${sopt}-${copt}-e${ep}-${strat}-seed${seed}"
+  if [ -f "$DIR/$name/summary.json" ]; then echo "skip $name (finished)"; continue; fi
+  if [ -f "$DIR/$name/checkpoint.pt" ]; then
+    cmd=("$PYTHON" train_lora.py --resume "$DIR/$name")
+  else
+    rm -rf "${DIR:?}/$name"
+    cmd=("$PYTHON" train_lora.py --server-opt "$sopt" --server-lr "$(server_lr "$sopt")" --beta2 0.99
+         --client-opt "$copt" --client-lr "$(client_lr "$copt")" --client-epochs "$ep"
+         --merging-strategy "$strat" --server-rounds "$ROUNDS" --seed "$seed" --dir "$DIR" --name "$name")
+  fi
+  echo "${cmd[*]}"
+  if [ -z "${DRY_RUN:-}" ]; then
+    "${cmd[@]}" || { echo "FAILED: $name"; failed=$((failed + 1)); }
+  fi
+done; done; done; done; done
+echo "sweep done; $failed failed"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,306 @@
+"""Run a study: a list of configs with overrides, grids and seeds, then one results table.
+
+    python run_experiments.py --config-list experiments.yaml --jobs 2
+    python run_experiments.py --config-list experiments.yaml --dry-run
+
+experiments.yaml:
+
+    dir: runs/study            # where the runs go (default runs/experiments)
+    seeds: [0, 1]              # default seed axis for every entry
+    defaults:                  # overrides applied to every entry
+      server_rounds: 10
+    experiments:
+      - config: fedavg         # configs/NAME.yaml
+        overrides:             # a list value is a grid axis (cartesian product)
+          merging_strategy: [average, ties]
+          merge_space: product
+        seeds: [0, 1, 2]       # replaces the default seeds for this entry
+
+Every run gets the folder DIR/<config>[-key=value...]-seed<s>. A folder that holds a finished run
+(summary.json) with the same resolved config is skipped; an unfinished one with a checkpoint is
+resumed; one failing run does not stop the others and is reported at the end with its log. The
+study ends with results.md and results.csv in DIR: mean ± std over seeds of final and best test
+accuracy, bytes, ε (when set) and wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+import config as config_mod
+
+ROOT = Path(__file__).resolve().parent
+
+
+class StudyError(ValueError):
+    """A bad experiments file; the message names the entry and key."""
+
+
+@dataclass
+class RunSpec:
+    name: str
+    config: str
+    overrides: dict            # everything passed on the command line (seed included)
+    group: str                 # the name without the seed: runs that differ only by seed
+    axes: dict = field(default_factory=dict)   # the grid values of this run, for the table
+    resolved: dict = field(default_factory=dict)
+
+
+def _slug(value) -> str:
+    text = str(value)
+    return "".join(c if c.isalnum() or c in ".-_" else "_" for c in text)
+
+
+def expand(study: dict, out_dir: str) -> list[RunSpec]:
+    """experiments.yaml -> one RunSpec per (entry, grid point, seed), validated."""
+    if not isinstance(study, dict) or not isinstance(study.get("experiments"), list) or not study["experiments"]:
+        raise StudyError("the experiments file needs a non-empty list under 'experiments'")
+    unknown = set(study) - {"dir", "seeds", "defaults", "experiments"}
+    if unknown:
+        raise StudyError(f"unknown top-level key(s) {sorted(unknown)}; allowed: dir, seeds, defaults, experiments")
+    defaults = study.get("defaults") or {}
+    default_seeds = study.get("seeds", [0])
+    specs: list[RunSpec] = []
+    for i, entry in enumerate(study["experiments"]):
+        where = f"experiments[{i}]"
+        if not isinstance(entry, dict) or "config" not in entry:
+            raise StudyError(f"{where}: each entry needs 'config: NAME'")
+        bad = set(entry) - {"config", "overrides", "seeds", "name"}
+        if bad:
+            raise StudyError(f"{where}: unknown key(s) {sorted(bad)}; allowed: config, overrides, seeds, name")
+        seeds = entry.get("seeds", default_seeds)
+        seeds = seeds if isinstance(seeds, list) else [seeds]
+        overrides = {**defaults, **(entry.get("overrides") or {})}
+        for key in ("dir", "name", "seed"):
+            if key in overrides:
+                raise StudyError(f"{where}: '{key}' is set by the study itself, not in overrides")
+        axes = {k: v for k, v in overrides.items() if isinstance(v, list)}
+        fixed = {k: v for k, v in overrides.items() if not isinstance(v, list)}
+        for point in itertools.product(*axes.values()) if axes else [()]:
+            grid = dict(zip(axes, point))
+            base = entry.get("name", entry["config"])
+            group = "-".join([_slug(base)] + [f"{_slug(k)}={_slug(v)}" for k, v in grid.items()])
+            for seed in seeds:
+                name = f"{group}-seed{seed}"
+                values = {**fixed, **grid, "seed": seed, "dir": out_dir, "name": name}
+                try:
+                    resolved = config_mod.load_config(entry["config"], values)
+                except config_mod.ConfigError as e:
+                    raise StudyError(f"{where} ({name}): {e}") from None
+                specs.append(RunSpec(name, entry["config"], values, group, grid, dict(resolved)))
+    names = [s.name for s in specs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise StudyError(f"two entries produce the same run name(s) {sorted(dupes)}; give one a 'name'")
+    return specs
+
+
+def state_of(spec: RunSpec, out_dir: Path) -> str:
+    """done | resume | fresh | conflict (a folder of that name from another config)."""
+    folder = out_dir / spec.name
+    if not folder.exists():
+        return "fresh"
+    saved = folder / "config.yaml"
+    if not saved.is_file():
+        return "fresh"
+    if yaml.safe_load(saved.read_text()) != spec.resolved:
+        return "conflict"
+    if (folder / "summary.json").is_file():
+        return "done"
+    if (folder / "checkpoint.pt").is_file():
+        return "resume"
+    return "fresh"   # died before its first checkpoint: nothing to keep
+
+
+def command(spec: RunSpec, state: str, out_dir: Path) -> list[str]:
+    if state == "resume":
+        return [sys.executable, str(ROOT / "train_lora.py"), "--resume", str(out_dir / spec.name)]
+    args = [sys.executable, str(ROOT / "train_lora.py"), "--config", spec.config]
+    for key, value in spec.overrides.items():
+        args += [f"--{key}", "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)]
+    return args
+
+
+def worker_env(slot: int, jobs: int) -> dict:
+    """One GPU per job when there are GPUs; otherwise the CPU threads split evenly."""
+    env = dict(os.environ)
+    gpus = _gpu_count()
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    else:
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+def run_all(specs: list[RunSpec], out_dir: Path, jobs: int) -> dict[str, str]:
+    """Runs what is not done, `jobs` at a time; returns name -> outcome (ok / skipped / failed: ...)."""
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    outcome: dict[str, str] = {}
+    queue = []
+    for spec in specs:
+        state = state_of(spec, out_dir)
+        if state == "done":
+            outcome[spec.name] = "skipped (finished)"
+        elif state == "conflict":
+            outcome[spec.name] = (f"failed: {out_dir / spec.name} holds a run with another config; "
+                                  "move it away or change the study's dir")
+        else:
+            if state == "fresh" and (out_dir / spec.name).exists():
+                shutil.rmtree(out_dir / spec.name)
+            queue.append((spec, state))
+    running: list[tuple[RunSpec, subprocess.Popen, object, int]] = []
+    free = list(range(jobs))
+    while queue or running:
+        while queue and free:
+            spec, state = queue.pop(0)
+            slot = free.pop(0)
+            log = open(logs / f"{spec.name}.log", "a")
+            print(f"[{time.strftime('%H:%M:%S')}] {'resume' if state == 'resume' else 'start'} {spec.name}",
+                  flush=True)
+            proc = subprocess.Popen(command(spec, state, out_dir), stdout=log, stderr=subprocess.STDOUT,
+                                    env=worker_env(slot, jobs), cwd=ROOT)
+            running.append((spec, proc, log, slot))
+        time.sleep(0.2)
+        for item in list(running):
+            spec, proc, log, slot = item
+            if proc.poll() is None:
+                continue
+            log.close()
+            running.remove(item)
+            free.append(slot)
+            ok = proc.returncode == 0 and (out_dir / spec.name / "summary.json").is_file()
+            outcome[spec.name] = "ok" if ok else f"failed (exit {proc.returncode}): see {logs / spec.name}.log"
+            print(f"[{time.strftime('%H:%M:%S')}] {outcome[spec.name].split(':')[0]} {spec.name}", flush=True)
+    return outcome
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def results_table(specs: list[RunSpec], out_dir: Path) -> list[dict]:
+    """One row per group (runs that differ only by seed), from the finished runs' summaries."""
+    rows = []
+    for group in dict.fromkeys(s.group for s in specs):
+        members = [s for s in specs if s.group == group]
+        summaries = [json.loads((out_dir / s.name / "summary.json").read_text())
+                     for s in members if (out_dir / s.name / "summary.json").is_file()]
+        if not summaries:
+            continue
+        first = members[0]
+        r = first.resolved
+        row = {"run": group, "config": first.config,
+               "options": ", ".join(f"{k}={v}" for k, v in first.axes.items()),
+               "strategy": r["merging_strategy"], "space": r["merge_space"], "server_opt": r["server_opt"],
+               "dl/ul density": f"{r['dl_density']:g}/{r['ul_density']:g}", "seeds": len(summaries)}
+        for key, label in (("test_accuracy", "test acc"), ("best_test_accuracy", "best test acc")):
+            row[label] = _mean_std([s[key] for s in summaries])
+        row["MB"] = _mean_std([s["bytes_total"] / 1e6 for s in summaries])
+        if all("epsilon" in s for s in summaries):
+            row["epsilon"] = _mean_std([s["epsilon"] for s in summaries])
+        row["wall s"] = _mean_std([s["wall_time_s"] for s in summaries])
+        rows.append(row)
+    return rows
+
+
+def write_tables(rows: list[dict], out_dir: Path) -> str:
+    keys = ["run", "config", "options", "strategy", "space", "server_opt", "dl/ul density", "seeds",
+            "test acc", "best test acc", "MB", "epsilon", "wall s"]
+    keys = [k for k in keys if any(k in r for r in rows)]
+
+    def fmt(value, digits):
+        if isinstance(value, tuple):
+            return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+        return str(value)
+
+    digits = {"test acc": 4, "best test acc": 4, "MB": 1, "epsilon": 2, "wall s": 0}
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(k, "-"), digits.get(k, 0)) for k in keys) + " |")
+    md = "\n".join(lines)
+    (out_dir / "results.md").write_text(md + "\n")
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        header = []
+        for k in keys:
+            header += [f"{k} mean", f"{k} std"] if any(isinstance(r.get(k), tuple) for r in rows) else [k]
+        w.writerow(header)
+        for r in rows:
+            line = []
+            for k in keys:
+                v = r.get(k, "")
+                if any(isinstance(x.get(k), tuple) for x in rows):
+                    line += list(v) if isinstance(v, tuple) else ["", ""]
+                else:
+                    line.append(v)
+            w.writerow(line)
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Run a study of flasc runs and tabulate it.")
+    ap.add_argument("--config-list", required=True, help="the experiments YAML file")
+    ap.add_argument("--jobs", type=int, default=0, help="runs at once (default: GPUs, or 1 on CPU)")
+    ap.add_argument("--dry-run", action="store_true", help="print the expanded runs and stop")
+    ap.add_argument("--dir", help="where runs go (overrides the file's dir)")
+    args = ap.parse_args(argv)
+    try:
+        path = Path(args.config_list)
+        if not path.is_file():
+            raise StudyError(f"--config-list: no file {path}")
+        try:
+            study = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise StudyError(f"{path}: not valid YAML ({e})") from None
+        out_dir = Path(args.dir or (study or {}).get("dir", "runs/experiments"))
+        specs = expand(study, str(out_dir))
+        if args.jobs < 0:
+            raise StudyError("--jobs: expected a number >= 1")
+    except StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    jobs = args.jobs or max(1, _gpu_count())
+    if args.dry_run:
+        for spec in specs:
+            print(f"{state_of(spec, out_dir):8s} {spec.name}: --config {spec.config} "
+                  + " ".join(f"--{k} {v}" for k, v in spec.overrides.items()))
+        print(f"{len(specs)} runs")
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outcome = run_all(specs, out_dir, jobs)
+    md = write_tables(results_table(specs, out_dir), out_dir)
+    print(md)
+    failed = {n: o for n, o in outcome.items() if o.startswith("failed")}
+    print(f"\n{len(specs)} runs: {sum(o == 'ok' for o in outcome.values())} ran, "
+          f"{sum(o.startswith('skipped') for o in outcome.values())} skipped, {len(failed)} failed; "
+          f"tables in {out_dir}/results.md and results.csv")
+    for name, why in failed.items():
+        print(f"  {name}: {why}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

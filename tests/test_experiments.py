@@ -1,0 +1,150 @@
+"""run_experiments.py: grid expansion, skip / resume / failure isolation, tables; plot.py."""
+import json
+import sys
+
+import pytest
+import yaml
+
+import config
+import plot
+import run_experiments as rx
+
+
+def study(**extra):
+    return {"seeds": [0, 1], "defaults": {"server_rounds": 3},
+            "experiments": [{"config": "fedavg", "overrides": {"merging_strategy": ["average", "ties"],
+                                                               "client_lr": 0.1}},
+                            {"config": "flasc", "seeds": [5]}], **extra}
+
+
+def test_grid_expands_as_a_cartesian_product_with_seeds(tmp_path):
+    specs = rx.expand(study(), str(tmp_path))
+    assert [s.name for s in specs] == [
+        "fedavg-merging_strategy=average-seed0", "fedavg-merging_strategy=average-seed1",
+        "fedavg-merging_strategy=ties-seed0", "fedavg-merging_strategy=ties-seed1", "flasc-seed5"]
+    ties = specs[2]
+    assert ties.resolved["merging_strategy"] == "ties" and ties.resolved["client_lr"] == 0.1
+    assert ties.resolved["server_rounds"] == 3 and ties.resolved["seed"] == 0
+    assert specs[4].resolved["dl_density"] == 0.25 and specs[4].group == "flasc"
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"experiments": []}, ["non-empty"]),
+    ({"experiments": [{"overrides": {}}]}, ["experiments[0]", "config"]),
+    ({"experiments": [{"config": "fedavg", "overrides": {"client_lr": -1}}]}, ["experiments[0]", "client_lr"]),
+    ({"experiments": [{"config": "fedavg", "overrides": {"seed": 3}}]}, ["seed", "set by the study"]),
+    ({"experiments": [{"config": "nope"}]}, ["no config named"]),
+    ({"experiments": [{"config": "fedavg"}, {"config": "fedavg"}]}, ["same run name"]),
+    ({"experiment": []}, ["experiments"]),
+])
+def test_bad_studies_are_refused_clearly(bad, words, tmp_path):
+    with pytest.raises(rx.StudyError) as e:
+        rx.expand(bad, str(tmp_path))
+    for w in words:
+        assert w in str(e.value)
+
+
+def fake_run(folder, resolved, acc, finished=True, checkpoint=False, epsilon=None):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(resolved))
+    evals = [{"round": r, "test_accuracy": acc * r / 3, "bytes_up_total": 1e6 * r, "bytes_down_total": 1e6 * r}
+             for r in (1, 2, 3)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    if checkpoint:
+        (folder / "checkpoint.pt").write_bytes(b"x")
+    if finished:
+        s = {"test_accuracy": acc, "best_test_accuracy": acc + 0.01, "bytes_total": 6e6, "wall_time_s": 10.0}
+        if epsilon is not None:
+            s["epsilon"] = epsilon
+        (folder / "summary.json").write_text(json.dumps(s))
+
+
+def test_skip_resume_and_conflict_states(tmp_path):
+    specs = rx.expand(study(), str(tmp_path))
+    fake_run(tmp_path / specs[0].name, specs[0].resolved, 0.9)
+    fake_run(tmp_path / specs[1].name, specs[1].resolved, 0.9, finished=False, checkpoint=True)
+    fake_run(tmp_path / specs[2].name, {**specs[2].resolved, "client_lr": 0.2}, 0.9)
+    fake_run(tmp_path / specs[3].name, specs[3].resolved, 0.9, finished=False)
+    assert [rx.state_of(s, tmp_path) for s in specs] == ["done", "resume", "conflict", "fresh", "fresh"]
+    assert rx.command(specs[1], "resume", tmp_path)[-2:] == ["--resume", str(tmp_path / specs[1].name)]
+    cmd = rx.command(specs[2], "fresh", tmp_path)
+    assert "--merging_strategy" in cmd and cmd[cmd.index("--merging_strategy") + 1] == "ties"
+
+
+def test_failures_are_isolated_and_reported(tmp_path, monkeypatch):
+    specs = rx.expand({"experiments": [{"config": "fedavg", "overrides": {"client_lr": [0.1, 0.2]}}]},
+                      str(tmp_path))
+
+    def fake_command(spec, state, out_dir):  # the first run fails, the second "trains"
+        if "0.1" in spec.name:
+            return [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]
+        code = (f"import json, pathlib; p = pathlib.Path({str(out_dir / spec.name)!r}); p.mkdir(parents=True); "
+                f"p.joinpath('summary.json').write_text('{{}}')")
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(rx, "command", fake_command)
+    outcome = rx.run_all(specs, tmp_path, jobs=2)
+    assert outcome[specs[0].name].startswith("failed (exit 3)") and "logs" in outcome[specs[0].name]
+    assert outcome[specs[1].name] == "ok"
+    assert "boom" in (tmp_path / "logs" / f"{specs[0].name}.log").read_text()
+
+
+def test_results_table_mean_and_std_over_seeds(tmp_path):
+    specs = rx.expand(study(), str(tmp_path))
+    for spec, acc in zip(specs, (0.8, 0.9, 0.7, 0.7, 0.5)):
+        fake_run(tmp_path / spec.name, spec.resolved, acc)
+    rows = rx.results_table(specs, tmp_path)
+    assert len(rows) == 3 and rows[0]["seeds"] == 2
+    mean, std = rows[0]["test acc"]
+    assert mean == pytest.approx(0.85) and std == pytest.approx(0.0707107, rel=1e-4)   # sample std
+    assert rows[1]["test acc"] == (pytest.approx(0.7), 0.0)
+    md = rx.write_tables(rows, tmp_path)
+    assert "0.8500 ± 0.0707" in md and (tmp_path / "results.csv").read_text().count("\n") == 4
+
+
+def test_dry_run_prints_the_expanded_runs(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(study(dir=str(tmp_path / "out"))))
+    assert rx.main(["--config-list", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "5 runs" in out and "fedavg-merging_strategy=ties-seed1" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_experiments_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text("experiments: [{config: fedavg, overrides: {dl_density: 2}}]")
+    assert rx.main(["--config-list", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dl_density" in err[0]
+
+
+def test_shipped_experiments_file_expands():
+    from conftest import ROOT
+    specs = rx.expand(yaml.safe_load((ROOT / "experiments.yaml").read_text()), "runs/x")
+    assert len(specs) >= 4 and len({s.resolved["merging_strategy"] for s in specs}) >= 3
+
+
+# ---------------------------------------------------------------- plot.py
+def test_plot_writes_png_and_pdf_with_seed_bands(tmp_path):
+    base = dict(config.load_config())
+    dirs = []
+    for i, (strategy, seed, acc) in enumerate([("average", 0, 0.8), ("average", 1, 0.9), ("ties", 0, 0.7)]):
+        d = tmp_path / f"r{i}"
+        fake_run(d, {**base, "merging_strategy": strategy, "seed": seed, "name": f"r{i}"}, acc)
+        dirs.append(str(d))
+    assert plot.main([*dirs, "--out", str(tmp_path / "figs")]) == 0
+    names = {p.name for p in (tmp_path / "figs").iterdir()}
+    for stem in ("accuracy_vs_round", "accuracy_vs_megabytes", "final_accuracy"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names
+        assert (tmp_path / "figs" / f"{stem}.png").stat().st_size > 1000
+
+
+def test_plot_refuses_empty_or_unfinished_runs(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert plot.main([str(tmp_path / "empty")]) == 2
+    assert "holds no run" in capsys.readouterr().err
+    fake_run(tmp_path / "half", dict(config.load_config()), 0.5, finished=False)
+    assert plot.main([str(tmp_path / "half")]) == 2
+    assert "unfinished" in capsys.readouterr().err
+    assert plot.main([]) == 2

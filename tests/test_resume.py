@@ -1,0 +1,96 @@
+"""Kill-and-resume: a run killed (SIGKILL) at any point and resumed ends exactly like an
+uninterrupted run with the same seed."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+
+# The toy task exists only inside pytest; subprocesses use the real embedded corpus with a tiny
+# model and short texts, which is still only a few seconds a run.
+BASE = ["--model", "tiny-bert", "--max-length", "16", "--clients", "6", "--server-batch", "2",
+        "--server-rounds", "4", "--eval-freq", "2", "--lora-rank", "4", "--client-batch", "32",
+        "--gpu", "cpu", "--dl-density", "0.5", "--ul-density", "0.5", "--server-opt", "adam",
+        "--server-lr", "0.01"]
+
+
+def train(tmp_path, name, *extra, crash=None, resume=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("FLASC_CRASH_AT", None)
+    if crash:
+        env["FLASC_CRASH_AT"] = crash
+    args = ["--resume", str(resume)] if resume else [*BASE, *extra, "--dir", str(tmp_path / "runs"),
+                                                    "--name", name, "--data-dir", str(tmp_path / "data")]
+    return subprocess.run([sys.executable, str(ROOT / "train_lora.py"), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def without_timing(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if not k.endswith("seconds")} for m in lines]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    proc = train(tmp, "ref")
+    assert proc.returncode == 0, proc.stderr
+    return tmp / "runs" / "ref"
+
+
+@pytest.mark.parametrize("crash", ["mid_round:3", "after_log:3", "checkpoint_write:2", "checkpoint_write:4"])
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, reference, crash):
+    killed = train(tmp_path, "run", crash=crash)
+    assert killed.returncode == -9                      # it really died mid-way
+    run_dir = tmp_path / "runs" / "run"
+    assert not (run_dir / "summary.json").exists()
+    resumed = train(tmp_path, "run", resume=run_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert without_timing(run_dir) == without_timing(reference)
+    a = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(reference / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (run_dir, reference))
+    assert {k: v for k, v in sa.items() if k != "wall_time_s"} == {k: v for k, v in sb.items() if k != "wall_time_s"}
+
+
+def test_resuming_a_finished_run_does_nothing(reference, tmp_path):
+    before = (reference / "metrics.jsonl").read_text()
+    proc = train(tmp_path, "x", resume=reference)
+    assert proc.returncode == 0 and "finished already" in proc.stdout
+    assert (reference / "metrics.jsonl").read_text() == before
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    killed = train(tmp_path, "run", crash="after_log:3")
+    assert killed.returncode == -9
+    run_dir = tmp_path / "runs" / "run"
+    (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    proc = train(tmp_path, "run", resume=run_dir)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "damaged" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_incompatible_checkpoint_is_a_clear_error(tmp_path):
+    killed = train(tmp_path, "run", crash="after_log:3")
+    assert killed.returncode == -9
+    run_dir = tmp_path / "runs" / "run"
+    cfg = (run_dir / "config.yaml").read_text().replace("client_lr: 0.05", "client_lr: 0.07")
+    (run_dir / "config.yaml").write_text(cfg)
+    proc = train(tmp_path, "run", resume=run_dir)
+    assert proc.returncode == 2 and "another configuration" in proc.stderr
+
+
+def test_resume_needs_a_run_folder_and_nothing_else(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train_lora.py"), "--resume", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no config.yaml" in proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "train_lora.py"), "--resume", str(tmp_path), "--seed", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no other option" in proc.stderr

@@ -2,8 +2,8 @@
 
 Without heterogeneity there is one plan for everybody (the FLASC masks). With `tiers: T >= 2`
 clients are split into T tiers (client_id mod T, or a seeded balanced random assignment) and tier
-i of T gets, as in FLASC's heterogeneity experiments (so every tier sends a similar number of
-values):
+i of T gets, as in FLASC's heterogeneity experiments (tier i moves about 1/4^(T-1-i) of the LoRA
+values under either scheme, so rank and density tiers are compared at equal budgets):
 - syshet rank:   LoRA rank 4^i, the first 4^i components (rows of A, columns of B); the head whole.
 - syshet rankl1: LoRA rank 4^i, the 4^i components of largest norm ||B[:, j]||·||A[j, :]|| in
                  each layer (one choice per layer for A and B together, so no tier holds half a

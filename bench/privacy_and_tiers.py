@@ -4,7 +4,7 @@
     python bench/privacy_and_tiers.py --only dp  # or --only tiers
 
 Privacy: noise_multiplier in {0, 0.5, 1.0} x density (download = upload) in {1, 0.25}, with
-100 clients, 20 a round, l2_clip_norm 0.5, 12 rounds. Heterogeneity: 3 tiers (LoRA rank 16), syshet
+100 clients, 20 a round, local batches of 4, l2_clip_norm 0.5, 12 rounds. Heterogeneity: 3 tiers (LoRA rank 16), syshet
 rank vs rankl1 vs density, 12 rounds; accuracy of each tier's model and bytes per tier.
 Runs land in runs/privacy_and_tiers/.
 """
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_lora  # noqa: E402
 
-DP_BASE = ["--clients", "100", "--server-batch", "20", "--l2-clip-norm", "0.5", "--server-rounds", "12",
+DP_BASE = ["--clients", "100", "--server-batch", "20", "--client-batch", "4", "--l2-clip-norm", "0.5", "--server-rounds", "12",
            "--eval-freq", "12"]
 TIER_BASE = ["--tiers", "3", "--lora-rank", "16", "--lora-alpha", "16", "--server-rounds", "12",
              "--eval-freq", "12"]

@@ -81,8 +81,8 @@ SCHEMA: dict[str, Option] = {
     "dataset": _registry_choice(_datasets),
     "data_dir": Option(str, lambda v: v != "", "a non-empty path"),
     "max_length": Option(int, lambda v: v == 0 or 8 <= v <= 4096, "0 (dataset default) or an integer in [8, 4096]"),
-    "clients": _pos_int,
-    "partition": _choice("dirichlet", "iid"),
+    "clients": Option(int, lambda v: v >= 0, "an integer >= 0 (0: every user, with a natural partition)"),
+    "partition": _choice("auto", "natural", "dirichlet", "iid"),
     "iid_alpha": _positive,
     "min_client_size": _nonneg_int,
     "iid_mix": Option(float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0: natural clients, 1: IID)"),
@@ -203,9 +203,53 @@ def _describe(opt: Option) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "text"}[opt.kind]
 
 
+def resolved_partition(cfg) -> str:
+    """auto: each natural user one client where the data set has users, else a Dirichlet label skew."""
+    if cfg.partition != "auto":
+        return cfg.partition
+    from data import DATASETS
+    return "natural" if DATASETS[cfg.dataset].natural_users else "dirichlet"
+
+
+def _check_task(cfg: Config) -> None:
+    """The data set, the model and the options that depend on what the task is."""
+    from data import DATASETS
+    from models import MODELS, resolve_name
+    data, model_name = DATASETS[cfg.dataset], resolve_name(cfg)
+    model = MODELS[model_name]
+    fitting = [n for n, m in MODELS.items() if m.inputs == data.inputs and (m.lm_head or data.objective != "next_token")]
+    if model.inputs != data.inputs or (data.objective == "next_token" and not model.lm_head):
+        what = "a language model" if data.objective == "next_token" else f"{data.inputs} input"
+        raise ConfigError(f"model: {model_name} does not fit dataset {cfg.dataset}, which needs {what}; "
+                          f"expected auto or one of {', '.join(fitting)}")
+    partition = resolved_partition(cfg)
+    if partition == "natural" and not data.natural_users:
+        raise ConfigError(f"partition: natural makes each user a client, but dataset {cfg.dataset} has no "
+                          "users; expected auto, dirichlet or iid")
+    if partition == "dirichlet" and data.objective != "single_label":
+        raise ConfigError(f"partition: dirichlet skews single labels, but dataset {cfg.dataset} is "
+                          f"{data.objective.replace('_', '-')}; expected auto, natural or iid")
+    if cfg.clients == 0 and partition != "natural":
+        raise ConfigError(f"clients: 0 means every user of a natural partition; partition {partition} "
+                          "needs a number of clients >= 1")
+    if cfg.max_length and data.inputs != "text":
+        raise ConfigError(f"max_length: dataset {cfg.dataset} has images, not tokens; expected 0")
+    if data.objective == "next_token" and cfg.lora_rank == 0:
+        raise ConfigError(f"lora_rank: 0 trains only a classifier head, and dataset {cfg.dataset} is language "
+                          "modelling without one; expected lora_rank >= 1 or -1")
+    if cfg.merging_strategy == "fisher" and data.objective == "next_token":
+        raise ConfigError(f"merging_strategy: fisher takes the exact expectation over labels, out of reach over "
+                          f"a vocabulary at every token of dataset {cfg.dataset}; expected another strategy")
+    if not model.linear_lora and (cfg.merge_space == "product" or cfg.merging_strategy == "regmean"):
+        key = "merge_space" if cfg.merge_space == "product" else "merging_strategy"
+        raise ConfigError(f"{key}: {cfg[key]} works on LoRA of linear layers; model {model_name} adapts "
+                          "convolutions; expected merge_space: factors and a strategy other than regmean")
+
+
 def _check_together(cfg: Config) -> None:
     """Constraints between options."""
-    if cfg.server_batch > cfg.clients:
+    _check_task(cfg)
+    if cfg.clients and cfg.server_batch > cfg.clients:
         raise ConfigError(f"server_batch: {cfg.server_batch} clients per round is more than "
                           f"clients ({cfg.clients}); expected at most {cfg.clients}")
     if cfg.merge_space == "product" and cfg.lora_rank <= 0:
@@ -274,8 +318,17 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def _dataset_defaults(dataset: Any) -> tuple[str, dict] | None:
+    """configs/datasets/DATASET.yaml: the data set's own defaults (say, a learning rate its model
+    needs), layered over basic_config.yaml and under the chosen config and the command line."""
+    path = CONFIG_DIR / "datasets" / f"{dataset}.yaml"
+    if not isinstance(dataset, str) or not path.is_file():
+        return None
+    return f"configs/datasets/{dataset}.yaml", _read_yaml(path)
+
+
 def load_config(name: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """basic_config.yaml <- configs/NAME.yaml <- overrides, validated."""
+    """basic_config.yaml <- configs/datasets/DATASET.yaml <- configs/NAME.yaml <- overrides, validated."""
     values = _read_yaml(CONFIG_DIR / f"{BASIC}.yaml")
     missing = set(SCHEMA) - set(values)
     if missing:  # a development error, but say it plainly
@@ -287,6 +340,14 @@ def load_config(name: str | None = None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"--config: no config named '{name}'; available: {', '.join(list_configs())}")
         layers.append((f"configs/{name}.yaml", _read_yaml(path)))
     layers.append(("the command line", dict(overrides or {})))
+    dataset = values.get("dataset")
+    for _, layer in layers:
+        dataset = layer.get("dataset", dataset)
+    per_dataset = _dataset_defaults(dataset)
+    if per_dataset is not None:
+        if "dataset" in per_dataset[1]:
+            raise ConfigError(f"{per_dataset[0]}: a data set's defaults cannot choose the data set")
+        layers.insert(0, per_dataset)
     for where, layer in layers:
         for key, value in layer.items():
             if key not in SCHEMA:

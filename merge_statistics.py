@@ -2,19 +2,24 @@
 with the client's uploaded model loaded in the resident model.
 
 Diagonal Fisher (Matena & Raffel 2022): F = E_x Σ_y p(y|x) (∂ log p(y|x) / ∂θ)², the exact expectation
-over labels under the model, from per-example gradients (never the square of a batch-summed
-gradient). In product space the LoRA layers' Fisher is taken over the effective weight W of the
-layer: per example ∂/∂W = Σ_tokens (∂L/∂out_t) x_tᵀ.
+over labels under the model (the objective lists the (log p, p) terms: every class, or both values
+of every label), from per-example gradients (never the square of a batch-summed gradient). In
+product space the LoRA layers' Fisher is taken over the effective weight W of the layer: per
+example ∂/∂W = Σ_tokens (∂L/∂out_t) x_tᵀ (tokens: non-padding text tokens, or every image patch).
 
-Input Gram matrices (RegMean, Jin et al. 2023): G = mean over non-padding tokens of x xᵀ, for the
-input x of every LoRA layer (that is A's input) and for B's input A x.
+Input Gram matrices (RegMean, Jin et al. 2023): G = mean over tokens of x xᵀ, for the input x of
+every LoRA layer (that is A's input) and for B's input A x.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from evaluation import autocast
+from evaluation import autocast, logits_of, model_inputs
+
+
+def _tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch, tokens, features) -> (kept tokens, features): padding dropped when there is a mask."""
+    return x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
 
 
 def _record_layer_io(pairs):
@@ -37,28 +42,25 @@ def fisher_diagonal(fed, batch: dict, pairs, product_space: bool) -> dict[str, t
     plain = [(n, p) for n, p in zip(flat.names, flat.params) if n not in factor_names]
     totals = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in plain}
     seen, handles = _record_layer_io(layers)
-    n = len(batch["labels"])
+    objective = fed.task.objective
+    n = len(next(iter(batch.values())))
     try:
         for i in range(n):
-            ids = batch["input_ids"][i:i + 1].to(device)
-            mask = batch["attention_mask"][i:i + 1].to(device)
-            with autocast(device, fed.cfg.bf16):
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            logp = F.log_softmax(logits, -1)[0]
-            probs = logp.exp().detach()
-            tokens = mask[0].bool()
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            logits = logits_of(model, one, device, fed.cfg.bf16)
+            mask = one["attention_mask"].to(device).bool() if "attention_mask" in one else None
             targets = [p for _, p in plain] + [seen[p.name][1] for p in layers]
-            for y in range(len(probs)):
-                grads = torch.autograd.grad(logp[y], targets, retain_graph=True, allow_unused=True)
+            for logp, prob in objective.fisher_terms(logits[0]):
+                grads = torch.autograd.grad(logp, targets, retain_graph=True, allow_unused=True)
                 for (name, _), g in zip(plain, grads):
                     if g is not None:
-                        totals[name] += probs[y] * g.float() ** 2
+                        totals[name] += prob * g.float() ** 2
                 for pair, g_out in zip(layers, grads[len(plain):]):
                     if g_out is None:
                         continue
-                    x = seen[pair.name][0][0][tokens].float()
-                    gw = g_out[0][tokens].float().T @ x          # ∂ log p / ∂W, (out, in)
-                    totals[pair.name] = totals.get(pair.name, 0) + probs[y] * gw ** 2
+                    x = _tokens(seen[pair.name][0], mask).float()
+                    gw = _tokens(g_out, mask).float().T @ x          # ∂ log p / ∂W, (out, in)
+                    totals[pair.name] = totals.get(pair.name, 0) + prob * gw ** 2
     finally:
         for h in handles:
             h.remove()
@@ -74,7 +76,7 @@ def input_grams(fed, batch: dict, pairs, batch_size: int = 32) -> dict[str, torc
     token_mask = {}
 
     def add(key, x):
-        x = x.float()[token_mask["m"]]
+        x = _tokens(x.float(), token_mask["m"])
         sums[key] = sums.get(key, 0) + x.T @ x
         counts[key] = counts.get(key, 0) + x.shape[0]
 
@@ -86,12 +88,12 @@ def input_grams(fed, batch: dict, pairs, batch_size: int = 32) -> dict[str, torc
         handles.append(pair.module.lora_A["default"].register_forward_hook(
             lambda m, args, out, key=pair.name: hook(m, args, out, key)))
     try:
-        for start in range(0, len(batch["labels"]), batch_size):
-            ids = batch["input_ids"][start:start + batch_size].to(device)
-            mask = batch["attention_mask"][start:start + batch_size].to(device)
-            token_mask["m"] = mask.bool()
+        n = len(next(iter(batch.values())))
+        for start in range(0, n, batch_size):
+            part = model_inputs({k: v[start:start + batch_size] for k, v in batch.items()}, device)
+            token_mask["m"] = part["attention_mask"].bool() if "attention_mask" in part else None
             with autocast(device, fed.cfg.bf16):
-                model(input_ids=ids, attention_mask=mask)
+                model(**part)
     finally:
         for h in handles:
             h.remove()

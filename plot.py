@@ -30,11 +30,13 @@ def load_run(folder: Path) -> dict:
         raise PlotError(f"{folder} is unfinished (no summary.json); resume it with "
                         f"python train_lora.py --resume {folder}")
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
-    evals = [m for m in metrics if "test_accuracy" in m]
+    summary = json.loads((folder / "summary.json").read_text())
+    metric = summary.get("primary_metric", "accuracy")
+    evals = [m for m in metrics if f"test_{metric}" in m]
     if not evals:
         raise PlotError(f"{folder} has no evaluated round")
     return {"dir": folder, "config": yaml.safe_load((folder / "config.yaml").read_text()),
-            "summary": json.loads((folder / "summary.json").read_text()), "evals": evals}
+            "summary": summary, "evals": evals, "metric": metric}
 
 
 def group_key(run: dict) -> str:
@@ -59,7 +61,7 @@ def _groups(runs: list[dict]) -> dict[str, list[dict]]:
 
 def _curve(ax, runs: list[dict], x_of, label: str) -> None:
     xs = [x_of(e) for e in runs[0]["evals"]]
-    ys = [[e["test_accuracy"] for e in r["evals"]] for r in runs]
+    ys = [[e[f"test_{r['metric']}"] for e in r["evals"]] for r in runs]
     n = min(len(y) for y in ys)
     mean = [statistics.fmean(y[i] for y in ys) for i in range(n)]
     line, = ax.plot(xs[:n], mean, marker="o", ms=3, label=label + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
@@ -75,6 +77,8 @@ def plot(runs: list[dict], out: Path) -> list[Path]:
 
     label_runs(runs)
     groups = _groups(runs)
+    metrics = sorted({r["metric"] for r in runs})  # each run's primary metric, accuracy for most tasks
+    metric_name = metrics[0] if len(metrics) == 1 else "score (" + " / ".join(metrics) + ")"
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
@@ -94,19 +98,19 @@ def plot(runs: list[dict], out: Path) -> list[Path]:
         for label, members in groups.items():
             _curve(ax, members, x_of, label)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(f"test {metric_name}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         save(fig, stem)
 
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(groups) + 2), 4.5))
     labels = list(groups)
-    finals = [[r["summary"]["test_accuracy"] for r in groups[k]] for k in labels]
+    finals = [[r["summary"][f"test_{r['metric']}"] for r in groups[k]] for k in labels]
     means = [statistics.fmean(f) for f in finals]
     errs = [statistics.stdev(f) if len(f) > 1 else 0.0 for f in finals]
     ax.bar(range(len(labels)), means, yerr=errs, capsize=4)
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("final test accuracy")
+    ax.set_ylabel(f"final test {metric_name}")
     lo = min(m - e for m, e in zip(means, errs))
     ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(m + e for m, e in zip(means, errs)) + 0.02))
     ax.grid(axis="y", alpha=0.3)

@@ -216,7 +216,10 @@ def results_table(specs: list[RunSpec], out_dir: Path) -> list[dict]:
                "options": ", ".join(f"{k}={v}" for k, v in first.axes.items()),
                "strategy": r["merging_strategy"], "space": r["merge_space"], "server_opt": r["server_opt"],
                "dl/ul density": f"{r['dl_density']:g}/{r['ul_density']:g}", "seeds": len(summaries)}
-        for key, label in (("test_accuracy", "test acc"), ("best_test_accuracy", "best test acc")):
+        # each task's primary metric (accuracy, or micro-F1 for multi-label tasks)
+        metric = summaries[0].get("primary_metric", "accuracy")
+        short = "acc" if metric == "accuracy" else metric
+        for key, label in ((f"test_{metric}", f"test {short}"), (f"best_test_{metric}", f"best test {short}")):
             row[label] = _mean_std([s[key] for s in summaries])
         row["MB"] = _mean_std([s["bytes_total"] / 1e6 for s in summaries])
         if all("epsilon" in s for s in summaries):
@@ -227,8 +230,9 @@ def results_table(specs: list[RunSpec], out_dir: Path) -> list[dict]:
 
 
 def write_tables(rows: list[dict], out_dir: Path) -> str:
+    scores = list(dict.fromkeys(k for r in rows for k in r if k.startswith(("test ", "best test "))))
     keys = ["run", "config", "options", "strategy", "space", "server_opt", "dl/ul density", "seeds",
-            "test acc", "best test acc", "MB", "epsilon", "wall s"]
+            *sorted(scores, key=lambda k: k.startswith("best")), "MB", "epsilon", "wall s"]
     keys = [k for k in keys if any(k in r for r in rows)]
 
     def fmt(value, digits):
@@ -236,7 +240,7 @@ def write_tables(rows: list[dict], out_dir: Path) -> str:
             return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
         return str(value)
 
-    digits = {"test acc": 4, "best test acc": 4, "MB": 1, "epsilon": 2, "wall s": 0}
+    digits = {**{k: 4 for k in scores}, "MB": 1, "epsilon": 2, "wall s": 0}
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(k, "-"), digits.get(k, 0)) for k in keys) + " |")

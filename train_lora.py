@@ -8,13 +8,13 @@ local training -> upload update = (server ⊙ mask) − client, top-k at ul_dens
 """
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 import checkpoint
@@ -53,12 +53,15 @@ def pick_device(gpu: str) -> torch.device:
 def make_clients(cfg, task: Task) -> list[torch.Tensor]:
     """Index tensors into task.train, one per client."""
     rng = seeding.numpy_rng(cfg.seed, "partition")
-    labels = task.train.labels.numpy()
+    partition = config_mod.resolved_partition(cfg)
     try:
-        if cfg.partition == "iid":
-            parts = partition_mod.iid(len(labels), cfg.clients, rng, cfg.min_client_size)
+        if partition == "natural":
+            parts = partition_mod.natural(task.users, cfg.clients, cfg.min_client_size)
+        elif partition == "iid":
+            parts = partition_mod.iid(len(task.train), cfg.clients, rng, cfg.min_client_size)
         else:
-            parts = partition_mod.dirichlet(labels, cfg.clients, cfg.iid_alpha, rng, cfg.min_client_size)
+            parts = partition_mod.dirichlet(task.train.labels.numpy(), cfg.clients, cfg.iid_alpha, rng,
+                                            cfg.min_client_size)
     except ValueError as e:
         raise config_mod.ConfigError(str(e)) from None
     if cfg.iid_mix > 0:
@@ -146,13 +149,13 @@ class Federation:
         opt = CLIENT_OPTIMIZERS[cfg.client_opt](self.flat.params, cfg.client_lr)
         anchors = self.flat.split(start) if cfg.mu > 0 else None
         self.model.train()
+        objective = self.task.objective
         loss_sum, correct, count, epochs_run = 0.0, 0, 0, 0
         for epoch in self.client_epochs(rnd, client):
             epoch_correct, epoch_count = 0, 0
             for batch in epoch:
                 logits = logits_of(self.model, batch, self.device, cfg.bf16)
-                labels = batch["labels"].to(self.device)
-                loss = F.cross_entropy(logits, labels)
+                loss = objective.loss(logits, batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if anchors is not None:  # FedProx: pull towards the downloaded model
@@ -161,9 +164,9 @@ class Federation:
                     for p, m in zip(self.flat.params, grad_mask):
                         p.grad.mul_(m)
                 opt.step()
-                n = len(labels)
+                hits, n = objective.hits(logits.detach(), batch)  # units: examples, labels or tokens
                 loss_sum += loss.item() * n
-                epoch_correct += int((logits.argmax(-1) == labels).sum())
+                epoch_correct += hits
                 epoch_count += n
             correct, count, epochs_run = correct + epoch_correct, count + epoch_count, epochs_run + 1
             if cfg.early_stopping > 0 and epoch_count and epoch_correct / epoch_count >= cfg.early_stopping:
@@ -285,17 +288,24 @@ class Federation:
         return out
 
     def _evaluate_split(self, split: str) -> dict:
-        return evaluate(self.model, getattr(self.task, split), self.cfg.eval_batch, self.device,
-                        self.cfg.bf16, self.task.num_labels)
+        return evaluate(self.model, getattr(self.task, split), self.task.objective, self.cfg.eval_batch,
+                        self.device, self.cfg.bf16)
 
 
 # ---------------------------------------------------------------- the run
 def build(cfg, device: torch.device) -> Federation:
-    """Data, model and server state; raises DataUnavailable / ModelUnavailable / ConfigError."""
-    tokenizer, tag = models.load_tokenizer(cfg)
-    task = load_task(cfg.dataset, cfg.data_dir, tokenizer, tag, cfg.max_length)
+    """Data, model and server state; raises DataUnavailable / ModelUnavailable / ConfigError.
+
+    clients: 0 (every user of a natural partition) is resolved here to the number of users, and
+    the run records the resolved config."""
+    tokenizer = functools.cache(lambda: models.load_tokenizer(cfg))
+    task = load_task(cfg.dataset, cfg.data_dir, tokenizer, cfg.max_length)
     clients = make_clients(cfg, task)
-    model = models.build_model(cfg, task.num_labels, tokenizer.pad_token_id).to(device)
+    if cfg.clients != len(clients):
+        cfg = config_mod.from_mapping({**cfg, "clients": len(clients)})
+    tok = tokenizer()[0]  # None for image models
+    pad_id = None if tok is None else tok.pad_token_id
+    model = models.build_model(cfg, task.num_labels, pad_id, task.objective.lm_head).to(device)
     return Federation(cfg, model, task, clients, device)
 
 
@@ -336,29 +346,30 @@ def describe_setup(fed: Federation, run, logger) -> dict:
     info = {**models.describe(fed.model), "device": str(fed.device), "model": models.resolve_name(cfg),
             "train_examples": len(fed.task.train)}
     logger.info(f"{info['trainable_params']} trainable of {info['total_params']} parameters on {fed.device}")
-    report = partition_mod.report([c.numpy() for c in fed.clients], fed.task.train.labels.numpy(),
+    labels = getattr(fed.task.train, "labels", None)
+    report = partition_mod.report([c.numpy() for c in fed.clients], None if labels is None else labels.numpy(),
                                   fed.task.label_names)
     tracking.write_json_atomic(run.dir / "partition.json", report)
     part = report["summary"]
     logger.info(f"partition: {part['examples']} training examples over {part['clients']} clients, "
                 f"{part['min_examples']}..{part['max_examples']} each (median {part['median_examples']:g}, "
-                f"{part['empty_clients']} empty); mean label TV distance from the whole "
-                f"{part['mean_label_tv_distance']:.3f}")
+                f"{part['empty_clients']} empty)" + (f"; mean label TV distance from the whole "
+                f"{part['mean_label_tv_distance']:.3f}" if "mean_label_tv_distance" in part else ""))
     return info
 
 
 def summarize(fed: Federation, progress: Progress, wall_time_s: float) -> dict:
+    """The final metrics (all of the objective's), and the primary metric's best values."""
     cfg, evals, totals = fed.cfg, progress.evals, progress.totals
-    final, best = evals[-1], max(evals, key=lambda r: r["val_accuracy"])
+    p = fed.task.objective.primary
+    final, best = evals[-1], max(evals, key=lambda r: r[f"val_{p}"])
     up_total, down_total = totals.get("bytes_up", 0), totals.get("bytes_down", 0)
     summary = {
-        "test_accuracy": final["test_accuracy"],
-        "test_macro_f1": final["test_macro_f1"],
-        "test_loss": final["test_loss"],
-        "val_accuracy": final["val_accuracy"],
-        "best_test_accuracy": max(r["test_accuracy"] for r in evals),
-        "best_val_accuracy": best["val_accuracy"],
-        "test_accuracy_at_best_val": best["test_accuracy"],
+        "primary_metric": p,
+        **{k: v for k, v in final.items() if k.startswith(("test_", "val_"))},
+        f"best_test_{p}": max(r[f"test_{p}"] for r in evals),
+        f"best_val_{p}": best[f"val_{p}"],
+        f"test_{p}_at_best_val": best[f"test_{p}"],
         "bytes_up": up_total,
         "bytes_down": down_total,
         "bytes_total": up_total + down_total,
@@ -385,6 +396,7 @@ def train(cfg, console=None, resume_dir: Path | None = None) -> Path:
     started = time.time()
     device = pick_device(cfg.gpu)
     fed = build(cfg, device)  # everything that can fail on bad input fails before the run folder exists
+    cfg = fed.cfg
     progress = Progress()
     if resume_dir is None:
         run = tracking.RunLog(cfg, console)
@@ -420,13 +432,13 @@ def train(cfg, console=None, resume_dir: Path | None = None) -> Path:
             checkpoint.crash_point("after_log", rnd + 1)
             if cfg.ckpt_freq and (rnd + 1) % cfg.ckpt_freq == 0 and rnd + 1 < cfg.server_rounds:
                 save_checkpoint()
-            evals = progress.evals
+            evals, p = progress.evals, fed.task.objective.primary
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_accuracy']:.3f}",
-                            test=f"{evals[-1]['test_accuracy']:.3f}" if evals else "-")
-            if "test_accuracy" in record:
+                            test=f"{evals[-1][f'test_{p}']:.3f}" if evals else "-")
+            if f"test_{p}" in record:
                 eps = f", epsilon {record['epsilon']:.3f}" if "epsilon" in record else ""
                 logger.info(f"round {rnd + 1}: train loss {record['train_loss']:.4f}, "
-                            f"val acc {record['val_accuracy']:.4f}, test acc {record['test_accuracy']:.4f}, "
+                            f"val {p} {record[f'val_{p}']:.4f}, test {p} {record[f'test_{p}']:.4f}, "
                             f"MB up/down {progress.totals['bytes_up'] / 1e6:.2f}/"
                             f"{progress.totals['bytes_down'] / 1e6:.2f}{eps}")
         save_checkpoint()  # the end state: a crash while saving below resumes straight to saving
@@ -434,7 +446,7 @@ def train(cfg, console=None, resume_dir: Path | None = None) -> Path:
         models.save_trained(fed.model, run.dir / "adapter")
         summary = summarize(fed, progress, elapsed())
         run.write_summary(summary)
-        logger.info(f"done: test accuracy {summary['test_accuracy']:.4f}, "
+        logger.info(f"done: test {summary['primary_metric']} {summary[f'test_' + summary['primary_metric']]:.4f}, "
                     f"{summary['bytes_total'] / 1e6:.2f} MB communicated, "
                     f"{summary['wall_time_s']:.0f} s; results in {run.dir}")
         return run.dir

@@ -17,7 +17,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import config as config_mod  # noqa: E402
 import train_lora  # noqa: E402
@@ -33,8 +32,7 @@ def bare_loop(fed, rnd: int) -> int:
     steps = 0
     for client in fed.sample_clients(rnd):
         for batch in fed.client_batches(rnd, client):
-            loss = F.cross_entropy(logits_of(fed.model, batch, fed.device, cfg.bf16),
-                                   batch["labels"].to(fed.device))
+            loss = fed.task.objective.loss(logits_of(fed.model, batch, fed.device, cfg.bf16), batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

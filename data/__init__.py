@@ -1,39 +1,90 @@
-"""Task registry: each dataset module turns raw texts into one tokenized Task.
+"""Data set registry: each entry loads one Task (splits + objective + natural users, if any).
 
-A Task holds tensors for train/val/test; clients are index arrays into `train`, never copies.
+A DatasetSpec says what the data set feeds the model (text or images), which objective scores it
+(objectives.py), which model it trains by default, and whether its examples belong to natural
+users (then partition: natural makes each user one client).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
-from data import bbcnews, newsgroups
-from data.text import DataUnavailable, RawTexts, Split, Task, tokenize_cached
+import objectives
+from data import bbcnews, cifar10, fashion_mnist, flair, newsgroups, reddit
+from data.base import DataUnavailable, Task
+from data.text import RawTexts, Split, tokenize_cached
 
-# name -> function(data_dir) returning RawTexts
-DATASETS: dict[str, Callable[[str], RawTexts]] = {
-    "bbcnews": bbcnews.load_raw,
-    "20newsgroups": newsgroups.load_raw,
+
+@dataclass(frozen=True)
+class LoadContext:
+    name: str
+    data_dir: str
+    # () -> (tokenizer, tag identifying it): called only once the data are found, so that a run
+    # without its data says so rather than failing first on the tokenizer's download
+    tokenizer: Callable[[], tuple[object, str]] | None = None
+    max_length: int = 0          # 0: the data set's default
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    load: Callable[[LoadContext], Task]
+    inputs: str                  # "text" | "image"
+    objective: str               # objectives.OBJECTIVES key
+    default_model: str           # models.MODELS key
+    natural_users: bool = False  # examples belong to users (partition: natural)
+    default_max_length: int = 0  # tokens per example when max_length is 0 (text)
+
+
+def text_classification(load_raw: Callable[[str], RawTexts]) -> Callable[[LoadContext], Task]:
+    """Raw texts -> token tensors (cached per tokenizer and length) -> a single-label Task."""
+    def load(ctx: LoadContext) -> Task:
+        raw = load_raw(ctx.data_dir)
+        length = ctx.max_length or DATASETS[ctx.name].default_max_length
+        tokenizer, tag = ctx.tokenizer()
+        splits = tokenize_cached(ctx.name, raw, ctx.data_dir, tokenizer, tag, length)
+        return Task(ctx.name, raw.label_names, **splits, objective=objectives.SingleLabel(len(raw.label_names)))
+    return load
+
+
+def _fashion_mnist(ctx: LoadContext) -> Task:
+    labels, splits = fashion_mnist.load_splits(ctx.data_dir)
+    return Task(ctx.name, labels, **splits, objective=objectives.SingleLabel(len(labels)))
+
+
+def _cifar10(ctx: LoadContext) -> Task:
+    labels, splits = cifar10.load_splits(ctx.data_dir)
+    return Task(ctx.name, labels, **splits, objective=objectives.SingleLabel(len(labels)))
+
+
+def _flair(ctx: LoadContext) -> Task:
+    labels, splits, users = flair.load_splits(ctx.data_dir)
+    return Task(ctx.name, labels, **splits, objective=objectives.MultiLabel(len(labels)), users=users)
+
+
+def _reddit(ctx: LoadContext) -> Task:
+    reddit.find_folder(ctx.data_dir)
+    splits, users = reddit.load_splits(ctx.data_dir, ctx.tokenizer()[0].pad_token_id, ctx.max_length)
+    return Task(ctx.name, [], **splits, objective=objectives.NextToken(), users=users)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    # BBC articles state their topic in the first lines; 64 tokens keep the embedded default fast
+    # on two CPU cores. 128 for 20 Newsgroups as in the seeds.
+    "bbcnews": DatasetSpec(text_classification(bbcnews.load_raw), "text", "single_label", "minilm",
+                           default_max_length=64),
+    "20newsgroups": DatasetSpec(text_classification(newsgroups.load_raw), "text", "single_label", "gpt2",
+                                default_max_length=128),
+    "fashion_mnist": DatasetSpec(_fashion_mnist, "image", "single_label", "efficientnet-lite0"),
+    "cifar10": DatasetSpec(_cifar10, "image", "single_label", "vit"),
+    "flair": DatasetSpec(_flair, "image", "multi_label", "vit", natural_users=True),
+    "reddit": DatasetSpec(_reddit, "text", "next_token", "gpt2", natural_users=True),
 }
 
-# The model each dataset trains by default (models.MODELS key).
-DEFAULT_MODEL = {
-    "bbcnews": "minilm",
-    "20newsgroups": "gpt2",
-}
+
+def load_task(name: str, data_dir: str, tokenizer: Callable[[], tuple[object, str]] | None = None,
+              max_length: int = 0) -> Task:
+    return DATASETS[name].load(LoadContext(name, data_dir, tokenizer, max_length))
 
 
-# Tokens per example when max_length is 0. BBC articles state their topic in the first lines;
-# 64 tokens keep the embedded default fast on two CPU cores. 128 for 20 Newsgroups as in the seeds.
-DEFAULT_MAX_LENGTH = {
-    "bbcnews": 64,
-    "20newsgroups": 128,
-}
-
-
-def load_task(name: str, data_dir: str, tokenizer, tokenizer_tag: str, max_length: int) -> Task:
-    raw = DATASETS[name](data_dir)
-    length = max_length or DEFAULT_MAX_LENGTH.get(name, 128)
-    return tokenize_cached(name, raw, data_dir, tokenizer, tokenizer_tag, length)
-
-
-__all__ = ["DATASETS", "DEFAULT_MODEL", "DataUnavailable", "RawTexts", "Split", "Task", "load_task"]
+__all__ = ["DATASETS", "DatasetSpec", "DataUnavailable", "LoadContext", "RawTexts", "Split", "Task",
+           "load_task", "text_classification"]

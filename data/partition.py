@@ -63,9 +63,27 @@ def enforce_min_size(clients: list[np.ndarray], min_size: int) -> list[np.ndarra
     return [np.sort(c) for c in clients]
 
 
+def natural(users: np.ndarray, clients: int, min_size: int = 1) -> list[np.ndarray]:
+    """One client per natural user (users[i] is example i's user, numbered 0..U-1 in the data
+    set's order): the first `clients` users, or all of them when clients is 0; clients smaller
+    than min_size are topped up from the largest, as for the other partitions."""
+    users = np.asarray(users)
+    n_users = int(users.max()) + 1 if len(users) else 0
+    if clients > n_users:
+        raise ValueError(f"clients: the dataset has {n_users} users; expected at most {n_users} "
+                         "(0: all of them)")
+    n = clients or n_users
+    order = np.argsort(users, kind="stable")
+    bounds = np.searchsorted(users[order], np.arange(n + 1))
+    return enforce_min_size([np.sort(order[bounds[u]:bounds[u + 1]]).astype(np.int64) for u in range(n)], min_size)
+
+
 def label_histogram(clients: list[np.ndarray], labels: np.ndarray, n_labels: int) -> np.ndarray:
-    """(clients, labels) counts, for reports and tests."""
+    """(clients, labels) counts, for reports and tests; labels are class indices (N,) or
+    multi-hot rows (N, n_labels), whose columns are summed."""
     labels = np.asarray(labels)
+    if labels.ndim == 2:
+        return np.stack([labels[c].sum(0) for c in clients]).astype(np.int64)
     return np.stack([np.bincount(labels[c], minlength=n_labels) for c in clients])
 
 
@@ -84,19 +102,26 @@ def iid_mix(clients: list[np.ndarray], p: float, rng: np.random.Generator) -> li
     return [np.sort(np.concatenate([k, d])).astype(np.int64) for k, d in zip(keep, dealt)]
 
 
-def report(clients: list[np.ndarray], labels: np.ndarray, label_names: list[str]) -> dict:
-    """Examples and label histogram per client, and a summary of the skew."""
+def report(clients: list[np.ndarray], labels: np.ndarray | None, label_names: list[str]) -> dict:
+    """Examples and label histogram per client, and a summary of the skew (sizes only when the
+    task has no labels, as in language modelling). With multi-hot labels the distance compares
+    each client's share of label occurrences to the whole's."""
+    sizes = np.array([len(c) for c in clients], dtype=np.int64)
+    summary = {"clients": len(clients), "examples": int(sizes.sum()), "min_examples": int(sizes.min()),
+               "median_examples": float(np.median(sizes)), "max_examples": int(sizes.max()),
+               "empty_clients": int((sizes == 0).sum())}
+    if labels is None:
+        return {"label_names": [], "clients": [{"client": i, "examples": int(s)} for i, s in enumerate(sizes)],
+                "summary": summary}
     labels = np.asarray(labels)
     hist = label_histogram(clients, labels, len(label_names))
-    sizes = hist.sum(1)
-    overall = np.bincount(labels, minlength=len(label_names)) / max(len(labels), 1)
-    rows = hist[sizes > 0] / sizes[sizes > 0, None]
+    whole = labels.sum(0) if labels.ndim == 2 else np.bincount(labels, minlength=len(label_names))
+    overall = whole / max(whole.sum(), 1)
+    counts = hist.sum(1)
+    rows = hist[counts > 0] / counts[counts > 0, None]
     tv = 0.5 * np.abs(rows - overall).sum(1) if len(rows) else np.zeros(1)
     return {
         "label_names": list(label_names),
         "clients": [{"client": i, "examples": int(s), "labels": h.tolist()} for i, (s, h) in enumerate(zip(sizes, hist))],
-        "summary": {"clients": len(clients), "examples": int(sizes.sum()), "min_examples": int(sizes.min()),
-                    "median_examples": float(np.median(sizes)), "max_examples": int(sizes.max()),
-                    "empty_clients": int((sizes == 0).sum()),
-                    "mean_label_tv_distance": float(tv.mean())},
+        "summary": {**summary, "mean_label_tv_distance": float(tv.mean())},
     }

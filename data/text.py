@@ -9,9 +9,6 @@ from pathlib import Path
 import torch
 
 
-class DataUnavailable(RuntimeError):
-    """The data set cannot be loaded here; the message says how to provide it."""
-
 
 @dataclass
 class RawTexts:
@@ -21,32 +18,21 @@ class RawTexts:
 
 @dataclass
 class Split:
-    input_ids: torch.Tensor       # (N, L) int64, right-padded
-    attention_mask: torch.Tensor  # (N, L) int64
-    labels: torch.Tensor          # (N,) int64
+    input_ids: torch.Tensor              # (N, L) int64, right-padded
+    attention_mask: torch.Tensor         # (N, L) int64
+    labels: torch.Tensor | None = None   # (N,) int64; None for language modelling
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.input_ids)
 
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """The examples at idx, padding trimmed to the longest of them (saves compute)."""
         mask = self.attention_mask[idx]
         width = max(int(mask.sum(1).max()), 1)
-        return {"input_ids": self.input_ids[idx, :width], "attention_mask": mask[:, :width],
-                "labels": self.labels[idx]}
-
-
-@dataclass
-class Task:
-    name: str
-    label_names: list[str]
-    train: Split
-    val: Split
-    test: Split
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
+        out = {"input_ids": self.input_ids[idx, :width], "attention_mask": mask[:, :width]}
+        if self.labels is not None:
+            out["labels"] = self.labels[idx]
+        return out
 
 
 def _fingerprint(raw: RawTexts, tokenizer_tag: str, max_length: int) -> str:
@@ -67,14 +53,13 @@ def _tokenize(texts: list[str], labels: list[int], tokenizer, max_length: int) -
 
 
 def tokenize_cached(name: str, raw: RawTexts, data_dir: str, tokenizer, tokenizer_tag: str,
-                    max_length: int) -> Task:
+                    max_length: int) -> dict[str, Split]:
     key = _fingerprint(raw, tokenizer_tag, max_length)
     path = Path(data_dir) / name / f"tokens-{key}.pt"
     if path.is_file():
         try:
             blob = torch.load(path, weights_only=True)
-            splits = {s: Split(**blob[s]) for s in ("train", "val", "test")}
-            return Task(name, raw.label_names, **splits)
+            return {s: Split(**blob[s]) for s in ("train", "val", "test")}
         except Exception:  # a damaged cache is rebuilt, never trusted
             path.unlink(missing_ok=True)
     splits = {s: _tokenize(*raw.splits[s], tokenizer, max_length) for s in ("train", "val", "test")}
@@ -82,4 +67,4 @@ def tokenize_cached(name: str, raw: RawTexts, data_dir: str, tokenizer, tokenize
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({s: vars(v) for s, v in splits.items()}, tmp)
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
-    return Task(name, raw.label_names, **splits)
+    return splits

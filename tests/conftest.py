@@ -39,8 +39,8 @@ def toy_raw(data_dir: str, n_per_class: int = 40) -> RawTexts:
 @pytest.fixture(autouse=True)
 def toy_dataset(monkeypatch):
     """Registers the 'toy' dataset (tiny-bert by default) for every test."""
-    monkeypatch.setitem(data.DATASETS, "toy", toy_raw)
-    monkeypatch.setitem(data.DEFAULT_MODEL, "toy", "tiny-bert")
+    monkeypatch.setitem(data.DATASETS, "toy", data.DatasetSpec(data.text_classification(toy_raw), "text",
+                                                               "single_label", "tiny-bert", default_max_length=16))
 
 
 @pytest.fixture

@@ -62,6 +62,19 @@ def test_values_are_typed():
     (["--name", "a/b"], ["name", "without '/'"]),
     (["--seed"], ["--seed needs a value"]),
     (["stray"], ["unexpected argument 'stray'"]),
+    # what fits which task
+    (["--dataset", "fashion_mnist", "--model", "minilm"], ["model", "minilm", "image input", "efficientnet-lite0"]),
+    (["--dataset", "bbcnews", "--model", "vit"], ["model", "vit", "text input"]),
+    (["--dataset", "reddit", "--model", "minilm"], ["model", "language model", "gpt2"]),
+    (["--partition", "natural"], ["partition", "natural", "bbcnews has no users"]),
+    (["--dataset", "flair", "--partition", "dirichlet"], ["partition", "dirichlet", "multi-label"]),
+    (["--clients", "0"], ["clients", "0", "natural partition"]),
+    (["--dataset", "cifar10", "--max-length", "64"], ["max_length", "images"]),
+    (["--dataset", "reddit", "--lora-rank", "0"], ["lora_rank", "language modelling"]),
+    (["--dataset", "reddit", "--merging-strategy", "fisher"], ["merging_strategy", "fisher", "vocabulary"]),
+    (["--dataset", "fashion_mnist", "--merge-space", "product"], ["merge_space", "product", "convolutions"]),
+    (["--dataset", "fashion_mnist", "--merging-strategy", "regmean"], ["merging_strategy", "regmean",
+                                                                        "convolutions"]),
 ])
 def test_rejections_name_the_key(args, words):
     with pytest.raises(ConfigError) as e:
@@ -102,3 +115,31 @@ def test_cli_bad_input_is_one_clear_line(args, tmp_path):
 def test_cli_lists_configs(tmp_path):
     proc = run_cli("--list-configs", cwd=tmp_path)
     assert proc.returncode == 0 and "fedavg" in proc.stdout.split() and "flasc" in proc.stdout.split()
+
+
+def test_dataset_defaults_sit_between_basic_config_and_the_chosen_config(tmp_path, monkeypatch):
+    basic = load_config("fedavg")
+    fm = load_config("fedavg", {"dataset": "fashion_mnist"})
+    assert fm.client_lr == 0.005 != basic.client_lr  # configs/datasets/fashion_mnist.yaml
+    assert load_config("fedavg", {"dataset": "fashion_mnist", "client_lr": 0.2}).client_lr == 0.2
+    assert load_config("fedavg", {"dataset": "bbcnews"}).client_lr == basic.client_lr
+    # a config file that sets the option wins over the data set's default
+    configs = tmp_path / "configs"
+    (configs / "datasets").mkdir(parents=True)
+    for f in ("basic_config.yaml",):
+        (configs / f).write_text((ROOT / "configs" / f).read_text())
+    (configs / "datasets" / "fashion_mnist.yaml").write_text("client_lr: 0.005\nclient_batch: 32\n")
+    (configs / "mine.yaml").write_text("client_lr: 0.3\n")
+    monkeypatch.setattr(config, "CONFIG_DIR", configs)
+    cfg = load_config("mine", {"dataset": "fashion_mnist"})
+    assert (cfg.client_lr, cfg.client_batch) == (0.3, 32)
+    (configs / "datasets" / "fashion_mnist.yaml").write_text("dataset: bbcnews\n")
+    with pytest.raises(ConfigError, match="cannot choose the data set"):
+        load_config("mine", {"dataset": "fashion_mnist"})
+
+
+def test_partition_auto_is_natural_only_where_the_dataset_has_users():
+    assert config.resolved_partition(load_config(overrides={"dataset": "flair"})) == "natural"
+    assert config.resolved_partition(load_config(overrides={"dataset": "reddit", "clients": 0})) == "natural"
+    assert config.resolved_partition(load_config(overrides={"dataset": "cifar10"})) == "dirichlet"
+    assert config.resolved_partition(load_config(overrides={"dataset": "flair", "partition": "iid"})) == "iid"

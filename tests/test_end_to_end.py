@@ -54,9 +54,9 @@ def test_run_folder_contents_and_saved_adapter_reproduces_final_eval(tiny_overri
 
     cfg = config.from_mapping(saved)
     tok, tag = models.load_tokenizer(cfg)
-    task = load_task(cfg.dataset, cfg.data_dir, tok, tag, cfg.max_length)
+    task = load_task(cfg.dataset, cfg.data_dir, lambda: (tok, tag), cfg.max_length)
     model = models.load_trained(cfg, run_dir / "adapter", task.num_labels, tok.pad_token_id)
-    again = evaluate(model, task.test, 64, torch.device("cpu"), False, task.num_labels)
+    again = evaluate(model, task.test, task.objective, 64, torch.device("cpu"), False)
     assert again["accuracy"] == summary["test_accuracy"]
     assert again["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
 
@@ -93,9 +93,9 @@ def test_head_only_and_full_finetune_save_and_reload(tiny_overrides, tmp_path, r
     run_dir = tmp_path / "runs" / "run"
     cfg = config.from_mapping(yaml.safe_load((run_dir / "config.yaml").read_text()))
     tok, tag = models.load_tokenizer(cfg)
-    task = load_task(cfg.dataset, cfg.data_dir, tok, tag, cfg.max_length)
+    task = load_task(cfg.dataset, cfg.data_dir, lambda: (tok, tag), cfg.max_length)
     model = models.load_trained(cfg, run_dir / "adapter", task.num_labels, tok.pad_token_id)
-    acc = evaluate(model, task.test, 64, torch.device("cpu"), False, task.num_labels)["accuracy"]
+    acc = evaluate(model, task.test, task.objective, 64, torch.device("cpu"), False)["accuracy"]
     assert acc == json.loads((run_dir / "summary.json").read_text())["test_accuracy"]
 
 

@@ -71,3 +71,51 @@ def test_bf16_option_runs_the_forward_in_bfloat16():
     assert logits_of(model, batch, torch.device("cpu"), bf16=True).dtype == torch.float32
     logits_of(model, batch, torch.device("cpu"), bf16=False)
     assert seen == [torch.bfloat16, torch.float32]
+
+
+def _efficientnet(**kw):
+    return cfg_with(dataset="fashion_mnist", model="tiny-efficientnet", **kw)
+
+
+def test_plain_pointwise_convs_compute_the_same_function():
+    from efficientnet_lite_pytorch import EfficientNet
+    torch.manual_seed(0)
+    net = EfficientNet.from_name("efficientnet-lite0", num_classes=4, image_size=64, width_coefficient=0.25,
+                                 depth_coefficient=0.2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    before = net(x)
+    models._plain_pointwise_convs(net)
+    assert all(type(m) is torch.nn.Conv2d for n, m in net.named_modules() if n.endswith(("_expand_conv", "_project_conv")))
+    assert torch.allclose(net(x), before, atol=1e-6)
+
+
+def test_efficientnet_lora_on_expand_and_project_convs_and_head():
+    model = models.build_model(_efficientnet(), 10, None)
+    names = trainable_names(model)
+    assert any("_expand_conv.lora_A" in n for n in names) and any("_project_conv.lora_B" in n for n in names)
+    assert all("lora_" in n or "_fc" in n for n in names)
+    out = model(pixel_values=torch.randn(2, 3, 64, 64)).logits
+    assert out.shape == (2, 10)
+
+
+def test_efficientnet_batchnorm_statistics_stay_fixed_in_training():
+    model = models.build_model(_efficientnet(), 10, None)
+    model.train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    before = [m.running_mean.clone() for m in bns]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(pixel_values=torch.randn(4, 3, 64, 64) * 3 + 1).logits.sum().backward()
+    opt.step()
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns))
+    assert any(m.training for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_pretrained_efficientnet_loads_the_shipped_imagenet_weights():
+    cfg = cfg_with(dataset="fashion_mnist", model="efficientnet-lite0", lora_rank=0)
+    model = models.build_model(cfg, 10, None)
+    state = torch.load(models.efficientnet_weights(), weights_only=True)
+    net = model.net
+    assert torch.equal(net._conv_stem.weight, state["_conv_stem.weight"])
+    assert torch.equal(net._blocks[3]._project_conv.weight, state["_blocks.3._project_conv.weight"])
+    assert net._fc.out_features == 10

@@ -44,16 +44,20 @@ def test_bad_studies_are_refused_clearly(bad, words, tmp_path):
         assert w in str(e.value)
 
 
-def fake_run(folder, resolved, acc, finished=True, checkpoint=False, epsilon=None):
+def fake_run(folder, resolved, acc, finished=True, checkpoint=False, epsilon=None, metric=None):
+    """A finished (or not) run folder; metric: the primary metric's name (old summaries had none)."""
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(resolved))
-    evals = [{"round": r, "test_accuracy": acc * r / 3, "bytes_up_total": 1e6 * r, "bytes_down_total": 1e6 * r}
+    key = metric or "accuracy"
+    evals = [{"round": r, f"test_{key}": acc * r / 3, "bytes_up_total": 1e6 * r, "bytes_down_total": 1e6 * r}
              for r in (1, 2, 3)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
     if checkpoint:
         (folder / "checkpoint.pt").write_bytes(b"x")
     if finished:
-        s = {"test_accuracy": acc, "best_test_accuracy": acc + 0.01, "bytes_total": 6e6, "wall_time_s": 10.0}
+        s = {f"test_{key}": acc, f"best_test_{key}": acc + 0.01, "bytes_total": 6e6, "wall_time_s": 10.0}
+        if metric is not None:
+            s["primary_metric"] = metric
         if epsilon is not None:
             s["epsilon"] = epsilon
         (folder / "summary.json").write_text(json.dumps(s))
@@ -100,6 +104,20 @@ def test_results_table_mean_and_std_over_seeds(tmp_path):
     assert rows[1]["test acc"] == (pytest.approx(0.7), 0.0)
     md = rx.write_tables(rows, tmp_path)
     assert "0.8500 ± 0.0707" in md and (tmp_path / "results.csv").read_text().count("\n") == 4
+
+
+def test_tables_and_plots_use_each_runs_primary_metric(tmp_path):
+    specs = rx.expand(study(), str(tmp_path))
+    for spec, score in zip(specs, (0.6, 0.7, 0.5, 0.5, 0.4)):
+        fake_run(tmp_path / spec.name, spec.resolved, score, metric="micro_f1")
+    rows = rx.results_table(specs, tmp_path)
+    assert rows[0]["test micro_f1"] == (pytest.approx(0.65), pytest.approx(0.0707107, rel=1e-4))
+    assert "test acc" not in rows[0]
+    md = rx.write_tables(rows, tmp_path)
+    assert md.splitlines()[0].count("micro_f1") == 2 and "0.6500 ± 0.0707" in md
+    runs = [plot.load_run(tmp_path / s.name) for s in specs]
+    assert [e["test_micro_f1"] for e in runs[0]["evals"]] == pytest.approx([0.2, 0.4, 0.6])
+    assert plot.main([str(tmp_path / s.name) for s in specs] + ["--out", str(tmp_path / "figs")]) == 0
 
 
 def test_dry_run_prints_the_expanded_runs(tmp_path, capsys):

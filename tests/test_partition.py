@@ -104,3 +104,18 @@ def test_partition_report():
                            ["a", "b", "c"])
     assert rep["clients"][0] == {"client": 0, "examples": 3, "labels": [2, 1, 0]}
     assert rep["summary"]["empty_clients"] == 1 and rep["summary"]["examples"] == 6
+
+
+def test_report_sums_multi_hot_labels_and_handles_unlabelled_tasks():
+    clients = [np.array([0, 1]), np.array([2])]
+    multi_hot = np.array([[1, 0, 1], [1, 1, 0], [0, 0, 1]])
+    rep = partition.report(clients, multi_hot, ["a", "b", "c"])
+    assert [c["labels"] for c in rep["clients"]] == [[2, 1, 1], [0, 0, 1]]
+    assert [c["examples"] for c in rep["clients"]] == [2, 1]
+    # label occurrence shares: whole (2, 1, 2)/5, client 0 (2, 1, 1)/4, client 1 (0, 0, 1)
+    tv0 = 0.5 * (abs(0.5 - 0.4) + abs(0.25 - 0.2) + abs(0.25 - 0.4))
+    tv1 = 0.5 * (0.4 + 0.2 + 0.6)
+    assert rep["summary"]["mean_label_tv_distance"] == pytest.approx((tv0 + tv1) / 2)
+    plain = partition.report(clients, None, [])
+    assert plain["summary"]["examples"] == 3 and "mean_label_tv_distance" not in plain["summary"]
+    assert plain["clients"] == [{"client": 0, "examples": 2}, {"client": 1, "examples": 1}]

@@ -94,3 +94,29 @@ def test_resume_needs_a_run_folder_and_nothing_else(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train_lora.py"), "--resume", str(tmp_path), "--seed", "1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no other option" in proc.stderr
+
+
+def test_augmented_image_run_resumes_exactly(tmp_path):
+    """Random crops and flips draw from the per-client seeded generator, so a resumed CIFAR-10 run
+    repeats the uninterrupted one."""
+    import task_fixtures
+    task_fixtures.cifar10(tmp_path / "data", per_batch=4, n_test=4)
+    extra = ["--dataset", "cifar10", "--model", "tiny-vit", "--clients", "3", "--server-batch", "2",
+             "--server-rounds", "3", "--eval-freq", "1", "--lora-rank", "2", "--client-batch", "4",
+             "--eval-batch", "8", "--gpu", "cpu"]
+
+    def image_run(name, crash=None, resume=None):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLASC_OFFLINE": "1"}
+        env.pop("FLASC_CRASH_AT", None)
+        if crash:
+            env["FLASC_CRASH_AT"] = crash
+        args = ["--resume", str(resume)] if resume else [*extra, "--dir", str(tmp_path / "runs"), "--name", name,
+                                                         "--data-dir", str(tmp_path / "data")]
+        return subprocess.run([sys.executable, str(ROOT / "train_lora.py"), *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    assert image_run("ref").returncode == 0
+    assert image_run("run", crash="after_log:2").returncode == -9
+    resumed = image_run("run", resume=tmp_path / "runs" / "run")
+    assert resumed.returncode == 0, resumed.stderr
+    assert without_timing(tmp_path / "runs" / "run") == without_timing(tmp_path / "runs" / "ref")

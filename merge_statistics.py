@@ -17,6 +17,10 @@ import torch
 from evaluation import autocast, logits_of, model_inputs
 
 
+def _examples(batch: dict) -> int:
+    return len(next(iter(batch.values())))
+
+
 def _tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """(batch, tokens, features) -> (kept tokens, features): padding dropped when there is a mask."""
     return x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
@@ -43,7 +47,7 @@ def fisher_diagonal(fed, batch: dict, pairs, product_space: bool) -> dict[str, t
     totals = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in plain}
     seen, handles = _record_layer_io(layers)
     objective = fed.task.objective
-    n = len(next(iter(batch.values())))
+    n = _examples(batch)
     try:
         for i in range(n):
             one = {k: v[i:i + 1] for k, v in batch.items()}
@@ -88,8 +92,7 @@ def input_grams(fed, batch: dict, pairs, batch_size: int = 32) -> dict[str, torc
         handles.append(pair.module.lora_A["default"].register_forward_hook(
             lambda m, args, out, key=pair.name: hook(m, args, out, key)))
     try:
-        n = len(next(iter(batch.values())))
-        for start in range(0, n, batch_size):
+        for start in range(0, _examples(batch), batch_size):
             part = model_inputs({k: v[start:start + batch_size] for k, v in batch.items()}, device)
             token_mask["m"] = part["attention_mask"].bool() if "attention_mask" in part else None
             with autocast(device, fed.cfg.bf16):

@@ -205,10 +205,10 @@ def _build_efficientnet(cfg, spec: ModelSpec, num_labels: int):
     except ImportError:
         raise ModelUnavailable("efficientnet models need the package efficientnet-lite-pytorch: "
                                "pip install -r requirements.txt") from None
-    from data.fashion_mnist import IMAGE_SIZE
     extra = {} if spec.pretrained else spec.tiny_config(0, num_labels)
-    # 'same' padding is computed once for the input size; it is the same for every even size
-    net = EfficientNet.from_name("efficientnet-lite0", num_classes=num_labels, image_size=IMAGE_SIZE, **extra)
+    # The package computes 'same' padding once for a given input size; it is the same for every
+    # size divisible by 32 (every stride-2 layer then sees an even size), so any such size works.
+    net = EfficientNet.from_name("efficientnet-lite0", num_classes=num_labels, image_size=64, **extra)
     if spec.pretrained:
         path = _source(cfg)
         try:

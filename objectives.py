@@ -36,17 +36,20 @@ def multilabel_scores(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     return out
 
 
+def _next_token_targets(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, wanted): the logits at t and the token at t + 1, for target positions that are not
+    padding."""
+    keep = batch["attention_mask"][:, 1:].to(logits.device).bool()
+    return logits[:, :-1][keep].float(), batch["input_ids"][:, 1:].to(logits.device)[keep]
+
+
 def next_token_counts(logits: torch.Tensor, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(sum of token losses, correct tokens, tokens) of predicting input_ids[t + 1] from the logits
     at t, over target positions that are not padding."""
-    targets = input_ids[:, 1:]
-    keep = attention_mask[:, 1:].bool()
-    scores = logits[:, :-1][keep].float()
-    wanted = targets[keep]
+    scores, wanted = _next_token_targets(logits, {"input_ids": input_ids, "attention_mask": attention_mask})
     loss_sum = F.cross_entropy(scores, wanted, reduction="sum")
-    correct = int((scores.argmax(-1) == wanted).sum())
-    return loss_sum, correct, int(keep.sum())
+    return loss_sum, int((scores.argmax(-1) == wanted).sum()), len(wanted)
 
 
 # ---------------------------------------------------------------- objectives
@@ -59,7 +62,6 @@ class _Classification:
 
 
 class SingleLabel(_Classification):
-    name = "single_label"
     primary = "accuracy"
 
     def loss(self, logits, batch):
@@ -97,7 +99,6 @@ class _SingleLabelTally:
 
 
 class MultiLabel(_Classification):
-    name = "multi_label"
     primary = "micro_f1"
 
     def loss(self, logits, batch):
@@ -135,19 +136,16 @@ class _MultiLabelTally:
 
 
 class NextToken:
-    name = "next_token"
     primary = "accuracy"
     lm_head = True
 
     def loss(self, logits, batch):
-        loss_sum, _, count = next_token_counts(logits, batch["input_ids"].to(logits.device),
-                                               batch["attention_mask"].to(logits.device))
-        return loss_sum / max(count, 1)
+        scores, wanted = _next_token_targets(logits, batch)
+        return F.cross_entropy(scores, wanted, reduction="sum") / max(len(wanted), 1)
 
     def hits(self, logits, batch) -> tuple[int, int]:
-        _, correct, count = next_token_counts(logits.detach(), batch["input_ids"].to(logits.device),
-                                              batch["attention_mask"].to(logits.device))
-        return correct, count
+        scores, wanted = _next_token_targets(logits, batch)  # no second cross-entropy in the hot loop
+        return int((scores.argmax(-1) == wanted).sum()), len(wanted)
 
     def fisher_terms(self, logits_one):
         return None  # an exact expectation over the whole vocabulary at every token is out of reach
@@ -161,8 +159,7 @@ class _NextTokenTally:
         self.loss_sum, self.correct, self.count = 0.0, 0, 0
 
     def add(self, logits, batch):
-        loss_sum, correct, count = next_token_counts(logits, batch["input_ids"].to(logits.device),
-                                                     batch["attention_mask"].to(logits.device))
+        loss_sum, correct, count = next_token_counts(logits, batch["input_ids"], batch["attention_mask"])
         self.loss_sum += loss_sum.item()
         self.correct += correct
         self.count += count
@@ -170,10 +167,3 @@ class _NextTokenTally:
     def result(self) -> dict:
         loss = self.loss_sum / max(self.count, 1)
         return {"loss": loss, "accuracy": self.correct / max(self.count, 1), "perplexity": math.exp(min(loss, 700))}
-
-
-OBJECTIVES = {"single_label": SingleLabel, "multi_label": MultiLabel, "next_token": NextToken}
-
-
-def make(name: str, num_labels: int):
-    return NextToken() if name == "next_token" else OBJECTIVES[name](num_labels)

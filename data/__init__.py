@@ -29,7 +29,7 @@ class LoadContext:
 class DatasetSpec:
     load: Callable[[LoadContext], Task]
     inputs: str                  # "text" | "image"
-    objective: str               # objectives.OBJECTIVES key
+    objective: str               # "single_label" | "multi_label" | "next_token" (objectives.py)
     default_model: str           # models.MODELS key
     natural_users: bool = False  # examples belong to users (partition: natural)
     default_max_length: int = 0  # tokens per example when max_length is 0 (text)
@@ -46,14 +46,12 @@ def text_classification(load_raw: Callable[[str], RawTexts]) -> Callable[[LoadCo
     return load
 
 
-def _fashion_mnist(ctx: LoadContext) -> Task:
-    labels, splits = fashion_mnist.load_splits(ctx.data_dir)
-    return Task(ctx.name, labels, **splits, objective=objectives.SingleLabel(len(labels)))
-
-
-def _cifar10(ctx: LoadContext) -> Task:
-    labels, splits = cifar10.load_splits(ctx.data_dir)
-    return Task(ctx.name, labels, **splits, objective=objectives.SingleLabel(len(labels)))
+def image_classification(load_splits: Callable[[str], tuple[list[str], dict]]) -> Callable[[LoadContext], Task]:
+    """(label names, splits) of an image data set -> a single-label Task."""
+    def load(ctx: LoadContext) -> Task:
+        labels, splits = load_splits(ctx.data_dir)
+        return Task(ctx.name, labels, **splits, objective=objectives.SingleLabel(len(labels)))
+    return load
 
 
 def _flair(ctx: LoadContext) -> Task:
@@ -62,8 +60,7 @@ def _flair(ctx: LoadContext) -> Task:
 
 
 def _reddit(ctx: LoadContext) -> Task:
-    reddit.find_folder(ctx.data_dir)
-    splits, users = reddit.load_splits(ctx.data_dir, ctx.tokenizer()[0].pad_token_id, ctx.max_length)
+    splits, users = reddit.load_splits(ctx.data_dir, ctx.tokenizer, ctx.max_length)
     return Task(ctx.name, [], **splits, objective=objectives.NextToken(), users=users)
 
 
@@ -74,8 +71,8 @@ DATASETS: dict[str, DatasetSpec] = {
                            default_max_length=64),
     "20newsgroups": DatasetSpec(text_classification(newsgroups.load_raw), "text", "single_label", "gpt2",
                                 default_max_length=128),
-    "fashion_mnist": DatasetSpec(_fashion_mnist, "image", "single_label", "efficientnet-lite0"),
-    "cifar10": DatasetSpec(_cifar10, "image", "single_label", "vit"),
+    "fashion_mnist": DatasetSpec(image_classification(fashion_mnist.load_splits), "image", "single_label", "efficientnet-lite0"),
+    "cifar10": DatasetSpec(image_classification(cifar10.load_splits), "image", "single_label", "vit"),
     "flair": DatasetSpec(_flair, "image", "multi_label", "vit", natural_users=True),
     "reddit": DatasetSpec(_reddit, "text", "next_token", "gpt2", natural_users=True),
 }

@@ -35,10 +35,6 @@ class Task:
     def num_labels(self) -> int:
         return len(self.label_names)
 
-    @property
-    def num_users(self) -> int:
-        return 0 if self.users is None else int(self.users.max()) + 1 if len(self.users) else 0
-
 
 def package_dir(module: str) -> Path | None:
     """The folder of an installed package, found without importing it (None if not installed)."""
@@ -66,12 +62,13 @@ def network_timeout(seconds: float = 60.0):
         socket.setdefaulttimeout(previous)
 
 
-def fetch(root: Path, download: Callable[[str], None], produced: str, unavailable: str) -> Path:
+def fetch(root: Path, download: Callable[[str], None], produced: str, unavailable: str, how: str) -> Path:
     """Run download(tmp) in a temporary folder under root and move tmp/produced to root/produced
     only when it completed, so that a failed download leaves nothing behind (root included, when
-    this call created it). `unavailable` starts the DataUnavailable message of a failure."""
+    this call created it). A failure's DataUnavailable says `unavailable`, why, then `how` to
+    provide the data by hand."""
     if not downloads_allowed():
-        raise DataUnavailable(f"{unavailable} (FLASC_OFFLINE is set)")
+        raise DataUnavailable(f"{unavailable} (FLASC_OFFLINE is set); {how}")
     created = [p for p in (root, *root.parents) if not p.exists()]
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -84,5 +81,5 @@ def fetch(root: Path, download: Callable[[str], None], produced: str, unavailabl
         for p in created:  # innermost first
             with contextlib.suppress(OSError):
                 p.rmdir()
-        raise DataUnavailable(f"{unavailable}, and the download failed ({type(e).__name__})") from None
+        raise DataUnavailable(f"{unavailable}, and the download failed ({type(e).__name__}); {how}") from None
     return root / produced

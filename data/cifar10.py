@@ -34,12 +34,10 @@ def _complete(folder: Path) -> bool:
 
 def _download(root: Path) -> Path:
     from torchvision.datasets import CIFAR10
-    try:
-        return fetch(root, lambda tmp: CIFAR10(tmp, train=True, download=True), FOLDER,
-                     f"dataset cifar10: no copy in {root / FOLDER}")
-    except DataUnavailable as e:
-        raise DataUnavailable(f"{e}; download cifar-10-python.tar.gz from "
-                              f"https://www.cs.toronto.edu/~kriz/cifar.html and extract it into {root}/") from None
+    return fetch(root, lambda tmp: CIFAR10(tmp, train=True, download=True), FOLDER,
+                 f"dataset cifar10: no copy in {root / FOLDER}",
+                 f"download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and "
+                 f"extract it into {root}/")
 
 
 def find_folder(data_dir: str) -> Path:

@@ -46,12 +46,10 @@ def _download(data_dir: Path) -> dict[str, Path]:
         FashionMNIST(tmp, train=True, download=True)
         FashionMNIST(tmp, train=False, download=True)
 
-    try:
-        fetch(data_dir, download, "FashionMNIST",
-              f"dataset fashion_mnist: no IDX files in {data_dir / 'fashion_mnist'} or {DEBIAN_DIR}")
-    except DataUnavailable as e:
-        raise DataUnavailable(f"{e}; install the Debian package (apt-get install dataset-fashion-mnist) or "
-                              f"copy the four *-ubyte.gz files into {data_dir / 'fashion_mnist'}/") from None
+    fetch(data_dir, download, "FashionMNIST",
+          f"dataset fashion_mnist: no IDX files in {data_dir / 'fashion_mnist'} or {DEBIAN_DIR}",
+          f"install the Debian package (apt-get install dataset-fashion-mnist) or copy the four "
+          f"*-ubyte.gz files into {data_dir / 'fashion_mnist'}/")
     return _files_in(data_dir / "FashionMNIST" / "raw")
 
 

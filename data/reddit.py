@@ -76,9 +76,11 @@ def find_folder(data_dir: str) -> Path:
     return folder
 
 
-def load_splits(data_dir: str, pad_id: int, max_length: int) -> tuple[dict[str, Split], np.ndarray]:
-    """The splits and the user index of every training sequence."""
+def load_splits(data_dir: str, tokenizer, max_length: int) -> tuple[dict[str, Split], np.ndarray]:
+    """The splits and the user index of every training sequence; tokenizer() -> (tokenizer, tag)
+    is asked for its pad token only once the files are found."""
     folder = find_folder(data_dir)
+    pad_id = tokenizer()[0].pad_token_id
     train_users, eval_users = (_users(folder / f) for f in FILES)
     n_clients = int(0.8 * len(train_users))
     if n_clients == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -78,6 +79,7 @@ SCHEMA: dict[str, Option] = {
     "gpu": Option(str, lambda v: v in ("auto", "cpu") or v.isdigit(),
                   "auto, cpu or a CUDA device index such as 0"),
     "bf16": Option(bool),
+    "deterministic": Option(bool),
     "dataset": _registry_choice(_datasets),
     "data_dir": Option(str, lambda v: v != "", "a non-empty path"),
     "max_length": Option(int, lambda v: v == 0 or 8 <= v <= 4096, "0 (dataset default) or an integer in [8, 4096]"),
@@ -86,12 +88,14 @@ SCHEMA: dict[str, Option] = {
     "iid_alpha": _positive,
     "min_client_size": _nonneg_int,
     "iid_mix": Option(float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0: natural clients, 1: IID)"),
+    "augment": Option(bool),
     "model": _registry_choice(_models, extra=("auto",)),
     "model_path": Option(str, lambda v: v != "", "a folder path or null", nullable=True),
     "lora_rank": Option(int, lambda v: v >= -1, "an integer >= -1 (0: head only, -1: full fine-tuning)"),
     "lora_alpha": _positive,
     "lora_dropout": Option(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "freeze_a": Option(bool),
+    "base_dropout": Option(bool),
     "server_rounds": _nonneg_int,
     "server_batch": _pos_int,
     "server_opt": _registry_choice(_server_opts),
@@ -111,8 +115,11 @@ SCHEMA: dict[str, Option] = {
     "regmean_examples": _pos_int,
     "regmean_alpha": Option(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "beta1": Option(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "beta2": Option(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "tau": _positive,
+    "beta2": Option(float, lambda v: 0 <= v < 1, "a number in [0, 1) or null (the server optimizer's default)",
+                    nullable=True),
+    "tau": Option(float, lambda v: v > 0, "a number > 0 or null (the server optimizer's default)", nullable=True),
+    "weight_decay": Option(float, lambda v: v >= 0, "a number >= 0 or null (0.01 with server_opt adamw)",
+                           nullable=True),
     "server_schedule": _choice("constant", "cosine"),
     "mu": Option(float, lambda v: v >= 0, "a number >= 0"),
     "early_stopping": Option(float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0: off)"),
@@ -126,6 +133,7 @@ SCHEMA: dict[str, Option] = {
     "l2_clip_norm": Option(float, lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
     "noise_multiplier": Option(float, lambda v: v >= 0, "a number >= 0 (0: no noise)"),
     "dp_delta": Option(float, lambda v: 0 <= v < 1, "a number in [0, 1) (0: 1 / clients)"),
+    "dp_divide_by_clip": Option(bool),
     "tiers": _pos_int,
     "syshet": _choice("rank", "rankl1", "density"),
     "tier_assignment": _choice("mod", "random"),
@@ -146,8 +154,38 @@ class Config(dict):
             raise AttributeError(key) from None
 
 
+PRESET_DIR = "paper"   # configs/paper/NAME.yaml: the FLASC code's exact settings, --config paper/NAME
+
+
 def list_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    """Every name --config accepts: configs/NAME.yaml, then the presets as paper/NAME."""
+    return (sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            + sorted(f"{PRESET_DIR}/{p.stem}" for p in (CONFIG_DIR / PRESET_DIR).glob("*.yaml")))
+
+
+def describe_config(name: str) -> str:
+    """The first sentence of the comment that opens configs/NAME.yaml (what the config is)."""
+    words = []
+    for line in (CONFIG_DIR / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        words.append(line.lstrip("#").strip())
+    text = " ".join(words)
+    return re.split(r"(?<!\bal)\.\s", text, maxsplit=1)[0].rstrip(".") + "." if text else ""  # not at "et al. "
+
+
+def _config_layers(name: str, chain: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """configs/NAME.yaml as a layer, after the layers of the config it names in `extends:`."""
+    if name not in list_configs():
+        where = f"configs/{chain[-1]}.yaml: extends" if chain else "--config"
+        raise ConfigError(f"{where}: no config named '{name}'; available: {', '.join(list_configs())}")
+    if name in chain:
+        raise ConfigError(f"configs/{chain[-1]}.yaml: extends {name}, which extends it back; "
+                          "expected a chain without cycles")
+    values = _read_yaml(CONFIG_DIR / f"{name}.yaml")
+    parent = values.pop("extends", None)
+    layer = (f"configs/{name}.yaml", values)
+    return [layer] if parent is None else [*_config_layers(str(parent), (*chain, name)), layer]
 
 
 def _read_yaml(path: Path) -> dict:
@@ -232,6 +270,9 @@ def _check_task(cfg: Config) -> None:
     if cfg.clients == 0 and partition != "natural":
         raise ConfigError(f"clients: 0 means every user of a natural partition; partition {partition} "
                           "needs a number of clients >= 1")
+    if cfg.augment and data.inputs != "image":
+        raise ConfigError(f"augment: dataset {cfg.dataset} has text; random crops and flips apply to images; "
+                          "expected false")
     if cfg.max_length and data.inputs != "text":
         raise ConfigError(f"max_length: dataset {cfg.dataset} has images, not tokens; expected 0")
     if data.objective == "next_token" and cfg.lora_rank == 0:
@@ -246,6 +287,17 @@ def _check_task(cfg: Config) -> None:
                           "convolutions; expected merge_space: factors and a strategy other than regmean")
 
 
+def _resolve_server_defaults(values: dict) -> dict:
+    """beta2, tau and weight_decay left null take the server optimizer's own defaults
+    (optimizers.SERVER_DEFAULTS), so the saved config records the values a run used."""
+    from optimizers import server_defaults
+    defaults = server_defaults(values["server_opt"])
+    if values["weight_decay"] is not None and "weight_decay" not in defaults:
+        raise ConfigError(f"weight_decay: decoupled weight decay is part of server_opt adamw; "
+                          f"server_opt {values['server_opt']} has none; expected null")
+    return {**values, **{k: v for k, v in defaults.items() if values[k] is None}}
+
+
 def _check_together(cfg: Config) -> None:
     """Constraints between options."""
     _check_task(cfg)
@@ -258,6 +310,9 @@ def _check_together(cfg: Config) -> None:
     if cfg.merging_strategy == "regmean" and cfg.lora_rank <= 0:
         raise ConfigError(f"merging_strategy: regmean merges LoRA layers; expected lora_rank >= 1 "
                           f"(got {cfg.lora_rank})")
+    if cfg.dp_divide_by_clip and cfg.l2_clip_norm <= 0:
+        raise ConfigError("dp_divide_by_clip: divides the sum of clipped updates by the clipping norm; "
+                          "expected l2_clip_norm > 0 as well")
     if cfg.noise_multiplier > 0:
         if cfg.l2_clip_norm <= 0:
             raise ConfigError("noise_multiplier: noise is scaled by the clipping norm; expected "
@@ -328,17 +383,15 @@ def _dataset_defaults(dataset: Any) -> tuple[str, dict] | None:
 
 
 def load_config(name: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """basic_config.yaml <- configs/datasets/DATASET.yaml <- configs/NAME.yaml <- overrides, validated."""
+    """basic_config.yaml <- configs/datasets/DATASET.yaml <- configs/NAME.yaml (after the configs
+    it extends) <- overrides, validated."""
     values = _read_yaml(CONFIG_DIR / f"{BASIC}.yaml")
     missing = set(SCHEMA) - set(values)
     if missing:  # a development error, but say it plainly
         raise ConfigError(f"configs/{BASIC}.yaml lacks defaults for: {', '.join(sorted(missing))}")
     layers: list[tuple[str, dict]] = []
     if name is not None and name != BASIC:
-        path = CONFIG_DIR / f"{name}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"--config: no config named '{name}'; available: {', '.join(list_configs())}")
-        layers.append((f"configs/{name}.yaml", _read_yaml(path)))
+        layers.extend(_config_layers(name))
     layers.append(("the command line", dict(overrides or {})))
     dataset = values.get("dataset")
     for _, layer in layers:
@@ -353,7 +406,7 @@ def load_config(name: str | None = None, overrides: dict[str, Any] | None = None
             if key not in SCHEMA:
                 raise _unknown(str(key), where)
             values[key] = value
-    cfg = Config({key: coerce(key, values[key]) for key in SCHEMA})
+    cfg = Config(_resolve_server_defaults({key: coerce(key, values[key]) for key in SCHEMA}))
     _check_together(cfg)
     return cfg
 

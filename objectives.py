@@ -4,8 +4,9 @@ Each data set names its objective (data/__init__.py); the training loop and the 
 these methods and never branch on the task. Three objectives:
 
 - SingleLabel: one class per example (softmax, cross-entropy); accuracy and macro-F1.
-- MultiLabel: any subset of the labels per example (a sigmoid per label, binary cross-entropy,
-  a label is predicted when its probability exceeds 1/2); micro/macro F1, precision and recall.
+- MultiLabel: any subset of the labels per example (a sigmoid per label, binary cross-entropy
+  averaged over examples × labels, a label is predicted when its probability exceeds 1/2);
+  micro/macro F1, precision and recall.
 - NextToken: causal language modelling; every non-padding token after the first is predicted
   from the ones before it; token accuracy and perplexity, padding excluded.
 
@@ -102,9 +103,11 @@ class MultiLabel(_Classification):
     primary = "micro_f1"
 
     def loss(self, logits, batch):
-        """Binary cross-entropy summed over labels, averaged over examples."""
+        """Binary cross-entropy averaged over examples × labels: transformers' loss for
+        multi_label_classification, which the FLASC code trains with. (A sum over labels would
+        scale every gradient, so the effective client learning rate, by the number of labels.)"""
         target = batch["labels"].to(logits.device, logits.dtype)
-        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(target)
+        return F.binary_cross_entropy_with_logits(logits, target)
 
     def hits(self, logits, batch) -> tuple[int, int]:
         target = batch["labels"].to(logits.device).bool()
@@ -132,7 +135,7 @@ class _MultiLabelTally:
 
     def result(self) -> dict:
         pred, target = torch.cat(self.preds).numpy(), torch.cat(self.targets).numpy()
-        return {"loss": self.loss_sum / max(len(target), 1), **multilabel_scores(pred, target)}
+        return {"loss": self.loss_sum / max(target.size, 1), **multilabel_scores(pred, target)}
 
 
 class NextToken:

@@ -2,16 +2,11 @@
 
 The server treats the aggregated client update g_t (the pseudo-gradient: a weighted merge of
 update_k = server ⊙ mask − client_k) as a gradient: it sets server.grad = g_t and calls step().
-One code path serves every server optimizer. The updates, following "Adaptive Federated
-Optimization" (Reddi et al. 2021, Algorithm 2, with Δ_t = −g_t), η the server learning rate:
-
-    sgd      (FedAvg)     x ← x − η g                                 (η = 1: the mean client model)
-    sgdm     (FedAvgM)    m ← β1 m + g;                 x ← x − η m    (torch SGD momentum, m_0 = 0)
-    adam     (FedAdam)    m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;          x ← x − η m / (√v + τ)
-    adagrad  (FedAdagrad) m ← β1 m + (1−β1) g;  v ← v + g²;                    x ← x − η m / (√v + τ)
-    yogi     (FedYogi)    m ← β1 m + (1−β1) g;  v ← v − (1−β2) g² sign(v − g²); x ← x − η m / (√v + τ)
-
-with m_0 = v_0 = 0 and no bias correction, as in the paper.
+One code path serves every server optimizer; their update rules are written out once, for users,
+in the README ("Server optimizers"): sgd, sgdm and the FedOpt family adam / adagrad / yogi follow
+"Adaptive Federated Optimization" (Reddi et al. 2021, Algorithm 2: m_0 = v_0 = 0, no bias
+correction); adamw is torch.optim.AdamW itself (bias-corrected, decoupled weight decay), the FLASC
+code's server optimizer.
 """
 from __future__ import annotations
 
@@ -69,7 +64,20 @@ SERVER_OPTIMIZERS: dict[str, Callable[[Params, object], torch.optim.Optimizer]] 
     "adam": _server_adaptive("adam"),
     "adagrad": _server_adaptive("adagrad"),
     "yogi": _server_adaptive("yogi"),
+    "adamw": lambda params, cfg: torch.optim.AdamW(params, lr=cfg.server_lr, betas=(cfg.beta1, cfg.beta2),
+                                                   eps=cfg.tau, weight_decay=cfg.weight_decay),
 }
+
+# What beta2, tau and weight_decay mean when basic_config.yaml leaves them null: Reddi et al.'s
+# β2 = 0.99 and τ = 1e-3 for the FedOpt family, torch's own AdamW defaults (β2 0.999, eps 1e-8,
+# weight decay 0.01) for adamw. Optimizers that do not read an option still record the generic value.
+_GENERIC_DEFAULTS = {"beta2": 0.99, "tau": 1e-3}
+_OWN_DEFAULTS = {"adamw": {"beta2": 0.999, "tau": 1e-8, "weight_decay": 0.01}}
+
+
+def server_defaults(name: str) -> dict[str, float]:
+    """The defaults of beta2, tau (and weight_decay, where the optimizer has it) for server_opt `name`."""
+    return {**_GENERIC_DEFAULTS, **_OWN_DEFAULTS.get(name, {})}
 
 # Client optimizers start fresh for every client every round. sgd: momentum 0.9 as in the FLASC
 # seeds; adam and adagrad: torch defaults; yogi: Zaheer et al. (2018) with their ε = 1e-3.
@@ -94,6 +102,13 @@ SCHEDULES = ("constant", "cosine")
 
 
 def proximal_grad_(params: list[torch.nn.Parameter], anchors: list[torch.Tensor], mu: float) -> None:
-    """FedProx (Li et al. 2020): add the gradient of (mu/2)·||w − w_global||², i.e. mu·(w − w_global)."""
+    """FedProx (Li et al. 2020): add the gradient of (mu/2)·||w − w_global||², i.e. mu·(w − w_global).
+
+    The term covers every trained tensor, so one that the data loss did not reach this step
+    (grad None) gets the proximal gradient alone."""
     for p, anchor in zip(params, anchors):
-        p.grad.add_(p.detach() - anchor, alpha=mu)
+        prox = (p.detach() - anchor) * mu
+        if p.grad is None:
+            p.grad = prox
+        else:
+            p.grad.add_(prox)

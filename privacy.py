@@ -7,6 +7,8 @@ the FLASC seed code:
 - the server adds N(0, (σ·C)²) to every coordinate of the dense sum of the clipped updates
   (σ = noise_multiplier) and divides by the number of clients per round. Noise is dense, so the
   sparse index pattern of any client is hidden in the released sum.
+- dp_divide_by_clip: the FLASC code's scaling instead, (Σ clipped / C + N(0, σ²)) / m: the same
+  release divided by C, so the same privacy; the server learning rate absorbs the factor.
 
 Accounting: ε at δ = dp_delta (default 1/clients) for `rounds` compositions of the Poisson-subsampled
 Gaussian mechanism with sampling rate q = server_batch / clients, with Google's dp-accounting (RDP).
@@ -36,12 +38,13 @@ def gaussian_noise(numel: int, std: float, generator: torch.Generator, device) -
 
 
 def noisy_mean(mean: torch.Tensor, num_clients: int, noise_multiplier: float, clip_norm: float,
-               generator: torch.Generator) -> torch.Tensor:
-    """(Σ_k clipped_k + N(0, (σC)²)) / m, given the mean Σ_k clipped_k / m."""
-    if noise_multiplier <= 0:
-        return mean
-    noise = gaussian_noise(mean.numel(), noise_multiplier * clip_norm, generator, mean.device)
-    return mean + noise.view_as(mean) / num_clients
+               generator: torch.Generator, divide_by_clip: bool = False) -> torch.Tensor:
+    """(Σ_k clipped_k + N(0, (σC)²)) / m, given the mean Σ_k clipped_k / m; with divide_by_clip
+    (Σ_k clipped_k / C + N(0, σ²)) / m, as the FLASC code computes it."""
+    if noise_multiplier > 0:
+        noise = gaussian_noise(mean.numel(), noise_multiplier * clip_norm, generator, mean.device)
+        mean = mean + noise.view_as(mean) / num_clients
+    return mean / clip_norm if divide_by_clip else mean
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:

@@ -5,6 +5,9 @@ order) makes results independent of the order in which clients are visited and o
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import numpy as np
 import torch
 
@@ -26,3 +29,26 @@ def torch_generator(seed: int, purpose: str, *coords: int) -> torch.Generator:
 
 def numpy_rng(seed: int, purpose: str, *coords: int) -> np.random.Generator:
     return np.random.default_rng(derive_seed(seed, purpose, *coords))
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """deterministic: true. Seeding fixes every random draw, but some CUDA kernels (atomic adds in
+    backward passes, cuBLAS's split reductions) sum in a different order on every call; torch's
+    deterministic mode picks order-stable kernels (or raises where there is none), cuDNN stops
+    benchmarking algorithms, and cuBLAS needs a fixed workspace (CUBLAS_WORKSPACE_CONFIG, set here
+    unless the environment already sets it, before the run's first CUDA matrix product).
+    The previous settings are restored afterwards."""
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous[2]

@@ -148,7 +148,7 @@ class Federation:
         torch.manual_seed(seeding.derive_seed(cfg.seed, "client", rnd, client, 1))
         opt = CLIENT_OPTIMIZERS[cfg.client_opt](self.flat.params, cfg.client_lr)
         anchors = self.flat.split(start) if cfg.mu > 0 else None
-        self.model.train()
+        models.training_mode(self.model, cfg.base_dropout)
         objective = self.task.objective
         loss_sum, correct, count, epochs_run = 0.0, 0, 0, 0
         for epoch in self.client_epochs(rnd, client):
@@ -162,7 +162,8 @@ class Federation:
                     proximal_grad_(self.flat.params, anchors, cfg.mu)
                 if grad_mask is not None:  # client_freeze: train only the downloaded entries
                     for p, m in zip(self.flat.params, grad_mask):
-                        p.grad.mul_(m)
+                        if p.grad is not None:
+                            p.grad.mul_(m)
                 opt.step()
                 hits, n = objective.hits(logits.detach(), batch)  # units: examples, labels or tokens
                 loss_sum += loss.item() * n
@@ -216,9 +217,9 @@ class Federation:
 
         # one shared start without tiers; with tiers only factor-space strategies run (config.py)
         pseudo_grad, merge_info = self.aggregator.aggregate(updates, starts[0], rnd)
-        if cfg.noise_multiplier > 0:  # Gaussian mechanism on the sum of clipped updates
+        if cfg.noise_multiplier > 0 or cfg.dp_divide_by_clip:  # Gaussian mechanism on the sum of clipped updates
             pseudo_grad = privacy.noisy_mean(pseudo_grad, len(updates), cfg.noise_multiplier, cfg.l2_clip_norm,
-                                             seeding.torch_generator(cfg.seed, "noise", rnd))
+                                             seeding.torch_generator(cfg.seed, "noise", rnd), cfg.dp_divide_by_clip)
         server_lr = self.server_opt.param_groups[0]["lr"]
         self.server_opt.zero_grad(set_to_none=True)
         self.server.grad = pseudo_grad.to(self.server.dtype)
@@ -299,13 +300,15 @@ def build(cfg, device: torch.device) -> Federation:
     clients: 0 (every user of a natural partition) is resolved here to the number of users, and
     the run records the resolved config."""
     tokenizer = functools.cache(lambda: models.load_tokenizer(cfg))
-    task = load_task(cfg.dataset, cfg.data_dir, tokenizer, cfg.max_length)
+    task = load_task(cfg.dataset, cfg.data_dir, tokenizer, cfg.max_length, cfg.augment)
     clients = make_clients(cfg, task)
     if cfg.clients != len(clients):
         cfg = config_mod.from_mapping({**cfg, "clients": len(clients)})
     tok = tokenizer()[0]  # None for image models
     pad_id = None if tok is None else tok.pad_token_id
     model = models.build_model(cfg, task.num_labels, pad_id, task.objective.lm_head).to(device)
+    if cfg.lora_rank == -1:  # "every parameter" means every parameter the loss can reach
+        models.freeze_unreached(model, task.train.batch(torch.arange(min(2, len(task.train)))), device)
     return Federation(cfg, model, task, clients, device)
 
 
@@ -390,6 +393,18 @@ def summarize(fed: Federation, progress: Progress, wall_time_s: float) -> dict:
 
 def train(cfg, console=None, resume_dir: Path | None = None) -> Path:
     """Run the whole federated training (or continue it from resume_dir); returns the run folder."""
+    with seeding.deterministic_algorithms(cfg.deterministic):
+        try:
+            return _train(cfg, console, resume_dir)
+        except RuntimeError as e:
+            if cfg.deterministic and "does not have a deterministic implementation" in str(e):
+                op = str(e).split()[0]
+                raise config_mod.ConfigError(f"deterministic: true, but {op} has no deterministic implementation "
+                                             "on this device; expected deterministic: false for this model") from None
+            raise
+
+
+def _train(cfg, console, resume_dir: Path | None) -> Path:
     from loguru import logger
     from tqdm import tqdm
 
@@ -489,7 +504,9 @@ def parse_cli(argv: list[str]) -> config_mod.Config | None:
         print(USAGE)
         return None
     if "--list-configs" in argv:
-        print("\n".join(config_mod.list_configs()))
+        names = config_mod.list_configs()
+        width = max(map(len, names))
+        print("\n".join(f"{n:{width}s}  {config_mod.describe_config(n)}" for n in names))
         return None
     name, rest, i = None, [], 0
     while i < len(argv):

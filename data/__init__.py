@@ -23,6 +23,7 @@ class LoadContext:
     # without its data says so rather than failing first on the tokenizer's download
     tokenizer: Callable[[], tuple[object, str]] | None = None
     max_length: int = 0          # 0: the data set's default
+    augment: bool = False        # images: random crops and flips in training (config's augment)
 
 
 @dataclass(frozen=True)
@@ -46,16 +47,16 @@ def text_classification(load_raw: Callable[[str], RawTexts]) -> Callable[[LoadCo
     return load
 
 
-def image_classification(load_splits: Callable[[str], tuple[list[str], dict]]) -> Callable[[LoadContext], Task]:
+def image_classification(load_splits: Callable[[str, bool], tuple[list[str], dict]]) -> Callable[[LoadContext], Task]:
     """(label names, splits) of an image data set -> a single-label Task."""
     def load(ctx: LoadContext) -> Task:
-        labels, splits = load_splits(ctx.data_dir)
+        labels, splits = load_splits(ctx.data_dir, ctx.augment)
         return Task(ctx.name, labels, **splits, objective=objectives.SingleLabel(len(labels)))
     return load
 
 
 def _flair(ctx: LoadContext) -> Task:
-    labels, splits, users = flair.load_splits(ctx.data_dir)
+    labels, splits, users = flair.load_splits(ctx.data_dir, ctx.augment)
     return Task(ctx.name, labels, **splits, objective=objectives.MultiLabel(len(labels)), users=users)
 
 
@@ -79,8 +80,8 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def load_task(name: str, data_dir: str, tokenizer: Callable[[], tuple[object, str]] | None = None,
-              max_length: int = 0) -> Task:
-    return DATASETS[name].load(LoadContext(name, data_dir, tokenizer, max_length))
+              max_length: int = 0, augment: bool = False) -> Task:
+    return DATASETS[name].load(LoadContext(name, data_dir, tokenizer, max_length, augment))
 
 
 __all__ = ["DATASETS", "DatasetSpec", "DataUnavailable", "LoadContext", "RawTexts", "Split", "Task",

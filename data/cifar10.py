@@ -1,6 +1,8 @@
 """CIFAR-10 as in the FLASC seeds: torchvision's python pickle batches, the training set's first
 80% trains and its last 20% validates, the official test batch tests; random resized crops to 224
-and horizontal flips for training, resize to 224 for evaluation, CIFAR mean/std.
+and horizontal flips for training (augment: true, this data set's default in
+configs/datasets/cifar10.yaml; false trains on the evaluation transform), resize to 224 for
+evaluation, CIFAR mean/std.
 
 Read from DATA_DIR/cifar10/cifar-10-batches-py/ (where the seeds' torchvision root put it) or
 DATA_DIR/cifar-10-batches-py/; with neither, torchvision downloads it when there is a network.
@@ -57,7 +59,7 @@ def _read(folder: Path, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
 
 
-def load_splits(data_dir: str) -> tuple[list[str], dict[str, ImageSplit]]:
+def load_splits(data_dir: str, augment: bool = False) -> tuple[list[str], dict[str, ImageSplit]]:
     folder = find_folder(data_dir)
     try:
         label_names = list(_unpickle(folder / "batches.meta")["label_names"])
@@ -67,8 +69,8 @@ def load_splits(data_dir: str) -> tuple[list[str], dict[str, ImageSplit]]:
         raise DataUnavailable(f"dataset cifar10: {folder} is damaged ({type(e).__name__}: {e}); "
                               "extract cifar-10-python.tar.gz again") from None
     n_train = int(0.8 * len(train_y))
-    train_tf = augmented(IMAGE_SIZE, CIFAR_MEAN, CIFAR_STD)
     eval_tf = resized(IMAGE_SIZE, CIFAR_MEAN, CIFAR_STD)
+    train_tf = augmented(IMAGE_SIZE, CIFAR_MEAN, CIFAR_STD) if augment else eval_tf
     return label_names, {
         "train": ImageSplit(train_x[:n_train], train_y[:n_train], train_tf),
         "val": ImageSplit(train_x[n_train:], train_y[n_train:], eval_tf),

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from data.base import DataUnavailable, fetch
-from data.images import ImageSplit, grey_upscaled, read_idx
+from data.images import ImageSplit, augmented, grey_upscaled, read_idx
 
 LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
           "Ankle boot"]
@@ -62,7 +62,8 @@ def find_files(data_dir: str) -> dict[str, Path]:
     return _download(root)
 
 
-def load_splits(data_dir: str) -> tuple[list[str], dict[str, ImageSplit]]:
+def load_splits(data_dir: str, augment: bool = False) -> tuple[list[str], dict[str, ImageSplit]]:
+    """augment: random resized crops to 64 px and horizontal flips in training (off by default)."""
     files = find_files(data_dir)
     try:
         arrays = {k: read_idx(p) for k, p in files.items()}
@@ -78,8 +79,9 @@ def load_splits(data_dir: str) -> tuple[list[str], dict[str, ImageSplit]]:
     train_x, train_y = to_images(arrays["train_images"]), to_labels(arrays["train_labels"])
     n_train = int(0.8 * len(train_y))
     transform = grey_upscaled(IMAGE_SIZE, MEAN, STD)
+    train_tf = augmented(IMAGE_SIZE, MEAN, STD) if augment else transform
     return LABELS, {
-        "train": ImageSplit(train_x[:n_train], train_y[:n_train], transform),
+        "train": ImageSplit(train_x[:n_train], train_y[:n_train], train_tf),
         "val": ImageSplit(train_x[n_train:], train_y[n_train:], transform),
         "test": ImageSplit(to_images(arrays["test_images"]), to_labels(arrays["test_labels"]), transform),
     }

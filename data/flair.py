@@ -3,9 +3,11 @@
 The layout of Apple's ml-flair download: labels_and_metadata.json (a list of records with user_id,
 image_id, labels, partition in train/val/test) and small_images/<image_id>.jpg, read from
 DATA_DIR/flair/ or DATA_DIR/ml-flair/data/. As in the FLASC seeds every training user is one
-natural client and the val/test users are pooled; random resized crops to 224 and both flips for
-training, resize to 224 for evaluation, ImageNet mean/std (the seeds divided by the squared std,
-a slip not copied here). Label order is alphabetical, so it is the same in every process.
+natural client and the val/test users are pooled. Training images are resized to 224 like the
+evaluation ones, as the seeds' active loader does (their augmenting loader, random resized crops to
+224 with horizontal and vertical flips, was unused; augment: true selects it). ImageNet mean/std
+(the seeds divided by the squared std, a slip not copied here). Label order is alphabetical, so it
+is the same in every process.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def _records(folder: Path) -> list[dict]:
     return records
 
 
-def load_splits(data_dir: str) -> tuple[list[str], dict[str, ImageSplit], np.ndarray]:
+def load_splits(data_dir: str, augment: bool = False) -> tuple[list[str], dict[str, ImageSplit], np.ndarray]:
     """Label names, the splits, and the user index of every training example."""
     folder = find_folder(data_dir)
     records = _records(folder)
@@ -62,8 +64,8 @@ def load_splits(data_dir: str) -> tuple[list[str], dict[str, ImageSplit], np.nda
     if absent:
         raise DataUnavailable(f"dataset flair: {len(absent)} images named in {METADATA} are missing from "
                               f"{images}/ (first: {absent[0]}.jpg)")
-    train_tf = augmented(IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, vertical_flip=True)
     eval_tf = resized(IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = augmented(IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, vertical_flip=True) if augment else eval_tf
     splits = {}
     for part in PARTITIONS:
         rows = [r for r in records if r["partition"] == part]

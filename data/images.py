@@ -74,7 +74,7 @@ def augmented(size: int, mean, std, vertical_flip: bool = False) -> Transform:
 
     def transform(images: list[torch.Tensor]) -> torch.Tensor:
         x = torch.stack([per_image(im) for im in images]).float() / 255
-        return _normalize(x, mean, std)
+        return _normalize(x.expand(-1, 3, -1, -1), mean, std)  # grey images: the channel repeated to RGB
     return transform
 
 

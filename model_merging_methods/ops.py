@@ -29,10 +29,15 @@ def trim_magnitude(task: torch.Tensor, density: float) -> torch.Tensor:
 def dare_drop(task: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
     """Drop each entry with probability p and rescale survivors by 1/(1−p), so the expectation
     is unchanged: DARE (Yu et al. 2024, "Language Models are Super Mario", §4). Same rule as peft's
-    random_pruning(rescale=True) with density 1−p, but drawn from a given generator."""
+    random_pruning(rescale=True) with density 1−p, but drawn from a given generator.
+
+    The mask is drawn on the generator's device (the CPU for seeding's generators) and moved to the
+    task's: a CUDA op refuses a CPU generator, and the same survivors on every device keep runs
+    comparable across devices."""
     if drop_rate <= 0:
         return task
-    keep = torch.bernoulli(torch.full_like(task, 1.0 - drop_rate), generator=generator)
+    probs = torch.full(task.shape, 1.0 - drop_rate, device=generator.device)
+    keep = torch.bernoulli(probs, generator=generator).to(task.device, task.dtype)
     return task * keep / (1.0 - drop_rate)
 
 

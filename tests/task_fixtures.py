@@ -94,3 +94,26 @@ def reddit(data_dir: Path, train_users: dict[str, int], eval_users: dict[str, in
     (folder / "train_clients.json").write_text(json.dumps(train_users))
     (folder / "eval_clients.json").write_text(json.dumps(eval_users))
     return tensors
+
+
+NEWSGROUPS = ["comp.graphics", "rec.autos", "sci.space"]
+
+
+def newsgroups(data_dir: Path, n_train: int = 30, n_test: int = 9, seed: int = 0) -> dict:
+    """scikit-learn's 20 Newsgroups cache, data_dir/20newsgroups/20news-bydate_py3.pkz: a
+    zlib-compressed pickle of {'train': Bunch, 'test': Bunch}, each with data, target,
+    filenames and target_names (what load_files gives and fetch_20newsgroups reads back)."""
+    import codecs
+    from sklearn.utils import Bunch
+    rng = np.random.default_rng(seed)
+    words = [["pixel", "render", "image"], ["engine", "car", "wheel"], ["orbit", "nasa", "launch"]]
+    cache = {}
+    for part, n in (("train", n_train), ("test", n_test)):
+        target = np.arange(n) % len(NEWSGROUPS)
+        texts = [" ".join(rng.choice(words[t], 4)) + " said the poster" for t in target]
+        cache[part] = Bunch(data=texts, target=target, target_names=list(NEWSGROUPS), DESCR="",
+                            filenames=np.array([f"{part}/{NEWSGROUPS[t]}/{i}" for i, t in enumerate(target)]))
+    folder = data_dir / "20newsgroups"
+    folder.mkdir(parents=True)
+    (folder / "20news-bydate_py3.pkz").write_bytes(codecs.encode(pickle.dumps(cache), "zlib_codec"))
+    return cache

@@ -81,7 +81,7 @@ def test_cifar10_pickle_batches(tmp_path):
 
 def test_cifar10_training_crops_are_seeded(tmp_path):
     task_fixtures.cifar10(tmp_path)
-    task = load_task("cifar10", str(tmp_path))
+    task = load_task("cifar10", str(tmp_path), augment=True)
     idx = torch.tensor([0, 1, 2])
     torch.manual_seed(1)
     a = task.train.batch(idx)["pixel_values"]
@@ -106,6 +106,33 @@ def test_flair_layout_labels_and_users(tmp_path):
     batch = task.test.batch(torch.tensor([0, 2]))
     assert batch["pixel_values"].shape == (2, 3, 224, 224) and batch["labels"].shape == (2, len(present))
     assert [len(c) for c in partition.natural(task.users, 0)] == [3, 3, 3]
+
+
+def test_flair_trains_on_resized_images_unless_augment(tmp_path):
+    # the seeds' active FLAIR loader resizes training images exactly as evaluation images
+    task_fixtures.flair(tmp_path)
+    idx = torch.tensor([0, 4])
+    plain = load_task("flair", str(tmp_path))
+    torch.manual_seed(1)
+    a = plain.train.batch(idx)["pixel_values"]
+    torch.manual_seed(2)
+    b = plain.train.batch(idx)["pixel_values"]
+    same_as_eval = flair_eval_transform([plain.train._image(int(i)) for i in idx])
+    assert torch.equal(a, b) and torch.allclose(a, same_as_eval)
+    augmented = load_task("flair", str(tmp_path), augment=True)
+    torch.manual_seed(1)
+    c = augmented.train.batch(idx)["pixel_values"]
+    torch.manual_seed(1)
+    assert torch.equal(c, augmented.train.batch(idx)["pixel_values"]) and not torch.allclose(c, a)
+
+
+def flair_eval_transform(images):
+    """Resize the shorter side to 224, centre crop, ImageNet mean/std, with torchvision directly."""
+    from torchvision.transforms import v2
+    from data.images import IMAGENET_MEAN, IMAGENET_STD
+    steps = v2.Compose([v2.Resize(224, antialias=True), v2.CenterCrop(224)])
+    x = torch.stack([steps(im) for im in images]).float() / 255
+    return v2.functional.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
 def test_flair_missing_image_is_reported(tmp_path):

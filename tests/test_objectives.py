@@ -87,12 +87,17 @@ def test_multilabel_loss_hits_and_tally():
     obj = objectives.MultiLabel(3)
     batch = {"labels": target}
     expected = sum(-math.log(torch.sigmoid(torch.tensor(z if t else -z)).item())
-                   for row_z, row_t in zip(logits.tolist(), target.tolist()) for z, t in zip(row_z, row_t)) / 2
+                   for row_z, row_t in zip(logits.tolist(), target.tolist()) for z, t in zip(row_z, row_t)) / 6
+    # the mean over examples x labels, as transformers' multi_label_classification loss (and the
+    # FLASC code) computes it: torch's BCEWithLogitsLoss with its default reduction
     assert obj.loss(logits, batch).item() == pytest.approx(expected, rel=1e-6)
+    assert obj.loss(logits, batch).item() == pytest.approx(
+        torch.nn.BCEWithLogitsLoss()(logits, target.float()).item(), rel=1e-6)
     assert obj.hits(logits, batch) == (4, 6)  # decisions: 1 0 1 vs 1 0 0; 0 1 0 vs 0 1 1
     tally = obj.tally()
     tally.add(logits, batch)
     assert tally.result()["micro_f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))  # TP 2, FP 1, FN 1
+    assert tally.result()["loss"] == pytest.approx(expected, rel=1e-6)  # scored as trained
 
 
 def test_fisher_terms_are_the_exact_expectation_over_labels():

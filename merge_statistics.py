@@ -81,7 +81,9 @@ def input_grams(fed, batch: dict, pairs, batch_size: int = 32) -> dict[str, torc
 
     def add(key, x):
         x = _tokens(x.float(), token_mask["m"])
-        sums[key] = sums.get(key, 0) + x.T @ x
+        # the hooks run inside the bf16 autocast of the forward pass: keep the Gram sums in fp32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            sums[key] = sums.get(key, 0) + x.T @ x
         counts[key] = counts.get(key, 0) + x.shape[0]
 
     def hook(module, args, out, key):

@@ -22,12 +22,13 @@ STRATEGIES=${STRATEGIES:-"average task_arithmetic ties dare"}
 PYTHON=${PYTHON:-python}
 
 # Server learning rate per server optimizer (tuned on the embedded default, see configs/fed*.yaml):
-# SGD-like optimizers move by the update itself, adaptive ones by about lr per coordinate.
+# SGD-like optimizers move by the update itself, adaptive ones by about lr per coordinate
+# (adamw, the FLASC code's, is not in the default sweep: SERVER_OPTS="adamw" adds it).
 server_lr() {
   case "$1" in
     sgd) echo 1.0 ;;
     sgdm) echo 0.5 ;;
-    adam|yogi) echo 0.01 ;;
+    adam|yogi|adamw) echo 0.01 ;;
     adagrad) echo 0.03 ;;
   esac
 }
@@ -51,7 +52,7 @@ for strat in $STRATEGIES; do
     cmd=("$PYTHON" train_lora.py --resume "$DIR/$name")
   else
     rm -rf "${DIR:?}/$name"
-    cmd=("$PYTHON" train_lora.py --server-opt "$sopt" --server-lr "$(server_lr "$sopt")" --beta2 0.99
+    cmd=("$PYTHON" train_lora.py --server-opt "$sopt" --server-lr "$(server_lr "$sopt")"
          --client-opt "$copt" --client-lr "$(client_lr "$copt")" --client-epochs "$ep"
          --merging-strategy "$strat" --server-rounds "$ROUNDS" --seed "$seed" --dir "$DIR" --name "$name")
   fi

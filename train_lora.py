@@ -308,7 +308,8 @@ def build(cfg, device: torch.device) -> Federation:
     pad_id = None if tok is None else tok.pad_token_id
     model = models.build_model(cfg, task.num_labels, pad_id, task.objective.lm_head).to(device)
     if cfg.lora_rank == -1:  # "every parameter" means every parameter the loss can reach
-        models.freeze_unreached(model, task.train.batch(torch.arange(min(2, len(task.train)))), device)
+        # a validation batch: its transform draws no augmentation from the global generator
+        models.freeze_unreached(model, task.val.batch(torch.arange(min(2, len(task.val)))), device)
     return Federation(cfg, model, task, clients, device)
 
 

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import config as config_mod  # noqa: E402
+import models  # noqa: E402
 import train_lora  # noqa: E402
 from evaluation import logits_of  # noqa: E402
 from optimizers import CLIENT_OPTIMIZERS  # noqa: E402
@@ -28,7 +29,7 @@ def bare_loop(fed, rnd: int) -> int:
     """The same optimizer steps as round `rnd`, in a plain loop on the same resident model."""
     cfg = fed.cfg
     opt = CLIENT_OPTIMIZERS[cfg.client_opt](fed.flat.params, cfg.client_lr)
-    fed.model.train()
+    models.training_mode(fed.model, cfg.base_dropout)
     steps = 0
     for client in fed.sample_clients(rnd):
         for batch in fed.client_batches(rnd, client):

@@ -223,3 +223,15 @@ def test_efficientnet_pools_by_mean_with_the_values_of_adaptive_pooling():
     y = torch.randn(3, 16, 5, 7)
     for t in (x, y):
         torch.testing.assert_close(GlobalMeanPool()(t), torch.nn.functional.adaptive_avg_pool2d(t, 1), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("space", ["factors", "product"])
+def test_regmean_under_bf16_keeps_fp32_gram_matrices(tiny_overrides, space):
+    # found by bench/gpu_check.py: the Gram products ran inside the forward's bf16 autocast
+    cfg, fed = build(tiny_overrides, merging_strategy="regmean", merge_space=space, bf16=True)
+    fed.run_round(0)
+    assert torch.isfinite(fed.server.detach()).all()
+    import merge_statistics
+    batch = fed.task.train.batch(torch.arange(6))
+    grams = merge_statistics.input_grams(fed, batch, fed.aggregator.pairs)
+    assert all(g.dtype == torch.float32 for g in grams.values())

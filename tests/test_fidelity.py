@@ -235,3 +235,17 @@ def test_regmean_under_bf16_keeps_fp32_gram_matrices(tiny_overrides, space):
     batch = fed.task.train.batch(torch.arange(6))
     grams = merge_statistics.input_grams(fed, batch, fed.aggregator.pairs)
     assert all(g.dtype == torch.float32 for g in grams.values())
+
+
+# ---------------------------------------------------------------- one description of each optimizer
+def test_readme_describes_each_server_optimizer_once_and_truly():
+    import re
+    from pathlib import Path
+    from optimizers import SERVER_OPTIMIZERS
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rules = {name: [line for line in readme.splitlines() if re.match(rf"^ {{4}}{name}\s+\(", line)]
+             for name in SERVER_OPTIMIZERS}
+    assert all(len(lines) == 1 for lines in rules.values()), rules
+    # FedAdam has no bias correction (test_optimizers checks the code); AdamW has it
+    assert "1−β1^t" not in rules["adam"][0] and "1−β1^t" in rules["adamw"][0]
+    assert not re.search(r"`adam` is bias-corrected", readme)

@@ -257,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         names = wanted
     skip = set(filter(None, args.skip.split(",")))
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda: no CUDA device is visible; use --device cpu to test the script", file=sys.stderr)
+    if skip - {"correctness", "determinism", "speed"}:
+        print(f"error: --skip: unknown {', '.join(sorted(skip - {'correctness', 'determinism', 'speed'}))}; "
+              "expected correctness, determinism, speed", file=sys.stderr)
         return 2
     shapes = list(synthetic.SHAPES) if args.shapes == "realistic" else ["tiny-bert", "tiny-gpt2", "tiny-vit"]
     families = [n for n in FAMILIES if not args.configs or n in names] or names[:1]
@@ -268,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         print("determinism:", ", ".join(families) if "determinism" not in skip else "skipped")
         print("speed:", ", ".join(shapes) if "speed" not in skip else "skipped")
         return 0
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA device is visible; use --device cpu to test the script", file=sys.stderr)
+        return 2
 
     from loguru import logger
     logger.remove()  # the runs' own logs stay in their (temporary) run folders

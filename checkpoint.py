@@ -9,6 +9,8 @@ the privacy accountant is a function of the rounds done. Clients keep no state a
 
 Writes go to a temporary file in the run folder, are flushed to disk, then renamed over the old
 checkpoint: a crash at any moment leaves the previous checkpoint or the new one, never half of one.
+The file is MAGIC, the SHA-256 of the payload, then the payload (torch.save's bytes): a resume
+verifies the digest, so a flipped bit on disk is refused instead of silently changing the run.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from pathlib import Path
 import torch
 
 FILE = "checkpoint.pt"
-FORMAT = 1
+FORMAT = 2
+MAGIC = b"FLASCCK2"
+DIGEST_BYTES = 32
 
 
 class CheckpointError(RuntimeError):
@@ -37,14 +41,37 @@ def config_fingerprint(cfg) -> str:
 def save(run_dir: Path, state: dict) -> None:
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
+    payload = buf.getvalue()
+    blob = MAGIC + hashlib.sha256(payload).digest() + payload
     tmp = run_dir / (FILE + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        f.write(blob[: len(blob) // 2])
         crash_point("checkpoint_write", state["round"])   # tests: die with half a file written
-        f.write(buf.getvalue()[len(buf.getvalue()) // 2:])
+        f.write(blob[len(blob) // 2:])
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, run_dir / FILE)
+
+
+def read(path: Path) -> dict:
+    """The state saved in a checkpoint file, its checksum verified (CheckpointError otherwise)."""
+    blob = path.read_bytes()
+    head = len(MAGIC) + DIGEST_BYTES
+    if not blob.startswith(MAGIC):
+        raise CheckpointError(f"--resume: {path} is damaged or not a checkpoint of this flasc version "
+                              "(no checkpoint header); start the run again")
+    if hashlib.sha256(blob[head:]).digest() != blob[len(MAGIC):head]:
+        raise CheckpointError(f"--resume: {path} is damaged (its content does not match its checksum); "
+                              "start the run again")
+    try:
+        state = torch.load(io.BytesIO(blob[head:]), map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"--resume: {path} is damaged and cannot be read ({type(e).__name__}); "
+                              "start the run again") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"--resume: {path} has an unknown format; it was written by another "
+                              "version of flasc")
+    return state
 
 
 def load(run_dir: Path, cfg, numel: int) -> dict:
@@ -52,14 +79,7 @@ def load(run_dir: Path, cfg, numel: int) -> dict:
     if not path.is_file():
         raise CheckpointError(f"--resume: {run_dir} has no {FILE}; it was stopped before its first "
                               "checkpoint, start it again instead")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"--resume: {path} is damaged and cannot be read ({type(e).__name__}); "
-                              "start the run again") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"--resume: {path} has an unknown format; it was written by another "
-                              "version of flasc")
+    state = read(path)
     if state.get("config_fingerprint") != config_fingerprint(cfg):
         raise CheckpointError(f"--resume: {path} was written under another configuration than "
                               f"{run_dir / 'config.yaml'}; it cannot continue this run")

@@ -23,6 +23,33 @@ class ConfigError(ValueError):
     """Bad configuration: the message names the key and what is allowed."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with numbers as people write them: 1e-3, 5E-4 and 1e5 are floats. (YAML 1.1, PyYAML's
+    dialect, wants a dot and a signed exponent, 1.0e-3, and reads 1e-3 as a string.)"""
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes what _Loader reads back identically (a string such as '1e-3' is quoted)."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    """Parse YAML text (config files, experiments files, saved configs, command-line values)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def yaml_value(value) -> str:
+    """A value as command-line text that yaml_load reads back as the same value (floats keep every
+    digit, strings that would read as something else are quoted)."""
+    text = yaml.dump(value, Dumper=_Dumper, default_flow_style=True, width=10**9).strip()
+    return text[:-len("\n...")].strip() if text.endswith("\n...") else text.removesuffix("...").strip()
+
+
 @dataclass(frozen=True)
 class Option:
     kind: type                                  # bool, int, float or str
@@ -123,6 +150,7 @@ SCHEMA: dict[str, Option] = {
     "server_schedule": _choice("constant", "cosine"),
     "mu": Option(float, lambda v: v >= 0, "a number >= 0"),
     "early_stopping": Option(float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0: off)"),
+    "diverged_clients": _choice("stop", "skip"),
     "dl_density": _density,
     "ul_density": _density,
     "dl_density_decay": _density,
@@ -174,23 +202,44 @@ def describe_config(name: str) -> str:
     return re.split(r"(?<!\bal)\.\s", text, maxsplit=1)[0].rstrip(".") + "." if text else ""  # not at "et al. "
 
 
-def _config_layers(name: str, chain: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
-    """configs/NAME.yaml as a layer, after the layers of the config it names in `extends:`."""
-    if name not in list_configs():
-        where = f"configs/{chain[-1]}.yaml: extends" if chain else "--config"
-        raise ConfigError(f"{where}: no config named '{name}'; available: {', '.join(list_configs())}")
-    if name in chain:
-        raise ConfigError(f"configs/{chain[-1]}.yaml: extends {name}, which extends it back; "
-                          "expected a chain without cycles")
-    values = _read_yaml(CONFIG_DIR / f"{name}.yaml")
+def is_config_path(name: str) -> bool:
+    """--config takes a name from configs/ or the path of a YAML file of one's own."""
+    return name.endswith((".yaml", ".yml"))
+
+
+def config_file(name: str, relative_to: Path | None = None) -> Path:
+    """The file of --config NAME: configs/NAME.yaml, or a .yaml path (relative paths from the current
+    folder, or inside a config file from that file's folder)."""
+    if is_config_path(name):
+        path = Path(name).expanduser()
+        return path if path.is_absolute() or relative_to is None else relative_to / path
+    return CONFIG_DIR / f"{name}.yaml"
+
+
+def _config_layers(name: str, chain: tuple[tuple[str, Path], ...] = ()) -> list[tuple[str, dict]]:
+    """A config file as a layer, after the layers of the config it names in `extends:`.
+    chain: (label, resolved path) of the files that extend this one, innermost last."""
+    where = f"{chain[-1][0]}: extends" if chain else "--config"
+    path = config_file(name, chain[-1][1].parent if chain else None)
+    if is_config_path(name):
+        if not path.is_file():
+            raise ConfigError(f"{where}: no file {path}; expected a config name ({', '.join(list_configs())}) "
+                              "or the path of a .yaml file")
+    elif name not in list_configs():
+        raise ConfigError(f"{where}: no config named '{name}'; available: {', '.join(list_configs())}, "
+                          "or the path of a .yaml file")
+    if path.resolve() in [p for _, p in chain]:
+        raise ConfigError(f"{chain[-1][0]}: extends {name}, which extends it back; expected a chain without cycles")
+    values = _read_yaml(path)
     parent = values.pop("extends", None)
-    layer = (f"configs/{name}.yaml", values)
-    return [layer] if parent is None else [*_config_layers(str(parent), (*chain, name)), layer]
+    label = str(path) if is_config_path(name) else f"configs/{name}.yaml"
+    layer = (label, values)
+    return [layer] if parent is None else [*_config_layers(str(parent), (*chain, (label, path.resolve()))), layer]
 
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if data is None:
@@ -365,7 +414,7 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
         if key not in SCHEMA:
             raise _unknown(key, "the command line")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
+            value = yaml_load(raw) if raw.strip() else raw
         except yaml.YAMLError:
             value = raw
         overrides[key] = value
@@ -420,4 +469,4 @@ def from_mapping(values: dict[str, Any]) -> Config:
 
 
 def dump(cfg: Config) -> str:
-    return yaml.safe_dump(dict(cfg), sort_keys=False)
+    return yaml.dump(dict(cfg), Dumper=_Dumper, sort_keys=False)

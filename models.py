@@ -338,9 +338,21 @@ def save_trained(model, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PeftModel):
         model.save_pretrained(str(folder))
+        _canonical_adapter_config(folder / "adapter_config.json")
     else:
         state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         torch.save(state, folder / FULL_STATE)
+
+
+def _canonical_adapter_config(path: Path) -> None:
+    """peft writes target_modules from a set, in an order that changes with Python's hash seed;
+    sorted lists and keys make the file byte-identical across runs of one config."""
+    import json
+    values = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(values.get(key), list):
+            values[key] = sorted(values[key])
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def load_trained(cfg, folder: Path, num_labels: int, pad_token_id: int | None, lm_head: bool = False):

@@ -14,7 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
-import yaml
+import config as config_mod
 
 
 class PlotError(ValueError):
@@ -35,7 +35,7 @@ def load_run(folder: Path) -> dict:
     evals = [m for m in metrics if f"test_{metric}" in m]
     if not evals:
         raise PlotError(f"{folder} has no evaluated round")
-    return {"dir": folder, "config": yaml.safe_load((folder / "config.yaml").read_text()),
+    return {"dir": folder, "config": config_mod.yaml_load((folder / "config.yaml").read_text()),
             "summary": summary, "evals": evals, "metric": metric}
 
 

@@ -40,8 +40,13 @@ from pathlib import Path
 import yaml
 
 import config as config_mod
+from interrupts import INTERRUPTS, Interrupted
+from tracking import DIVERGED_FILE as DIVERGED, EXIT_CODE, check_writable
 
 ROOT = Path(__file__).resolve().parent
+
+
+DIVERGED_EXIT = EXIT_CODE["diverged"]
 
 
 class StudyError(ValueError):
@@ -63,13 +68,31 @@ def _slug(value) -> str:
     return "".join(c if c.isalnum() or c in ".-_" else "_" for c in text)
 
 
-def expand(study: dict, out_dir: str) -> list[RunSpec]:
-    """experiments.yaml -> one RunSpec per (entry, grid point, seed), validated."""
-    if not isinstance(study, dict) or not isinstance(study.get("experiments"), list) or not study["experiments"]:
+def check_shape(study) -> None:
+    """The file's structure, before any of its values is used."""
+    if not isinstance(study, dict):
+        raise StudyError(f"the experiments file must be a mapping with 'experiments:' (and optionally dir, seeds, "
+                         f"defaults); it holds a {type(study).__name__}")
+    if not isinstance(study.get("experiments"), list) or not study["experiments"]:
         raise StudyError("the experiments file needs a non-empty list under 'experiments'")
     unknown = set(study) - {"dir", "seeds", "defaults", "experiments"}
     if unknown:
         raise StudyError(f"unknown top-level key(s) {sorted(unknown)}; allowed: dir, seeds, defaults, experiments")
+    if "dir" in study and (not isinstance(study["dir"], str) or not study["dir"]):
+        raise StudyError(f"dir: {study['dir']!r} is not a folder path; expected text such as runs/study")
+    if not isinstance(study.get("defaults") or {}, dict):
+        raise StudyError("defaults: expected a mapping of option: value")
+    for i, entry in enumerate(study["experiments"]):
+        if not isinstance(entry, dict) or "config" not in entry:
+            raise StudyError(f"experiments[{i}]: each entry needs 'config: NAME' (a mapping)")
+        if not isinstance(entry.get("overrides") or {}, dict):
+            raise StudyError(f"experiments[{i}]: overrides: expected a mapping of option: value (a list value "
+                             "inside it is a grid axis)")
+
+
+def expand(study: dict, out_dir: str) -> list[RunSpec]:
+    """experiments.yaml -> one RunSpec per (entry, grid point, seed), validated."""
+    check_shape(study)
     defaults = study.get("defaults") or {}
     default_seeds = study.get("seeds", [0])
     specs: list[RunSpec] = []
@@ -80,6 +103,9 @@ def expand(study: dict, out_dir: str) -> list[RunSpec]:
         bad = set(entry) - {"config", "overrides", "seeds", "name"}
         if bad:
             raise StudyError(f"{where}: unknown key(s) {sorted(bad)}; allowed: config, overrides, seeds, name")
+        config_name = str(entry["config"])
+        if config_mod.is_config_path(config_name):  # the runs start in the project folder: make it absolute
+            config_name = str(Path(config_name).expanduser().resolve())
         seeds = entry.get("seeds", default_seeds)
         seeds = seeds if isinstance(seeds, list) else [seeds]
         overrides = {**defaults, **(entry.get("overrides") or {})}
@@ -90,16 +116,16 @@ def expand(study: dict, out_dir: str) -> list[RunSpec]:
         fixed = {k: v for k, v in overrides.items() if not isinstance(v, list)}
         for point in itertools.product(*axes.values()) if axes else [()]:
             grid = dict(zip(axes, point))
-            base = entry.get("name", entry["config"])
+            base = entry.get("name", Path(config_name).stem if config_mod.is_config_path(config_name) else config_name)
             group = "-".join([_slug(base)] + [f"{_slug(k)}={_slug(v)}" for k, v in grid.items()])
             for seed in seeds:
                 name = f"{group}-seed{seed}"
                 values = {**fixed, **grid, "seed": seed, "dir": out_dir, "name": name}
                 try:
-                    resolved = config_mod.load_config(entry["config"], values)
+                    resolved = config_mod.load_config(config_name, values)
                 except config_mod.ConfigError as e:
                     raise StudyError(f"{where} ({name}): {e}") from None
-                specs.append(RunSpec(name, entry["config"], values, group, grid, dict(resolved)))
+                specs.append(RunSpec(name, config_name, values, group, grid, dict(resolved)))
     names = [s.name for s in specs]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
@@ -115,10 +141,12 @@ def state_of(spec: RunSpec, out_dir: Path) -> str:
     saved = folder / "config.yaml"
     if not saved.is_file():
         return "fresh"
-    if yaml.safe_load(saved.read_text()) != spec.resolved:
+    if config_mod.yaml_load(saved.read_text()) != spec.resolved:
         return "conflict"
     if (folder / "summary.json").is_file():
         return "done"
+    if (folder / DIVERGED).is_file():
+        return "diverged"
     if (folder / "checkpoint.pt").is_file():
         return "resume"
     return "fresh"   # died before its first checkpoint: nothing to keep
@@ -129,7 +157,7 @@ def command(spec: RunSpec, state: str, out_dir: Path) -> list[str]:
         return [sys.executable, str(ROOT / "train_lora.py"), "--resume", str(out_dir / spec.name)]
     args = [sys.executable, str(ROOT / "train_lora.py"), "--config", spec.config]
     for key, value in spec.overrides.items():
-        args += [f"--{key}", "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)]
+        args += [f"--{key}", config_mod.yaml_value(value)]
     return args
 
 
@@ -164,6 +192,8 @@ def run_all(specs: list[RunSpec], out_dir: Path, jobs: int) -> dict[str, str]:
         state = state_of(spec, out_dir)
         if state == "done":
             outcome[spec.name] = "skipped (finished)"
+        elif state == "diverged":
+            outcome[spec.name] = "skipped (diverged before)"
         elif state == "conflict":
             outcome[spec.name] = (f"failed: {out_dir / spec.name} holds a run with another config; "
                                   "move it away or change the study's dir")
@@ -172,6 +202,30 @@ def run_all(specs: list[RunSpec], out_dir: Path, jobs: int) -> dict[str, str]:
                 shutil.rmtree(out_dir / spec.name)
             queue.append((spec, state))
     running: list[tuple[RunSpec, subprocess.Popen, object, int]] = []
+    try:
+        _drain(queue, running, outcome, out_dir, logs, jobs)
+    except Interrupted as e:  # stop the runs the same way: each checkpoints its last round and exits
+        for spec, proc, log, _ in running:
+            if proc.poll() is None:
+                proc.send_signal(e.signum)
+        for spec, proc, log, _ in running:
+            proc.wait()
+            log.close()
+            if proc.returncode == 0 and (out_dir / spec.name / "summary.json").is_file():
+                outcome[spec.name] = "ok"   # it had finished just before
+                continue
+            outcome[spec.name] = (f"interrupted: {out_dir / spec.name} resumes when the study is run again"
+                                  if (out_dir / spec.name / "checkpoint.pt").is_file() else
+                                  f"interrupted before its first checkpoint: it starts again when the study is run again")
+        for spec, _ in queue:
+            outcome[spec.name] = "not started"
+        e.outcome = outcome
+        raise
+    return outcome
+
+
+def _drain(queue: list, running: list, outcome: dict, out_dir: Path, logs: Path, jobs: int) -> None:
+    """Start queued runs as slots free up, until every run has ended (updates outcome)."""
     free = list(range(jobs))
     while queue or running:
         while queue and free:
@@ -192,9 +246,13 @@ def run_all(specs: list[RunSpec], out_dir: Path, jobs: int) -> dict[str, str]:
             running.remove(item)
             free.append(slot)
             ok = proc.returncode == 0 and (out_dir / spec.name / "summary.json").is_file()
-            outcome[spec.name] = "ok" if ok else f"failed (exit {proc.returncode}): see {logs / spec.name}.log"
+            if ok:
+                outcome[spec.name] = "ok"
+            elif proc.returncode == DIVERGED_EXIT and (out_dir / spec.name / DIVERGED).is_file():
+                outcome[spec.name] = f"diverged: see {logs / spec.name}.log"
+            else:
+                outcome[spec.name] = f"failed (exit {proc.returncode}): see {logs / spec.name}.log"
             print(f"[{time.strftime('%H:%M:%S')}] {outcome[spec.name].split(':')[0]} {spec.name}", flush=True)
-    return outcome
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -208,14 +266,20 @@ def results_table(specs: list[RunSpec], out_dir: Path) -> list[dict]:
         members = [s for s in specs if s.group == group]
         summaries = [json.loads((out_dir / s.name / "summary.json").read_text())
                      for s in members if (out_dir / s.name / "summary.json").is_file()]
-        if not summaries:
+        # a diverged run is a result (the setting is unstable), counted apart and kept out of the means
+        diverged = sum(state_of(s, out_dir) == "diverged" for s in members)
+        if not summaries and not diverged:
             continue
         first = members[0]
         r = first.resolved
         row = {"run": group, "config": first.config,
                "options": ", ".join(f"{k}={v}" for k, v in first.axes.items()),
                "strategy": r["merging_strategy"], "space": r["merge_space"], "server_opt": r["server_opt"],
-               "dl/ul density": f"{r['dl_density']:g}/{r['ul_density']:g}", "seeds": len(summaries)}
+               "dl/ul density": f"{r['dl_density']:g}/{r['ul_density']:g}", "seeds": len(summaries),
+               "diverged": diverged}
+        if not summaries:
+            rows.append(row)
+            continue
         # each task's primary metric (accuracy, or micro-F1 for multi-label tasks)
         metric = summaries[0].get("primary_metric", "accuracy")
         short = "acc" if metric == "accuracy" else metric
@@ -231,7 +295,7 @@ def results_table(specs: list[RunSpec], out_dir: Path) -> list[dict]:
 
 def write_tables(rows: list[dict], out_dir: Path) -> str:
     scores = list(dict.fromkeys(k for r in rows for k in r if k.startswith(("test ", "best test "))))
-    keys = ["run", "config", "options", "strategy", "space", "server_opt", "dl/ul density", "seeds",
+    keys = ["run", "config", "options", "strategy", "space", "server_opt", "dl/ul density", "seeds", "diverged",
             *sorted(scores, key=lambda k: k.startswith("best")), "MB", "epsilon", "wall s"]
     keys = [k for k in keys if any(k in r for r in rows)]
 
@@ -276,14 +340,16 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             raise StudyError(f"--config-list: no file {path}")
         try:
-            study = yaml.safe_load(path.read_text())
+            study = config_mod.yaml_load(path.read_text())
         except yaml.YAMLError as e:
             raise StudyError(f"{path}: not valid YAML ({e})") from None
-        out_dir = Path(args.dir or (study or {}).get("dir", "runs/experiments"))
+        check_shape(study)
+        out_dir = Path(args.dir or study.get("dir", "runs/experiments"))
         specs = expand(study, str(out_dir))
+        check_writable(str(out_dir))
         if args.jobs < 0:
             raise StudyError("--jobs: expected a number >= 1")
-    except StudyError as e:
+    except (StudyError, config_mod.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     jobs = args.jobs or max(1, _gpu_count())
@@ -294,14 +360,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(specs)} runs")
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    outcome = run_all(specs, out_dir, jobs)
-    md = write_tables(results_table(specs, out_dir), out_dir)
+    INTERRUPTS.install()
+    try:
+        outcome = run_all(specs, out_dir, jobs)
+    except Interrupted as e:
+        rows = results_table(specs, out_dir)
+        if rows:
+            print(write_tables(rows, out_dir))
+        stopped = sum(o.startswith("interrupted") for o in e.outcome.values())
+        print(f"interrupted ({e}): {stopped} running run(s) stopped, {len(rows)} group(s) tabulated"
+              f"{' in ' + str(out_dir / 'results.md') if rows else ''}; run the same command again to resume",
+              file=sys.stderr)
+        return e.exit_code
+    finally:
+        INTERRUPTS.uninstall()
+    rows = results_table(specs, out_dir)
+    if not rows:  # no empty table: say why in one line
+        print(f"error: all {len(specs)} runs failed, none finished; see their logs in {out_dir / 'logs'}",
+              file=sys.stderr)
+        return 2
+    md = write_tables(rows, out_dir)
     print(md)
     failed = {n: o for n, o in outcome.items() if o.startswith("failed")}
+    diverged = {n: o for n, o in outcome.items() if o.startswith("diverged")}
     print(f"\n{len(specs)} runs: {sum(o == 'ok' for o in outcome.values())} ran, "
-          f"{sum(o.startswith('skipped') for o in outcome.values())} skipped, {len(failed)} failed; "
-          f"tables in {out_dir}/results.md and results.csv")
-    for name, why in failed.items():
+          f"{sum(o.startswith('skipped') for o in outcome.values())} skipped, {len(diverged)} diverged, "
+          f"{len(failed)} failed; tables in {out_dir}/results.md and results.csv")
+    for name, why in {**diverged, **failed}.items():
         print(f"  {name}: {why}")
     return 1 if failed else 0
 

@@ -14,6 +14,23 @@ from loguru import logger
 
 import config as config_mod
 
+# How train_lora.py ends (README "Exit codes"), and the file a diverged run leaves in its folder.
+EXIT_CODE = {"ok": 0, "bad_input": 2, "diverged": 3}
+DIVERGED_FILE = "diverged.json"
+
+
+def check_writable(parent: str) -> None:
+    """Refuse a runs folder that cannot be written (a file, a read-only folder; for a folder still to
+    be made, its nearest existing ancestor), before any data or model is loaded."""
+    probe = Path(parent).expanduser()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise config_mod.ConfigError(f"dir: {probe} is a file, not a folder; expected a folder the runs can be "
+                                     "written to")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise config_mod.ConfigError(f"dir: {probe} is not writable; expected a folder the runs can be written to")
+
 
 def unique_run_dir(parent: str, name: str) -> Path:
     """DIR/NAME, or DIR/NAME-1, DIR/NAME-2... if taken; created here so two runs never share one."""
@@ -28,23 +45,50 @@ def unique_run_dir(parent: str, name: str) -> Path:
             candidate = Path(parent) / f"{name}-{i}"
 
 
+LOCK_FILE = ".lock"
+
+
+def lock_run_dir(folder: Path, what: str):
+    """An exclusive lock on the run folder for as long as this process writes to it (the OS drops it
+    when the process ends, even on SIGKILL), so that a second process (a --resume of a live run)
+    cannot append to the same files. Returns the open lock file; `what` starts the refusal line."""
+    import fcntl
+    handle = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid = handle.read().strip()
+        handle.close()
+        raise config_mod.ConfigError(f"{what}: {folder} is being written by a live process"
+                                     f"{f' (pid {pid})' if pid else ''}; wait for it to end or stop it first") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")  # strict JSON: no NaN or Infinity
     os.replace(tmp, path)
 
 
 class RunLog:
     def __init__(self, cfg, console=None, existing: Path | None = None, metrics_offset: int = 0,
-                 purge_step: int | None = None):
-        """A new run folder, or (existing) a resumed one: metrics.jsonl is cut back to what the
-        checkpoint had seen and TensorBoard drops events from purge_step on, so the rounds redone
-        after a crash are not recorded twice."""
+                 purge_step: int | None = None, lock=None):
+        """A new run folder, or (existing) a resumed one, whose lock the caller holds: metrics.jsonl
+        is cut back to what the checkpoint had seen and TensorBoard drops events from purge_step on,
+        so the rounds redone after a crash are not recorded twice. config.yaml records the folder
+        name actually used (NAME-1 when NAME was taken)."""
         if existing is None:
             self.dir = unique_run_dir(cfg.dir, cfg.name)
-            (self.dir / "config.yaml").write_text(config_mod.dump(cfg))
+            self._lock = lock_run_dir(self.dir, "dir")
+            (self.dir / "config.yaml").write_text(config_mod.dump(config_mod.Config({**cfg, "name": self.dir.name})))
         else:
             self.dir = Path(existing)
+            self._lock = lock
             metrics = self.dir / "metrics.jsonl"
             if metrics.exists():
                 os.truncate(metrics, metrics_offset)
@@ -61,7 +105,7 @@ class RunLog:
         return self._metrics.tell()
 
     def log_round(self, record: dict) -> None:
-        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.write(json.dumps(record, allow_nan=False) + "\n")
         step = record["round"]
         for key, value in record.items():
             if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -75,6 +119,8 @@ class RunLog:
         self.tb.close()
         for sink in self._sinks:
             logger.remove(sink)
+        if self._lock is not None:
+            self._lock.close()
 
 
 def console_sink(message) -> None:

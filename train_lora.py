@@ -9,6 +9,7 @@ local training -> upload update = (server ⊙ mask) − client, top-k at ul_dens
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,11 +27,20 @@ import privacy
 import seeding
 import tiers as tiers_mod
 import tracking
+from interrupts import INTERRUPTS, Interrupted
 from data import DataUnavailable, Task, load_task
 from data import partition as partition_mod
 from evaluation import evaluate, logits_of
 from optimizers import CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS, proximal_grad_, server_schedule
 from state import FlatParams
+
+
+class Diverged(RuntimeError):
+    """Training went non-finite: the message names the round and what. The run stops (exit code
+    EXIT_CODE) with its last good checkpoint and strict-JSON outputs up to the round before."""
+
+
+EXIT_CODE, DIVERGED_FILE = tracking.EXIT_CODE, tracking.DIVERGED_FILE
 
 
 # ---------------------------------------------------------------- setup
@@ -184,15 +194,23 @@ class Federation:
         starts = [self.masked_server(p.download) for p in plans]
         grad_masks = [None if p.train is None else self.flat.split(p.train.to(starts[0].dtype)) for p in plans]
 
-        updates, norms, clipped, stats_seconds = [], [], 0, 0.0
+        updates, norms, clipped, stats_seconds, diverged = [], [], 0, 0.0, 0
         up, down = [0] * len(plans), [0] * len(plans)
         totals = {"loss_sum": 0.0, "correct": 0, "count": 0, "epochs": 0}
         for client in self.sample_clients(rnd):
             tier = self.client_tier[client]
             plan, start = plans[tier], starts[tier]
-            client_params, stats = self.train_client(rnd, client, start, grad_masks[tier])
+            with INTERRUPTS.allowed():  # an interrupt may abandon local training at once
+                client_params, stats = self.train_client(rnd, client, start, grad_masks[tier])
             # the update transforms, in order: restrict to the tier's entries -> sparsify -> clip
             delta = start - client_params
+            if not (math.isfinite(stats["loss_sum"]) and bool(torch.isfinite(delta).all())):
+                what = "training loss" if not math.isfinite(stats["loss_sum"]) else "update"
+                if cfg.diverged_clients == "stop":
+                    raise Diverged(f"round {rnd + 1}: client {client}'s local {what} is not finite")
+                diverged += 1          # skip: its download happened, its update is dropped
+                down[tier] += plan.dl_bytes
+                continue
             if plan.restrict is not None:
                 delta = delta * plan.restrict
             delta, sent = communication.sparsify(delta, plan.ul_density)
@@ -215,6 +233,8 @@ class Federation:
             for k in totals:
                 totals[k] += stats[k]
 
+        if not updates:
+            raise Diverged(f"round {rnd + 1}: the local training of every sampled client diverged")
         # one shared start without tiers; with tiers only factor-space strategies run (config.py)
         pseudo_grad, merge_info = self.aggregator.aggregate(updates, starts[0], rnd)
         if cfg.noise_multiplier > 0 or cfg.dp_divide_by_clip:  # Gaussian mechanism on the sum of clipped updates
@@ -223,7 +243,11 @@ class Federation:
         server_lr = self.server_opt.param_groups[0]["lr"]
         self.server_opt.zero_grad(set_to_none=True)
         self.server.grad = pseudo_grad.to(self.server.dtype)
+        if not torch.isfinite(self.server.grad).all():
+            raise Diverged(f"round {rnd + 1}: the aggregated update (pseudo-gradient) is not finite")
         self.server_opt.step()
+        if not torch.isfinite(self.server).all():
+            raise Diverged(f"round {rnd + 1}: the server parameters are not finite after the server step")
         self.schedule.step()
 
         self.eval_mask = plans[0].download if cfg.tiers <= 1 else None
@@ -242,6 +266,7 @@ class Federation:
             **merge_info,
             "update_norm": sum(norms) / len(norms),
             "clipped_fraction": clipped / len(updates),
+            "diverged_clients": diverged,
             "dl_density": dl_density,
             "ul_density": ul_density,
             "bytes_down": sum(down),
@@ -328,19 +353,29 @@ def round_record(fed: Federation, rnd: int, progress: Progress) -> dict:
     t0 = time.perf_counter()
     record = {"round": rnd + 1, **fed.run_round(rnd)}
     record["train_seconds"] = time.perf_counter() - t0
+    evaluated = (rnd + 1) % cfg.eval_freq == 0 or rnd + 1 == cfg.server_rounds
+    if evaluated:
+        t_eval = time.perf_counter()
+        record.update(fed.evaluate())
+        record["eval_seconds"] = time.perf_counter() - t_eval
+    non_finite = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if non_finite:  # checked before anything of this round is kept
+        raise Diverged(f"round {rnd + 1}: {non_finite[0]} is {record[non_finite[0]]}")
     for key in [k for k in record if k.startswith("bytes_")]:
         progress.totals[key] = progress.totals.get(key, 0) + record[key]
         record[key + "_total"] = progress.totals[key]
     if cfg.noise_multiplier > 0:
-        record["epsilon"] = privacy.epsilon(cfg.noise_multiplier, cfg.server_batch / cfg.clients, rnd + 1,
-                                            privacy.resolved_delta(cfg))
-    if (rnd + 1) % cfg.eval_freq == 0 or rnd + 1 == cfg.server_rounds:
-        t_eval = time.perf_counter()
-        record.update(fed.evaluate())
-        record["eval_seconds"] = time.perf_counter() - t_eval
+        record["epsilon"] = finite_or_none(privacy.epsilon(cfg.noise_multiplier, cfg.server_batch / cfg.clients,
+                                                           rnd + 1, privacy.resolved_delta(cfg)))
+    if evaluated:
         progress.evals.append(record)
     record["seconds"] = time.perf_counter() - t0
     return record
+
+
+def finite_or_none(value: float) -> float | None:
+    """Strict JSON has no Infinity: an unbounded epsilon is written as null."""
+    return value if math.isfinite(value) else None
 
 
 def describe_setup(fed: Federation, run, logger) -> dict:
@@ -386,8 +421,8 @@ def summarize(fed: Federation, progress: Progress, wall_time_s: float) -> dict:
     }
     if cfg.noise_multiplier > 0:
         dp_delta = privacy.resolved_delta(cfg)
-        summary.update(epsilon=privacy.epsilon(cfg.noise_multiplier, cfg.server_batch / cfg.clients,
-                                               cfg.server_rounds, dp_delta),
+        summary.update(epsilon=finite_or_none(privacy.epsilon(cfg.noise_multiplier, cfg.server_batch / cfg.clients,
+                                                              cfg.server_rounds, dp_delta)),
                        dp_delta=dp_delta, noise_multiplier=cfg.noise_multiplier, l2_clip_norm=cfg.l2_clip_norm)
     return summary
 
@@ -411,29 +446,41 @@ def _train(cfg, console, resume_dir: Path | None) -> Path:
 
     started = time.time()
     device = pick_device(cfg.gpu)
-    fed = build(cfg, device)  # everything that can fail on bad input fails before the run folder exists
-    cfg = fed.cfg
-    progress = Progress()
-    if resume_dir is None:
-        run = tracking.RunLog(cfg, console)
-    else:
-        state = checkpoint.load(resume_dir, cfg, fed.flat.numel)
-        fed.load_state(state["federation"])
-        progress = Progress(**state["progress"])
-        run = tracking.RunLog(cfg, console, existing=resume_dir, metrics_offset=state["metrics_offset"],
-                              purge_step=progress.rounds_done + 1)
+    tracking.check_writable(cfg.dir if resume_dir is None else str(resume_dir))
+    lock = None if resume_dir is None else tracking.lock_run_dir(resume_dir, "--resume")
+    try:
+        fed = build(cfg, device)  # everything that can fail on bad input fails before the run folder exists
+        cfg = fed.cfg
+        progress = Progress()
+        if resume_dir is None:
+            run = tracking.RunLog(cfg, console)
+        else:
+            state = checkpoint.load(resume_dir, cfg, fed.flat.numel)
+            fed.load_state(state["federation"])
+            progress = Progress(**state["progress"])
+            run = tracking.RunLog(cfg, console, existing=resume_dir, metrics_offset=state["metrics_offset"],
+                                  purge_step=progress.rounds_done + 1, lock=lock)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
     elapsed = lambda: progress.wall_time_s + time.time() - started  # noqa: E731
+
+    saved = {"round": progress.rounds_done if resume_dir is not None else None}
 
     def save_checkpoint():
         checkpoint.save(run.dir, {
             "round": progress.rounds_done, "config_fingerprint": checkpoint.config_fingerprint(cfg),
             "federation": fed.state(), "metrics_offset": run.metrics_offset(),
             "progress": {**vars(progress), "wall_time_s": elapsed()}})
+        saved["round"] = progress.rounds_done
 
+    bar = None
     try:
         if resume_dir is None:
             describe_setup(fed, run, logger)
         else:
+            (run.dir / DIVERGED_FILE).unlink(missing_ok=True)  # the run is live again
             logger.info(f"resumed {run.dir} after round {progress.rounds_done} of {cfg.server_rounds}")
         if cfg.server_rounds == 0 and not progress.evals:  # evaluate (and save) the initial model
             record = {"round": 0, **fed.evaluate(), "bytes_up_total": 0, "bytes_down_total": 0, "seconds": 0.0}
@@ -442,30 +489,51 @@ def _train(cfg, console, resume_dir: Path | None) -> Path:
         bar = tqdm(range(progress.rounds_done, cfg.server_rounds), desc="rounds", disable=console is None,
                    file=sys.stderr, initial=progress.rounds_done, total=cfg.server_rounds)
         for rnd in bar:
-            record = round_record(fed, rnd, progress)
-            run.log_round(record)
-            progress.rounds_done = rnd + 1
-            checkpoint.crash_point("after_log", rnd + 1)
-            if cfg.ckpt_freq and (rnd + 1) % cfg.ckpt_freq == 0 and rnd + 1 < cfg.server_rounds:
-                save_checkpoint()
+            with INTERRUPTS.deferred():  # from the server step to the checkpoint, a round is all or nothing
+                record = round_record(fed, rnd, progress)
+                run.log_round(record)
+                progress.rounds_done = rnd + 1
+                checkpoint.crash_point("after_log", rnd + 1)
+                if cfg.ckpt_freq and (rnd + 1) % cfg.ckpt_freq == 0 and rnd + 1 < cfg.server_rounds:
+                    save_checkpoint()
             evals, p = progress.evals, fed.task.objective.primary
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_accuracy']:.3f}",
                             test=f"{evals[-1][f'test_{p}']:.3f}" if evals else "-")
             if f"test_{p}" in record:
-                eps = f", epsilon {record['epsilon']:.3f}" if "epsilon" in record else ""
+                eps = (f", epsilon {record['epsilon']:.3f}" if record.get("epsilon") is not None
+                       else ", epsilon unbounded" if "epsilon" in record else "")
                 logger.info(f"round {rnd + 1}: train loss {record['train_loss']:.4f}, "
                             f"val {p} {record[f'val_{p}']:.4f}, test {p} {record[f'test_{p}']:.4f}, "
                             f"MB up/down {progress.totals['bytes_up'] / 1e6:.2f}/"
                             f"{progress.totals['bytes_down'] / 1e6:.2f}{eps}")
-        save_checkpoint()  # the end state: a crash while saving below resumes straight to saving
-        fed.load_eval_model()  # the saved adapter is exactly the model evaluated last
-        models.save_trained(fed.model, run.dir / "adapter")
-        summary = summarize(fed, progress, elapsed())
-        run.write_summary(summary)
+        with INTERRUPTS.deferred():
+            save_checkpoint()  # the end state: a crash while saving below resumes straight to saving
+            fed.load_eval_model()  # the saved adapter is exactly the model evaluated last
+            models.save_trained(fed.model, run.dir / "adapter")
+            summary = summarize(fed, progress, elapsed())
+            run.write_summary(summary)
         logger.info(f"done: test {summary['primary_metric']} {summary[f'test_' + summary['primary_metric']]:.4f}, "
                     f"{summary['bytes_total'] / 1e6:.2f} MB communicated, "
                     f"{summary['wall_time_s']:.0f} s; results in {run.dir}")
         return run.dir
+    except Interrupted as e:
+        INTERRUPTS.depth += 1  # further signals wait: the process is ending, let it save
+        if bar is not None:
+            bar.close()
+        if progress.rounds_done and saved["round"] != progress.rounds_done:
+            save_checkpoint()  # the last completed round, so that nothing done is lost
+        e.message = (f"interrupted ({e}) after round {saved['round']} of {cfg.server_rounds}; resume with: "
+                     f"python train_lora.py --resume {run.dir}" if saved["round"] is not None else
+                     f"interrupted ({e}) before the first round ended; nothing to resume: start {run.dir.name} again")
+        logger.warning(e.message)
+        raise
+    except Diverged as e:
+        kept = (f"{run.dir} keeps the checkpoint of round {saved['round']} "
+                f"(python train_lora.py --resume {run.dir} continues from it)" if saved["round"] is not None
+                else f"no checkpoint was written before it; start {run.dir.name} again with other settings")
+        logger.error(f"{e}: the run stops; {kept}")
+        tracking.write_json_atomic(run.dir / DIVERGED_FILE, {"reason": str(e), "checkpoint_round": saved["round"]})
+        raise Diverged(f"{e}; {kept}") from None
     finally:
         run.close()
 
@@ -492,7 +560,7 @@ def parse_resume(argv: list[str]) -> tuple[config_mod.Config, Path] | None:
     if not saved.is_file():
         raise config_mod.ConfigError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
     try:
-        values = yaml.safe_load(saved.read_text())
+        values = config_mod.yaml_load(saved.read_text())
     except yaml.YAMLError:
         raise config_mod.ConfigError(f"--resume: {saved} is not valid YAML") from None
     if not isinstance(values, dict):
@@ -531,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     load_dotenv()  # a local .env may set CUDA_VISIBLE_DEVICES, HF_HOME, HF_HUB_OFFLINE...
     logger.remove()
     argv = sys.argv[1:] if argv is None else argv
+    INTERRUPTS.install()
     try:
         resume = parse_resume(argv)
         if resume is not None:
@@ -546,7 +615,15 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, console=tracking.console_sink)
     except (config_mod.ConfigError, DataUnavailable, models.ModelUnavailable, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CODE["bad_input"]
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CODE["diverged"]
+    except Interrupted as e:
+        print(getattr(e, "message", f"interrupted ({e}) before the run started; nothing was written"), file=sys.stderr)
+        return e.exit_code
+    finally:
+        INTERRUPTS.uninstall()
     return 0
 
 

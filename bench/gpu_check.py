@@ -47,6 +47,7 @@ import torch  # noqa: E402
 
 import synthetic  # noqa: E402
 
+import checkpoint  # noqa: E402
 import config as config_mod  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
@@ -102,7 +103,7 @@ class Workspace:
         with contextlib.redirect_stderr(io.StringIO()):
             run_dir = train_lora.train(cfg)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        server = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["federation"]["server"]
+        server = checkpoint.read(run_dir / "checkpoint.pt")["federation"]["server"]
         return records, server
 
 

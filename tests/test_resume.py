@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 from conftest import ROOT
 
 # The toy task exists only inside pytest; subprocesses use the real embedded corpus with a tiny
@@ -120,3 +121,38 @@ def test_augmented_image_run_resumes_exactly(tmp_path):
     resumed = image_run("run", resume=tmp_path / "runs" / "run")
     assert resumed.returncode == 0, resumed.stderr
     assert without_timing(tmp_path / "runs" / "run") == without_timing(tmp_path / "runs" / "ref")
+
+
+@pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])
+def test_interrupted_run_saves_its_last_round_and_says_how_to_resume(tmp_path, reference, signum, code):
+    """SIGINT / SIGTERM with no checkpoint written yet (ckpt_freq 0): the run checkpoints the last
+    completed round, prints the --resume command in one line, and the resumed run equals the
+    uninterrupted one."""
+    import re
+    import time
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("FLASC_CRASH_AT", None)
+    run_dir = tmp_path / "runs" / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_lora.py"), *BASE, "--ckpt-freq", "0",
+                             "--server-rounds", "4", "--dir", str(tmp_path / "runs"), "--name", "run",
+                             "--data-dir", str(tmp_path / "data")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == code, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    match = re.fullmatch(rf"interrupted \(SIG(INT|TERM)\) after round (\d) of 4; resume with: "
+                         rf"python train_lora.py --resume {re.escape(str(run_dir))}", last)
+    assert match, last
+    rounds = int(match.group(2))
+    assert checkpoint.read(run_dir / "checkpoint.pt")["round"] == rounds
+    assert len(without_timing(run_dir)) >= rounds
+    resumed = train(tmp_path, "run", resume=run_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert without_timing(run_dir) == without_timing(reference)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import config as config_mod
+from tracking import config_name_of
 
 
 class PlotError(ValueError):
@@ -36,6 +37,7 @@ def load_run(folder: Path) -> dict:
     if not evals:
         raise PlotError(f"{folder} has no evaluated round")
     return {"dir": folder, "config": config_mod.yaml_load((folder / "config.yaml").read_text()),
+            "config_name": config_name_of(folder),
             "summary": summary, "evals": evals, "metric": metric}
 
 
@@ -45,11 +47,20 @@ def group_key(run: dict) -> str:
 
 
 def label_runs(runs: list[dict]) -> None:
-    keys = sorted({k for r in runs for k in r["config"]} - {"seed", "dir", "name"})
-    differing = [k for k in keys if len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
+    """Each run's label: the config it came from and every option it changed on top of that config
+    (seed, dir and name aside), so runs that differ only by seed share a label."""
     for r in runs:
-        parts = [f"{k}={r['config'][k]}" for k in differing]
-        r["label"] = ", ".join(parts) if parts else r["config"]["merging_strategy"]
+        name = r["config_name"]
+        try:
+            base = config_mod.load_config(name, {"dataset": r["config"]["dataset"]})
+        except config_mod.ConfigError:   # a config file that has moved since: compare with the defaults
+            base = config_mod.load_config()
+        changed = [f"{k}={v}" for k, v in r["config"].items()
+                   if k not in ("seed", "dir", "name", "dataset") and base.get(k) != v]
+        if r["config"]["dataset"] != config_mod.load_config().dataset:
+            changed.insert(0, f"dataset={r['config']['dataset']}")
+        title = name or "defaults"
+        r["label"] = f"{title} ({', '.join(changed)})" if changed else title
 
 
 def _groups(runs: list[dict]) -> dict[str, list[dict]]:

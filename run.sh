@@ -6,9 +6,9 @@
 #   ROUNDS=4 SEEDS="0" SERVER_OPTS="sgd adam" STRATEGIES="average ties" bash run.sh   # a slice
 #   DRY_RUN=1 bash run.sh       # print the commands only
 #
-# Runs land in $DIR/<server_opt>-<client_opt>-e<epochs>-<strategy>-seed<s>; a run whose folder
-# already has summary.json is skipped, one with a checkpoint is resumed, so the script can be
-# started again after an interruption.
+# Runs land in $DIR/<server_opt>-<client_opt>-e<epochs>-<strategy>-seed<s>; a folder holding a
+# finished run of the same resolved config is skipped, an unfinished one of the same config is
+# resumed, anything else there is replaced, so the script can be started again after an interruption.
 set -uo pipefail
 cd "$(dirname "$0")"
 
@@ -47,17 +47,18 @@ for copt in $CLIENT_OPTS; do
 for ep in $EPOCHS; do
 for strat in $STRATEGIES; do
   name="${sopt}-${copt}-e${ep}-${strat}-seed${seed}"
-  if [ -f "$DIR/$name/summary.json" ]; then echo "skip $name (finished)"; continue; fi
-  if [ -f "$DIR/$name/checkpoint.pt" ]; then
-    cmd=("$PYTHON" train_lora.py --resume "$DIR/$name")
-  else
-    rm -rf "${DIR:?}/$name"
-    cmd=("$PYTHON" train_lora.py --server-opt "$sopt" --server-lr "$(server_lr "$sopt")"
-         --client-opt "$copt" --client-lr "$(client_lr "$copt")" --client-epochs "$ep"
-         --merging-strategy "$strat" --server-rounds "$ROUNDS" --seed "$seed" --dir "$DIR" --name "$name")
-  fi
+  opts=(--server-opt "$sopt" --server-lr "$(server_lr "$sopt")"
+        --client-opt "$copt" --client-lr "$(client_lr "$copt")" --client-epochs "$ep"
+        --merging-strategy "$strat" --server-rounds "$ROUNDS" --seed "$seed" --dir "$DIR" --name "$name")
+  state=$("$PYTHON" run_experiments.py --state-of "$DIR/$name" -- "${opts[@]}")
+  case "$state" in
+    done) echo "skip $name (finished with this config)"; continue ;;
+    resume) cmd=("$PYTHON" train_lora.py --resume "$DIR/$name") ;;
+    *) cmd=("$PYTHON" train_lora.py "${opts[@]}") ;;
+  esac
   echo "${cmd[*]}"
   if [ -z "${DRY_RUN:-}" ]; then
+    [ "$state" = resume ] || rm -rf "${DIR:?}/$name"   # another config's run, or one never checkpointed
     "${cmd[@]}" || { echo "FAILED: $name"; failed=$((failed + 1)); }
   fi
 done; done; done; done; done

@@ -259,6 +259,20 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+# options the table has a column of its own for, or that only place and number a run
+_OWN_COLUMNS = {"dir", "name", "seed", "merging_strategy", "merge_space", "server_opt", "dl_density", "ul_density"}
+
+
+def options_off_default(resolved: dict) -> dict:
+    """Every option whose value differs from the defaults (basic_config.yaml with the data set's
+    own defaults), except those with a column of their own."""
+    try:
+        base = config_mod.load_config(overrides={"dataset": resolved["dataset"]})
+    except config_mod.ConfigError:   # the data set's defaults alone do not validate (e.g. its model)
+        base = config_mod.load_config()
+    return {k: v for k, v in resolved.items() if k not in _OWN_COLUMNS and base.get(k) != v}
+
+
 def results_table(specs: list[RunSpec], out_dir: Path) -> list[dict]:
     """One row per group (runs that differ only by seed), from the finished runs' summaries."""
     rows = []
@@ -273,7 +287,7 @@ def results_table(specs: list[RunSpec], out_dir: Path) -> list[dict]:
         first = members[0]
         r = first.resolved
         row = {"run": group, "config": first.config,
-               "options": ", ".join(f"{k}={v}" for k, v in first.axes.items()),
+               "options": ", ".join(f"{k}={v}" for k, v in options_off_default(r).items()),
                "strategy": r["merging_strategy"], "space": r["merge_space"], "server_opt": r["server_opt"],
                "dl/ul density": f"{r['dl_density']:g}/{r['ul_density']:g}", "seeds": len(summaries),
                "diverged": diverged}
@@ -328,7 +342,31 @@ def write_tables(rows: list[dict], out_dir: Path) -> str:
     return md
 
 
+def folder_state(folder: Path, args: list[str]) -> str:
+    """For run.sh: done / resume when `folder` holds a finished / resumable run of exactly the
+    config that train_lora.py's options `args` give, fresh otherwise."""
+    name, rest = None, list(args)
+    if "--config" in rest:
+        i = rest.index("--config")
+        name, rest = rest[i + 1], rest[:i] + rest[i + 2:]
+    wanted = dict(config_mod.load_config(name, config_mod.parse_overrides(rest)))
+    saved = folder / "config.yaml"
+    if not saved.is_file() or config_mod.yaml_load(saved.read_text()) != wanted:
+        return "fresh"
+    if (folder / "summary.json").is_file():
+        return "done"
+    return "resume" if (folder / "checkpoint.pt").is_file() else "fresh"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--state-of"]:   # run.sh's question: python run_experiments.py --state-of DIR -- OPTIONS
+        try:
+            print(folder_state(Path(argv[1]), argv[3:] if argv[2:3] == ["--"] else argv[2:]))
+        except (IndexError, config_mod.ConfigError) as e:
+            print(f"error: --state-of RUN_DIR -- OPTIONS: {e}", file=sys.stderr)
+            return 2
+        return 0
     ap = argparse.ArgumentParser(description="Run a study of flasc runs and tabulate it.")
     ap.add_argument("--config-list", required=True, help="the experiments YAML file")
     ap.add_argument("--jobs", type=int, default=0, help="runs at once (default: GPUs, or 1 on CPU)")

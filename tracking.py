@@ -46,6 +46,13 @@ def unique_run_dir(parent: str, name: str) -> Path:
 
 
 LOCK_FILE = ".lock"
+CONFIG_COMMENT = "# --config "   # config.yaml's first line: the config the run came from
+
+
+def config_name_of(run_dir: Path) -> str | None:
+    """The --config a run came from, as its config.yaml records it (None: the defaults)."""
+    first = (Path(run_dir) / "config.yaml").read_text().split("\n", 1)[0]
+    return first[len(CONFIG_COMMENT):].strip() if first.startswith(CONFIG_COMMENT) else None
 
 
 def lock_run_dir(folder: Path, what: str):
@@ -77,7 +84,7 @@ def write_json_atomic(path: Path, obj) -> None:
 
 class RunLog:
     def __init__(self, cfg, console=None, existing: Path | None = None, metrics_offset: int = 0,
-                 purge_step: int | None = None, lock=None):
+                 purge_step: int | None = None, lock=None, config_name: str | None = None):
         """A new run folder, or (existing) a resumed one, whose lock the caller holds: metrics.jsonl
         is cut back to what the checkpoint had seen and TensorBoard drops events from purge_step on,
         so the rounds redone after a crash are not recorded twice. config.yaml records the folder
@@ -85,7 +92,8 @@ class RunLog:
         if existing is None:
             self.dir = unique_run_dir(cfg.dir, cfg.name)
             self._lock = lock_run_dir(self.dir, "dir")
-            (self.dir / "config.yaml").write_text(config_mod.dump(config_mod.Config({**cfg, "name": self.dir.name})))
+            header = f"{CONFIG_COMMENT}{config_name}\n" if config_name else ""
+            (self.dir / "config.yaml").write_text(header + config_mod.dump(config_mod.Config({**cfg, "name": self.dir.name})))
         else:
             self.dir = Path(existing)
             self._lock = lock

@@ -97,6 +97,7 @@ class Federation:
     eval_mask: torch.Tensor | None = field(init=False, default=None)  # last round's download mask
     client_tier: list[int] = field(init=False)
     tier_masks: list = field(init=False, default_factory=list)   # last round's download mask per tier
+    on_client: object = field(init=False, default=None)   # (round, k, K) before the k-th client of K trains
 
     def __post_init__(self):
         self.flat = FlatParams(self.model)
@@ -197,7 +198,10 @@ class Federation:
         updates, norms, clipped, stats_seconds, diverged = [], [], 0, 0.0, 0
         up, down = [0] * len(plans), [0] * len(plans)
         totals = {"loss_sum": 0.0, "correct": 0, "count": 0, "epochs": 0}
-        for client in self.sample_clients(rnd):
+        sampled = self.sample_clients(rnd)
+        for k, client in enumerate(sampled, start=1):
+            if self.on_client is not None:
+                self.on_client(rnd, k, len(sampled))
             tier = self.client_tier[client]
             plan, start = plans[tier], starts[tier]
             with INTERRUPTS.allowed():  # an interrupt may abandon local training at once
@@ -381,10 +385,18 @@ def finite_or_none(value: float) -> float | None:
 def describe_setup(fed: Federation, run, logger) -> dict:
     """Log the config, model and partition; save partition.json; the run facts for summary.json."""
     cfg = fed.cfg
-    logger.info(f"run folder {run.dir}\n{config_mod.dump(cfg)}")
+    logger.debug(f"config:\n{config_mod.dump(cfg)}")  # train.log and config.yaml; the screen gets a header
     info = {**models.describe(fed.model), "device": str(fed.device), "model": models.resolve_name(cfg),
             "train_examples": len(fed.task.train)}
-    logger.info(f"{info['trainable_params']} trainable of {info['total_params']} parameters on {fed.device}")
+    adapters = {-1: "full fine-tuning", 0: "head only"}.get(cfg.lora_rank, f"LoRA rank {cfg.lora_rank}")
+    threads = f", {torch.get_num_threads()} threads" if fed.device.type == "cpu" else ""
+    logger.info(f"run     {run.dir}  (full config: config.yaml, log: train.log)\n"
+                f"model   {info['model']}, {adapters}: {info['trainable_params']:,} trainable of "
+                f"{info['total_params']:,} parameters, on {fed.device}{threads}{', bf16' if cfg.bf16 else ''}\n"
+                f"data    {cfg.dataset}: {info['train_examples']} training examples, {cfg.clients} clients "
+                f"({config_mod.resolved_partition(cfg)}), {cfg.server_batch} a round\n"
+                f"rounds  {cfg.server_rounds}: server {cfg.server_opt} lr {cfg.server_lr:g}, {cfg.merging_strategy} "
+                f"in {cfg.merge_space} space, density down {cfg.dl_density:g} / up {cfg.ul_density:g}")
     labels = getattr(fed.task.train, "labels", None)
     report = partition_mod.report([c.numpy() for c in fed.clients], None if labels is None else labels.numpy(),
                                   fed.task.label_names)
@@ -427,11 +439,12 @@ def summarize(fed: Federation, progress: Progress, wall_time_s: float) -> dict:
     return summary
 
 
-def train(cfg, console=None, resume_dir: Path | None = None) -> Path:
-    """Run the whole federated training (or continue it from resume_dir); returns the run folder."""
+def train(cfg, console=None, resume_dir: Path | None = None, config_name: str | None = None) -> Path:
+    """Run the whole federated training (or continue it from resume_dir); returns the run folder.
+    config_name: the --config it came from, recorded in config.yaml for tables and plots."""
     with seeding.deterministic_algorithms(cfg.deterministic):
         try:
-            return _train(cfg, console, resume_dir)
+            return _train(cfg, console, resume_dir, config_name)
         except RuntimeError as e:
             if cfg.deterministic and "does not have a deterministic implementation" in str(e):
                 op = str(e).split()[0]
@@ -440,7 +453,7 @@ def train(cfg, console=None, resume_dir: Path | None = None) -> Path:
             raise
 
 
-def _train(cfg, console, resume_dir: Path | None) -> Path:
+def _train(cfg, console, resume_dir: Path | None, config_name: str | None = None) -> Path:
     from loguru import logger
     from tqdm import tqdm
 
@@ -453,7 +466,7 @@ def _train(cfg, console, resume_dir: Path | None) -> Path:
         cfg = fed.cfg
         progress = Progress()
         if resume_dir is None:
-            run = tracking.RunLog(cfg, console)
+            run = tracking.RunLog(cfg, console, config_name=config_name)
         else:
             state = checkpoint.load(resume_dir, cfg, fed.flat.numel)
             fed.load_state(state["federation"])
@@ -488,6 +501,9 @@ def _train(cfg, console, resume_dir: Path | None) -> Path:
             progress.evals.append(record)
         bar = tqdm(range(progress.rounds_done, cfg.server_rounds), desc="rounds", disable=console is None,
                    file=sys.stderr, initial=progress.rounds_done, total=cfg.server_rounds)
+        last = {"text": ""}   # the previous round's loss and accuracy, kept on the bar while clients train
+        fed.on_client = lambda rnd, k, n: bar.set_postfix_str(  # noqa: E731
+            f"{last['text']}{', ' if last['text'] else ''}round {rnd + 1}: client {k}/{n}", refresh=True)
         for rnd in bar:
             with INTERRUPTS.deferred():  # from the server step to the checkpoint, a round is all or nothing
                 record = round_record(fed, rnd, progress)
@@ -497,8 +513,10 @@ def _train(cfg, console, resume_dir: Path | None) -> Path:
                 if cfg.ckpt_freq and (rnd + 1) % cfg.ckpt_freq == 0 and rnd + 1 < cfg.server_rounds:
                     save_checkpoint()
             evals, p = progress.evals, fed.task.objective.primary
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_accuracy']:.3f}",
-                            test=f"{evals[-1][f'test_{p}']:.3f}" if evals else "-")
+            last["text"] = (f"loss={record['train_loss']:.3f}, acc={record['train_accuracy']:.3f}, "
+                            f"test={evals[-1][f'test_{p}']:.3f}" if evals else
+                            f"loss={record['train_loss']:.3f}, acc={record['train_accuracy']:.3f}")
+            bar.set_postfix_str(last["text"])
             if f"test_{p}" in record:
                 eps = (f", epsilon {record['epsilon']:.3f}" if record.get("epsilon") is not None
                        else ", epsilon unbounded" if "epsilon" in record else "")
@@ -568,15 +586,8 @@ def parse_resume(argv: list[str]) -> tuple[config_mod.Config, Path] | None:
     return config_mod.from_mapping(values), run_dir
 
 
-def parse_cli(argv: list[str]) -> config_mod.Config | None:
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return None
-    if "--list-configs" in argv:
-        names = config_mod.list_configs()
-        width = max(map(len, names))
-        print("\n".join(f"{n:{width}s}  {config_mod.describe_config(n)}" for n in names))
-        return None
+def split_config_arg(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(--config's NAME or path, the other arguments)."""
     name, rest, i = None, [], 0
     while i < len(argv):
         if argv[i] == "--config" or argv[i].startswith("--config="):
@@ -589,6 +600,19 @@ def parse_cli(argv: list[str]) -> config_mod.Config | None:
         else:
             rest.append(argv[i])
         i += 1
+    return name, rest
+
+
+def parse_cli(argv: list[str]) -> config_mod.Config | None:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return None
+    if "--list-configs" in argv:
+        names = config_mod.list_configs()
+        width = max(map(len, names))
+        print("\n".join(f"{n:{width}s}  {config_mod.describe_config(n)}" for n in names))
+        return None
+    name, rest = split_config_arg(argv)
     return config_mod.load_config(name, config_mod.parse_overrides(rest))
 
 
@@ -612,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_cli(argv)
         if cfg is None:
             return 0
-        train(cfg, console=tracking.console_sink)
+        train(cfg, console=tracking.console_sink, config_name=split_config_arg(argv)[0])
     except (config_mod.ConfigError, DataUnavailable, models.ModelUnavailable, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CODE["bad_input"]

@@ -209,7 +209,7 @@ def time_shape(ws: Workspace, shape: str, device: torch.device, bf16: bool, roun
         sync()
         times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
-    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     stands_for = synthetic.SHAPES[shape][3] if shape in synthetic.SHAPES else shape
     return {"check": "speed", "name": f"{stands_for}, {'bf16' if bf16 else 'fp32'}", "status": "ok",
             "trainable": fed.flat.numel, "round_s": seconds, "client_updates_per_s": clients / seconds,
@@ -232,7 +232,8 @@ def report(rows: list[dict], device: str) -> str:
                   "examples / s | peak GPU GiB |", "|---|---|---|---|---|---|"]
         for r in speed:
             lines.append(f"| {r['name']} | {r['trainable']:,} | {r['round_s']:.3f} | {r['client_updates_per_s']:.1f} | "
-                         f"{r['examples_per_s']:.0f} | {r['peak_gpu_gib']:.2f} |")
+                         f"{r['examples_per_s']:.0f} | "
+                         f"{'-' if r['peak_gpu_gib'] is None else format(r['peak_gpu_gib'], '.2f')} |")
     return "\n".join(lines)
 
 
@@ -309,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print("\n" + report(rows, name))
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": name, "tolerance": TOLERANCE, "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"device": name, "tolerance": TOLERANCE, "rows": rows}, indent=1,
+                                             allow_nan=False))
     return 1 if any(r["status"] == "FAILED" for r in rows) else 0
 
 

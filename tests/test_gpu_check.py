@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
                            "--configs", "fedavg,paper/cifar10_flasc_d64", "--timing-rounds", "1", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON report"))["rows"]
     correctness = {r["name"]: r for r in rows if r["check"] == "correctness"}
     assert set(correctness) == {"fedavg", "paper/cifar10_flasc_d64"}
     # the CPU twice: one seed gives the same numbers, so the "device" run equals the reference exactly
@@ -34,7 +35,7 @@ def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
     # 2 layers x 2 modules x (16x32 + 32x16) + (32x5 + 5)
     assert speed["tiny-bert, fp32"]["trainable"] == 2 * 2 * (16 * 32 + 32 * 16) + 32 * 5 + 5
     for r in speed.values():
-        assert r["client_updates_per_s"] > 0
+        assert r["client_updates_per_s"] > 0 and r["peak_gpu_gib"] is None   # no GPU memory on the CPU
         assert math.isclose(r["examples_per_s"], 80 * r["client_updates_per_s"])
         assert math.isclose(r["client_updates_per_s"] * r["round_s"], 10)
     assert "| correctness | paper/cifar10_flasc_d64 | ok |" in proc.stdout

@@ -37,18 +37,26 @@ def deterministic_algorithms(enabled: bool):
     backward passes, cuBLAS's split reductions) sum in a different order on every call; torch's
     deterministic mode picks order-stable kernels (or raises where there is none), cuDNN stops
     benchmarking algorithms, and cuBLAS needs a fixed workspace (CUBLAS_WORKSPACE_CONFIG, set here
-    unless the environment already sets it, before the run's first CUDA matrix product).
-    The previous settings are restored afterwards."""
+    unless the environment already sets it, before the run's first CUDA matrix product). Attention
+    runs on PyTorch's math kernel: the fused flash / memory-efficient / cuDNN attention backward
+    passes accumulate with atomics. The previous settings are restored afterwards."""
     if not enabled:
         yield
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    cuda = torch.backends.cuda
+    fused_attention = {name: getattr(cuda, f"{name}_sdp_enabled")() for name in ("flash", "mem_efficient", "cudnn")
+                       if hasattr(cuda, f"{name}_sdp_enabled")}
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.benchmark)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
+    for name in fused_attention:
+        getattr(cuda, f"enable_{name}_sdp")(False)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.benchmark = previous[2]
+        for name, was in fused_attention.items():
+            getattr(cuda, f"enable_{name}_sdp")(was)

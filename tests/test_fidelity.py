@@ -192,14 +192,16 @@ def test_deterministic_turns_on_torchs_deterministic_mode_for_the_run_only(tiny_
 
     def spy(self, rnd):
         seen.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-                     torch.backends.cudnn.benchmark))
+                     torch.backends.cudnn.benchmark, torch.backends.cuda.flash_sdp_enabled(),
+                     torch.backends.cuda.mem_efficient_sdp_enabled()))
         return real(self, rnd)
 
     monkeypatch.setattr(train_lora.Federation, "run_round", spy)
     runs = [train_lora.train(config.load_config(overrides={**tiny_overrides, "deterministic": True, "name": n}))
             for n in ("a", "b")]
-    assert set(seen) == {(True, ":4096:8", False)}
+    assert set(seen) == {(True, ":4096:8", False, False, False)}   # attention on the math kernel
     assert not torch.are_deterministic_algorithms_enabled()   # restored after the run
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     metrics = [[{k: v for k, v in json.loads(line).items() if "seconds" not in k}
                 for line in (r / "metrics.jsonl").read_text().splitlines()] for r in runs]
     assert metrics[0] == metrics[1]

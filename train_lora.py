@@ -234,8 +234,8 @@ class Federation:
                 stats_seconds += time.perf_counter() - t_stats
             updates.append(update)
             checkpoint.crash_point("mid_round", rnd + 1)
-            for k in totals:
-                totals[k] += stats[k]
+            for key in totals:
+                totals[key] += stats[key]
 
         if not updates:
             raise Diverged(f"round {rnd + 1}: the local training of every sampled client diverged")

@@ -2,8 +2,8 @@
 
 A checkpoint holds everything that carries over from one round to the next: the server's trainable
 vector, the server optimizer and schedule states, the download masks, the round index, the running
-totals and evaluations, how far metrics.jsonl had been written, and torch's global generator. Every
-other random choice is drawn from a generator seeded by (seed, round, client) and needs no state;
+totals and evaluations, and how far metrics.jsonl had been written. Every random choice is drawn
+from a generator seeded by (seed, purpose, round, client) and needs no saved state;
 the privacy accountant is a function of the rounds done. Clients keep no state across rounds
 (their optimizers start fresh), so there is none to save.
 

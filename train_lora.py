@@ -31,7 +31,8 @@ from interrupts import INTERRUPTS, Interrupted
 from data import DataUnavailable, Task, load_task
 from data import partition as partition_mod
 from evaluation import evaluate, logits_of
-from optimizers import CLIENT_OPTIMIZERS, SERVER_OPTIMIZERS, proximal_grad_, server_schedule
+from optimizers import CLIENT_OPTIMIZERS, proximal_grad_
+from server import ServerState
 from state import FlatParams
 
 
@@ -89,23 +90,25 @@ class Federation:
     clients: list[torch.Tensor]
     device: torch.device
     flat: FlatParams = field(init=False)
-    server: torch.nn.Parameter = field(init=False)
-    server_opt: torch.optim.Optimizer = field(init=False)
-    schedule: torch.optim.lr_scheduler.LRScheduler = field(init=False)
+    server_state: ServerState = field(init=False)
     aggregator: merging.Aggregator = field(init=False)
-    frozen_mask: torch.Tensor | None = field(init=False, default=None)
-    eval_mask: torch.Tensor | None = field(init=False, default=None)  # last round's download mask
     client_tier: list[int] = field(init=False)
-    tier_masks: list = field(init=False, default_factory=list)   # last round's download mask per tier
     on_client: object = field(init=False, default=None)   # (round, k, K) before the k-th client of K trains
 
     def __post_init__(self):
         self.flat = FlatParams(self.model)
-        self.server = torch.nn.Parameter(self.flat.read())
-        self.server_opt = SERVER_OPTIMIZERS[self.cfg.server_opt]([self.server], self.cfg)
-        self.schedule = server_schedule(self.server_opt, self.cfg.server_schedule, self.cfg.server_rounds)
+        self.server_state = ServerState(self.flat.read(), self.cfg)
         self.aggregator = merging.Aggregator(self.cfg, self.model, self.flat)
         self.client_tier = tiers_mod.assign(self.cfg).tolist()
+
+    @property
+    def server(self) -> torch.nn.Parameter:
+        """The server's trainable vector."""
+        return self.server_state.params
+
+    @property
+    def tier_masks(self) -> list:
+        return self.server_state.tier_masks
 
     # -- download
     def download_mask(self, rnd: int, density: float) -> torch.Tensor | None:
@@ -114,9 +117,9 @@ class Federation:
         if self.cfg.server_freeze:
             if rnd == 0:
                 return None
-            if self.frozen_mask is None:
-                self.frozen_mask = communication.topk_mask(self.server.detach(), density)
-            return self.frozen_mask
+            if self.server_state.frozen_mask is None:
+                self.server_state.frozen_mask = communication.topk_mask(self.server.detach(), density)
+            return self.server_state.frozen_mask
         if density >= 1:
             return None
         return communication.topk_mask(self.server.detach(), density)
@@ -244,18 +247,15 @@ class Federation:
         if cfg.noise_multiplier > 0 or cfg.dp_divide_by_clip:  # Gaussian mechanism on the sum of clipped updates
             pseudo_grad = privacy.noisy_mean(pseudo_grad, len(updates), cfg.noise_multiplier, cfg.l2_clip_norm,
                                              seeding.torch_generator(cfg.seed, "noise", rnd), cfg.dp_divide_by_clip)
-        server_lr = self.server_opt.param_groups[0]["lr"]
-        self.server_opt.zero_grad(set_to_none=True)
-        self.server.grad = pseudo_grad.to(self.server.dtype)
-        if not torch.isfinite(self.server.grad).all():
+        server_lr = self.server_state.lr
+        if not torch.isfinite(pseudo_grad).all():
             raise Diverged(f"round {rnd + 1}: the aggregated update (pseudo-gradient) is not finite")
-        self.server_opt.step()
+        self.server_state.step(pseudo_grad)
         if not torch.isfinite(self.server).all():
             raise Diverged(f"round {rnd + 1}: the server parameters are not finite after the server step")
-        self.schedule.step()
 
-        self.eval_mask = plans[0].download if cfg.tiers <= 1 else None
-        self.tier_masks = [p.download for p in plans] if cfg.tiers > 1 else []
+        self.server_state.eval_mask = plans[0].download if cfg.tiers <= 1 else None
+        self.server_state.tier_masks = [p.download for p in plans] if cfg.tiers > 1 else []
         count = max(totals["count"], 1)
         per_tier = {}
         if cfg.tiers > 1:
@@ -280,28 +280,19 @@ class Federation:
 
     # -- checkpoints
     def state(self) -> dict:
-        """The server side that carries over between rounds (clients keep no state)."""
-        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
-        return {"server": cpu(self.server), "server_opt": self.server_opt.state_dict(),
-                "schedule": self.schedule.state_dict(), "frozen_mask": cpu(self.frozen_mask),
-                "eval_mask": cpu(self.eval_mask), "tier_masks": [cpu(m) for m in self.tier_masks],
-                "torch_rng": torch.get_rng_state()}
+        """The server side that carries over between rounds. Clients keep no state, and every random
+        draw is seeded by its (seed, purpose, round, client), so no generator state is saved: a
+        resumed run draws what an uninterrupted one draws."""
+        return self.server_state.state_dict()
 
     def load_state(self, state: dict) -> None:
-        dev = lambda t: None if t is None else t.to(self.device)  # noqa: E731
-        with torch.no_grad():
-            self.server.copy_(state["server"].to(self.device))
-        self.server_opt.load_state_dict(state["server_opt"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.frozen_mask, self.eval_mask = dev(state["frozen_mask"]), dev(state["eval_mask"])
-        self.tier_masks = [dev(m) for m in state["tier_masks"]]
-        torch.set_rng_state(state["torch_rng"])
+        self.server_state.load_state_dict(state)
 
     # -- evaluation
     def load_eval_model(self) -> None:
         """Put the server model into the resident model: masked with the last download mask
         when eval_masked (what clients actually receive), else dense."""
-        mask = self.eval_mask if self.cfg.eval_masked else None
+        mask = self.server_state.eval_mask if self.cfg.eval_masked else None
         self.flat.write(self.masked_server(mask))
 
     def evaluate(self, splits=("val", "test")) -> dict:

@@ -1,0 +1,51 @@
+"""The server side of a run: the global trainable vector, its optimizer and learning-rate schedule,
+and the download masks that carry over from one round to the next.
+
+One code path serves every server optimizer (optimizers.py): the round's pseudo-gradient is written
+to `params.grad` and the optimizer steps. `state_dict()` is everything a checkpoint needs of it.
+"""
+from __future__ import annotations
+
+import torch
+
+from optimizers import SERVER_OPTIMIZERS, server_schedule
+
+
+class ServerState:
+    def __init__(self, initial: torch.Tensor, cfg):
+        self.params = torch.nn.Parameter(initial)
+        self.optimizer = SERVER_OPTIMIZERS[cfg.server_opt]([self.params], cfg)
+        self.schedule = server_schedule(self.optimizer, cfg.server_schedule, cfg.server_rounds)
+        self.frozen_mask: torch.Tensor | None = None   # server_freeze: the download mask kept from round 1
+        self.eval_mask: torch.Tensor | None = None     # the last round's download mask (without tiers)
+        self.tier_masks: list = []                     # the last round's download mask of every tier
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the coming step."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self, pseudo_grad: torch.Tensor) -> None:
+        """One server optimizer step on the pseudo-gradient, then the schedule's."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.params.grad = pseudo_grad.to(self.params.dtype)
+        self.optimizer.step()
+        self.schedule.step()
+
+    def state_dict(self) -> dict:
+        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+        return {"server": cpu(self.params), "server_opt": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "frozen_mask": cpu(self.frozen_mask),
+                "eval_mask": cpu(self.eval_mask), "tier_masks": [cpu(m) for m in self.tier_masks]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Tensors go to the parameters' device (a checkpoint is read on the CPU); torch moves the
+        optimizer state there itself."""
+        device = self.params.device
+        to_device = lambda t: None if t is None else t.to(device)  # noqa: E731
+        with torch.no_grad():
+            self.params.copy_(state["server"].to(device))
+        self.optimizer.load_state_dict(state["server_opt"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.frozen_mask, self.eval_mask = to_device(state["frozen_mask"]), to_device(state["eval_mask"])
+        self.tier_masks = [to_device(m) for m in state["tier_masks"]]

@@ -113,8 +113,3 @@ def plans(fed, rnd: int, dl_density: float, ul_density: float) -> list[Plan]:
                             communication.message_bytes(n, int(mask.sum()))))
     return out
 
-
-def upload_bytes(plan: Plan, n: int, sent: int) -> int:
-    if plan.restrict is not None:  # component-structured: values only (positions known from the plan)
-        return communication.VALUE_BYTES * sent
-    return communication.message_bytes(n, sent)

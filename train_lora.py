@@ -27,6 +27,7 @@ import privacy
 import seeding
 import tiers as tiers_mod
 import tracking
+import uploads
 from interrupts import INTERRUPTS, Interrupted
 from data import DataUnavailable, Task, load_task
 from data import partition as partition_mod
@@ -209,7 +210,6 @@ class Federation:
             plan, start = plans[tier], starts[tier]
             with INTERRUPTS.allowed():  # an interrupt may abandon local training at once
                 client_params, stats = self.train_client(rnd, client, start, grad_masks[tier])
-            # the update transforms, in order: restrict to the tier's entries -> sparsify -> clip
             delta = start - client_params
             if not (math.isfinite(stats["loss_sum"]) and bool(torch.isfinite(delta).all())):
                 what = "training loss" if not math.isfinite(stats["loss_sum"]) else "update"
@@ -218,20 +218,16 @@ class Federation:
                 diverged += 1          # skip: its download happened, its update is dropped
                 down[tier] += plan.dl_bytes
                 continue
-            if plan.restrict is not None:
-                delta = delta * plan.restrict
-            delta, sent = communication.sparsify(delta, plan.ul_density)
-            if plan.restrict is not None and plan.ul_density >= 1:
-                sent = int(plan.restrict.sum())
-            delta, norm = privacy.clip_update(delta, cfg.l2_clip_norm)
-            norms.append(norm)
-            clipped += int(0 < cfg.l2_clip_norm < norm)
-            up[tier] += tiers_mod.upload_bytes(plan, n, sent)
+            upload = uploads.prepare(delta, [uploads.restrict(plan.restrict), uploads.sparsify(plan.ul_density),
+                                             uploads.clip(cfg.l2_clip_norm)])
+            norms.append(upload.norm)
+            clipped += int(upload.clipped)
+            up[tier] += upload.bytes
             down[tier] += plan.dl_bytes
-            update = merging.ClientUpdate(client, delta, len(self.clients[client]))
+            update = merging.ClientUpdate(client, upload.delta, len(self.clients[client]))
             if self.aggregator.needs_statistics:  # Fisher / Gram of the uploaded client model
                 t_stats = time.perf_counter()
-                self.flat.write(start - delta)
+                self.flat.write(start - upload.delta)
                 update.stats, extra_values = self.aggregator.client_statistics(self, rnd, client)
                 up[tier] += communication.VALUE_BYTES * extra_values
                 stats_seconds += time.perf_counter() - t_stats

@@ -47,7 +47,7 @@ def yaml_value(value) -> str:
     """A value as command-line text that yaml_load reads back as the same value (floats keep every
     digit, strings that would read as something else are quoted)."""
     text = yaml.dump(value, Dumper=_Dumper, default_flow_style=True, width=10**9).strip()
-    return text[:-len("\n...")].strip() if text.endswith("\n...") else text.removesuffix("...").strip()
+    return text[:-len("\n...")] if text.endswith("\n...") else text  # a lone scalar ends its document
 
 
 @dataclass(frozen=True)
@@ -338,7 +338,7 @@ def _check_task(cfg: Config) -> None:
 
 def _resolve_server_defaults(values: dict) -> dict:
     """beta2, tau and weight_decay left null take the server optimizer's own defaults
-    (optimizers.SERVER_DEFAULTS), so the saved config records the values a run used."""
+    (optimizers.server_defaults), so the saved config records the values a run used."""
     from optimizers import server_defaults
     defaults = server_defaults(values["server_opt"])
     if values["weight_decay"] is not None and "weight_decay" not in defaults:
@@ -394,6 +394,23 @@ def _check_tiers(cfg: Config) -> None:
         if cfg.dl_density < 1 or cfg.ul_density < 1:
             raise ConfigError("syshet: rank tiers send whole components; expected dl_density: 1 and "
                               "ul_density: 1 (or syshet: density)")
+
+
+def split_config_arg(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(--config's NAME or path, the other arguments)."""
+    name, rest, i = None, [], 0
+    while i < len(argv):
+        if argv[i] == "--config" or argv[i].startswith("--config="):
+            if "=" in argv[i]:
+                name = argv[i].split("=", 1)[1]
+            elif i + 1 < len(argv):
+                name, i = argv[i + 1], i + 1
+            else:
+                raise ConfigError("--config needs a name; see --list-configs")
+        else:
+            rest.append(argv[i])
+        i += 1
+    return name, rest
 
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:

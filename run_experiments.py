@@ -345,10 +345,7 @@ def write_tables(rows: list[dict], out_dir: Path) -> str:
 def folder_state(folder: Path, args: list[str]) -> str:
     """For run.sh: done / resume when `folder` holds a finished / resumable run of exactly the
     config that train_lora.py's options `args` give, fresh otherwise."""
-    name, rest = None, list(args)
-    if "--config" in rest:
-        i = rest.index("--config")
-        name, rest = rest[i + 1], rest[:i] + rest[i + 2:]
+    name, rest = config_mod.split_config_arg(args)
     wanted = dict(config_mod.load_config(name, config_mod.parse_overrides(rest)))
     saved = folder / "config.yaml"
     if not saved.is_file() or config_mod.yaml_load(saved.read_text()) != wanted:

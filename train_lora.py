@@ -573,23 +573,6 @@ def parse_resume(argv: list[str]) -> tuple[config_mod.Config, Path] | None:
     return config_mod.from_mapping(values), run_dir
 
 
-def split_config_arg(argv: list[str]) -> tuple[str | None, list[str]]:
-    """(--config's NAME or path, the other arguments)."""
-    name, rest, i = None, [], 0
-    while i < len(argv):
-        if argv[i] == "--config" or argv[i].startswith("--config="):
-            if "=" in argv[i]:
-                name = argv[i].split("=", 1)[1]
-            elif i + 1 < len(argv):
-                name, i = argv[i + 1], i + 1
-            else:
-                raise config_mod.ConfigError("--config needs a name; see --list-configs")
-        else:
-            rest.append(argv[i])
-        i += 1
-    return name, rest
-
-
 def parse_cli(argv: list[str]) -> config_mod.Config | None:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
@@ -599,7 +582,7 @@ def parse_cli(argv: list[str]) -> config_mod.Config | None:
         width = max(map(len, names))
         print("\n".join(f"{n:{width}s}  {config_mod.describe_config(n)}" for n in names))
         return None
-    name, rest = split_config_arg(argv)
+    name, rest = config_mod.split_config_arg(argv)
     return config_mod.load_config(name, config_mod.parse_overrides(rest))
 
 
@@ -623,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_cli(argv)
         if cfg is None:
             return 0
-        train(cfg, console=tracking.console_sink, config_name=split_config_arg(argv)[0])
+        train(cfg, console=tracking.console_sink, config_name=config_mod.split_config_arg(argv)[0])
     except (config_mod.ConfigError, DataUnavailable, models.ModelUnavailable, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CODE["bad_input"]

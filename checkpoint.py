@@ -90,7 +90,15 @@ def load(run_dir: Path, cfg, numel: int) -> dict:
 
 
 def crash_point(point: str, rnd: int) -> None:
-    """Fault injection for the resume tests: FLASC_CRASH_AT=point:round kills this process
-    (SIGKILL, as an out-of-memory kill or a power cut would) when it reaches that point."""
-    if os.environ.get("FLASC_CRASH_AT") == f"{point}:{rnd}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Fault injection for the resume and rank-failure tests: FLASC_CRASH_AT=point:round kills this
+    process (SIGKILL, as an out-of-memory kill or a power cut would) when it reaches that point;
+    point:round:raise raises an error there instead; FLASC_CRASH_RANK=r limits either to rank r of
+    a torchrun launch."""
+    spec = os.environ.get("FLASC_CRASH_AT", "")
+    if not spec.startswith(f"{point}:{rnd}") or spec not in (f"{point}:{rnd}", f"{point}:{rnd}:raise"):
+        return
+    if os.environ.get("FLASC_CRASH_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return
+    if spec.endswith(":raise"):
+        raise RuntimeError(f"injected failure at {point} of round {rnd}")
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -166,6 +166,7 @@ SCHEMA: dict[str, Option] = {
     "syshet": _choice("rank", "rankl1", "density"),
     "tier_assignment": _choice("mod", "random"),
     "ckpt_freq": _nonneg_int,
+    "dist_timeout": _positive,
     "eval_freq": _pos_int,
     "eval_masked": Option(bool),
     "eval_batch": _pos_int,

@@ -28,13 +28,21 @@ def logits_of(model, batch: dict, device: torch.device, bf16: bool) -> torch.Ten
 
 
 @torch.no_grad()
-def evaluate(model, split, objective, batch_size: int, device: torch.device, bf16: bool) -> dict:
-    """The objective's metrics of the model on a whole split (model left in its previous mode)."""
+def evaluate(model, split, objective, batch_size: int, device: torch.device, bf16: bool, world=None) -> dict:
+    """The objective's metrics of the model on a whole split (model left in its previous mode).
+    With a world of N ranks (distributed.World), rank r scores batches r, r + N, ... and the
+    tallies are combined: the batches are those of one process, and tallies are order-free (exact
+    sums, counts), so the metrics are those of world size 1."""
     was_training = model.training
     model.eval()
     tally = objective.tally()
-    for start in range(0, len(split), batch_size):
+    starts = range(0, len(split), batch_size)
+    if world is not None:
+        starts = starts[world.rank::world.size]
+    for start in starts:
         batch = split.batch(torch.arange(start, min(start + batch_size, len(split))))
         tally.add(logits_of(model, batch, device, bf16), batch)
     model.train(was_training)
+    if world is not None:
+        tally = world.combine(tally)
     return tally.result()

@@ -1,5 +1,7 @@
 """Client-side statistics that Fisher merging and RegMean need, computed on the client's own data
-with the client's uploaded model loaded in the resident model.
+with the client's uploaded model loaded in the resident model. A strategy declares the statistic it
+needs (merging.py: `Strategy.statistic`); the client work computes it (clients.py) and sends it
+with the update.
 
 Diagonal Fisher (Matena & Raffel 2022): F = E_x Σ_y p(y|x) (∂ log p(y|x) / ∂θ)², the exact expectation
 over labels under the model (the objective lists the (log p, p) terms: every class, or both values
@@ -36,22 +38,21 @@ def _record_layer_io(pairs):
     return seen, handles
 
 
-def fisher_diagonal(fed, batch: dict, pairs, product_space: bool) -> dict[str, torch.Tensor]:
+def fisher_diagonal(resident, objective, batch: dict, pairs, product_space: bool) -> dict[str, torch.Tensor]:
     """Per-example Fisher over `batch`, averaged; keys are flat names, and in product space the
     LoRA pairs' names (their W) replace their factors."""
-    model, flat, device = fed.model, fed.flat, fed.device
+    model, flat, device = resident.model, resident.flat, resident.device
     model.eval()  # no dropout: the Fisher of the model as it will be merged
     layers = list(pairs) if product_space else []
     factor_names = {n for p in layers for n in (p.a, p.b) if n}
     plain = [(n, p) for n, p in zip(flat.names, flat.params) if n not in factor_names]
     totals = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in plain}
     seen, handles = _record_layer_io(layers)
-    objective = fed.task.objective
     n = _examples(batch)
     try:
         for i in range(n):
             one = {k: v[i:i + 1] for k, v in batch.items()}
-            logits = logits_of(model, one, device, fed.cfg.bf16)
+            logits = logits_of(model, one, device, resident.bf16)
             mask = one["attention_mask"].to(device).bool() if "attention_mask" in one else None
             targets = [p for _, p in plain] + [seen[p.name][1] for p in layers]
             for logp, prob in objective.fisher_terms(logits[0]):
@@ -72,9 +73,9 @@ def fisher_diagonal(fed, batch: dict, pairs, product_space: bool) -> dict[str, t
 
 
 @torch.no_grad()
-def input_grams(fed, batch: dict, pairs, batch_size: int = 32) -> dict[str, torch.Tensor]:
+def input_grams(resident, batch: dict, pairs, batch_size: int = 32) -> dict[str, torch.Tensor]:
     """{pair.name + '.x': Gram of the layer input, pair.name + '.ax': Gram of A x}."""
-    model, device = fed.model, fed.device
+    model, device = resident.model, resident.device
     model.eval()
     sums, counts, handles = {}, {}, []
     token_mask = {}
@@ -97,9 +98,34 @@ def input_grams(fed, batch: dict, pairs, batch_size: int = 32) -> dict[str, torc
         for start in range(0, _examples(batch), batch_size):
             part = model_inputs({k: v[start:start + batch_size] for k, v in batch.items()}, device)
             token_mask["m"] = part["attention_mask"].bool() if "attention_mask" in part else None
-            with autocast(device, fed.cfg.bf16):
+            with autocast(device, resident.bf16):
                 model(**part)
     finally:
         for h in handles:
             h.remove()
     return {k: sums[k] / max(counts[k], 1) for k in sums}
+
+
+# ---------------------------------------------------------------- what a strategy declares
+class DiagonalFisher:
+    """Fisher merging's statistic: the diagonal Fisher of every merged quantity."""
+    examples_option = "fisher_examples"   # the config key: how many of the client's examples
+
+    def compute(self, resident, objective, batch, pairs, product_space: bool) -> tuple[dict, int]:
+        """The statistics and how many fp32 values they add to the upload."""
+        stats = fisher_diagonal(resident, objective, batch, pairs, product_space)
+        return stats, sum(v.numel() for v in stats.values())
+
+
+class InputGram:
+    """RegMean's statistic: the input Gram matrix of every LoRA factor (x for A, A x for B); in
+    product space only the layer input's (the merged δW = B A acts on x)."""
+    examples_option = "regmean_examples"
+
+    def compute(self, resident, objective, batch, pairs, product_space: bool) -> tuple[dict, int]:
+        """The Gram matrices and how many fp32 values they add to the upload (symmetric: the upper
+        triangle is sent)."""
+        stats = input_grams(resident, batch, pairs)
+        if product_space:
+            stats = {k: v for k, v in stats.items() if k.endswith(".x")}
+        return stats, sum(v.shape[0] * (v.shape[0] + 1) // 2 for v in stats.values())

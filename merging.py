@@ -2,8 +2,9 @@
 
 Every strategy receives the round's client updates as uploaded (update_k = server ⊙ mask − client_k,
 after upload sparsification) and returns the pseudo-gradient that the server optimizer applies.
-The round loop only calls `Aggregator.client_statistics` and `Aggregator.aggregate`; adding a
-strategy means one registered entry here, its config file and its test.
+A strategy declares the client statistic it needs (`statistic`: merge_statistics.DiagonalFisher or
+InputGram), which the client work computes and uploads; the round calls `Aggregator.aggregate`.
+Adding a strategy means one registered entry here, its config file and its test.
 
 Merge spaces (merge_space):
 - factors: every trainable tensor is merged entrywise; for LoRA that merges A and B separately
@@ -164,7 +165,7 @@ SPACES = {"factors": FactorSpace, "product": ProductSpace}
 
 # ------------------------------------------------------------------ strategies
 class Strategy:
-    statistic: str | None = None   # what clients compute on their data: None | 'fisher' | 'gram'
+    statistic = None   # what clients compute on their own data and upload (merge_statistics.py)
 
     def merge(self, blocks: Blocks, weights: torch.Tensor, ctx: "Aggregator", updates) -> Blocks:
         raise NotImplementedError
@@ -214,7 +215,7 @@ def dare_blocks(blocks: Blocks, drop_rate: float, seed: int, rnd: int, clients: 
 
 
 class FisherMerging(Strategy):
-    statistic = "fisher"
+    statistic = merge_statistics.DiagonalFisher()
 
     def merge(self, blocks, weights, ctx, updates):
         return {name: fisher_weighted_mean(tasks, torch.stack([u.stats[name] for u in updates]), weights)
@@ -222,7 +223,7 @@ class FisherMerging(Strategy):
 
 
 class RegMean(Strategy):
-    statistic = "gram"
+    statistic = merge_statistics.InputGram()
 
     def merge(self, blocks, weights, ctx, updates):
         grams = ctx.space.grams(updates)
@@ -259,26 +260,8 @@ class Aggregator:
         self.pairs = lora_pairs(model, flat) if cfg.lora_rank > 0 else []
         self.space = SPACES[cfg.merge_space](flat, self.pairs)
         self.strategy = STRATEGIES[cfg.merging_strategy]
+        self.statistic = self.strategy.statistic
         self.rnd = 0
-
-    @property
-    def needs_statistics(self) -> bool:
-        return self.strategy.statistic is not None
-
-    def client_statistics(self, fed, rnd: int, client: int) -> tuple[dict, int]:
-        """Statistics of the client model now loaded in `fed.model`, on the client's own examples,
-        and how many values they add to the upload (fp32; Gram matrices count their upper triangle)."""
-        if self.strategy.statistic == "fisher":
-            batch = fed.client_examples(rnd, client, self.cfg.fisher_examples)
-            stats = merge_statistics.fisher_diagonal(fed, batch, self.pairs, self.space.name == "product")
-            return stats, sum(v.numel() for v in stats.values())
-        if self.strategy.statistic == "gram":
-            batch = fed.client_examples(rnd, client, self.cfg.regmean_examples)
-            stats = merge_statistics.input_grams(fed, batch, self.pairs)
-            if self.space.name == "product":
-                stats = {k: v for k, v in stats.items() if k.endswith(".x")}
-            return stats, sum(v.shape[0] * (v.shape[0] + 1) // 2 for v in stats.values())
-        return {}, 0
 
     def aggregate(self, updates: list[ClientUpdate], start: torch.Tensor, rnd: int) -> tuple[torch.Tensor, dict]:
         # Summation order is fixed by client id so the result never depends on visiting order.

@@ -10,6 +10,10 @@ these methods and never branch on the task. Three objectives:
 - NextToken: causal language modelling; every non-padding token after the first is predicted
   from the ones before it; token accuracy and perplexity, padding excluded.
 
+A tally accumulates a split's metrics batch by batch; tallies of disjoint batches merge (sharded
+evaluation, distributed.py). Losses are summed exactly (math.fsum), so neither the batch order nor
+the sharding changes a metric.
+
 `hits` is what the round reports as train_accuracy (and early stopping compares to its
 threshold): correct examples, correct label decisions, or correct next tokens.
 """
@@ -83,17 +87,23 @@ class SingleLabel(_Classification):
 
 class _SingleLabelTally:
     def __init__(self, num_labels):
-        self.num_labels, self.loss_sum, self.preds, self.labels = num_labels, 0.0, [], []
+        self.num_labels, self.losses, self.preds, self.labels = num_labels, [], [], []
 
     def add(self, logits, batch):
         labels = batch["labels"].to(logits.device)
-        self.loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        self.losses.append(F.cross_entropy(logits, labels, reduction="sum").item())
         self.preds.append(logits.argmax(-1).cpu())
         self.labels.append(labels.cpu())
 
+    def merge(self, other: "_SingleLabelTally") -> None:
+        self.losses += other.losses
+        self.preds += other.preds
+        self.labels += other.labels
+
     def result(self) -> dict:
-        y_pred, y_true = torch.cat(self.preds).numpy(), torch.cat(self.labels).numpy()
-        return {"loss": self.loss_sum / max(len(y_true), 1),
+        y_pred = torch.cat(self.preds).numpy() if self.preds else np.zeros(0, dtype=np.int64)
+        y_true = torch.cat(self.labels).numpy() if self.labels else np.zeros(0, dtype=np.int64)
+        return {"loss": math.fsum(self.losses) / max(len(y_true), 1),
                 "accuracy": float(np.mean(y_pred == y_true)),
                 "macro_f1": float(f1_score(y_true, y_pred, average="macro", labels=list(range(self.num_labels)),
                                            zero_division=0))}
@@ -125,17 +135,22 @@ class MultiLabel(_Classification):
 
 class _MultiLabelTally:
     def __init__(self):
-        self.loss_sum, self.preds, self.targets = 0.0, [], []
+        self.losses, self.preds, self.targets = [], [], []
 
     def add(self, logits, batch):
         target = batch["labels"].to(logits.device, logits.dtype)
-        self.loss_sum += F.binary_cross_entropy_with_logits(logits, target, reduction="sum").item()
+        self.losses.append(F.binary_cross_entropy_with_logits(logits, target, reduction="sum").item())
         self.preds.append((logits > 0).cpu())
         self.targets.append(target.bool().cpu())
 
+    def merge(self, other: "_MultiLabelTally") -> None:
+        self.losses += other.losses
+        self.preds += other.preds
+        self.targets += other.targets
+
     def result(self) -> dict:
         pred, target = torch.cat(self.preds).numpy(), torch.cat(self.targets).numpy()
-        return {"loss": self.loss_sum / max(target.size, 1), **multilabel_scores(pred, target)}
+        return {"loss": math.fsum(self.losses) / max(target.size, 1), **multilabel_scores(pred, target)}
 
 
 class NextToken:
@@ -159,14 +174,19 @@ class NextToken:
 
 class _NextTokenTally:
     def __init__(self):
-        self.loss_sum, self.correct, self.count = 0.0, 0, 0
+        self.losses, self.correct, self.count = [], 0, 0
 
     def add(self, logits, batch):
         loss_sum, correct, count = next_token_counts(logits, batch["input_ids"], batch["attention_mask"])
-        self.loss_sum += loss_sum.item()
+        self.losses.append(loss_sum.item())
         self.correct += correct
         self.count += count
 
+    def merge(self, other: "_NextTokenTally") -> None:
+        self.losses += other.losses
+        self.correct += other.correct
+        self.count += other.count
+
     def result(self) -> dict:
-        loss = self.loss_sum / max(self.count, 1)
+        loss = math.fsum(self.losses) / max(self.count, 1)
         return {"loss": loss, "accuracy": self.correct / max(self.count, 1), "perplexity": math.exp(min(loss, 700))}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+import communication
 from optimizers import SERVER_OPTIMIZERS, server_schedule
 
 
@@ -24,6 +25,24 @@ class ServerState:
     def lr(self) -> float:
         """The learning rate of the coming step."""
         return self.optimizer.param_groups[0]["lr"]
+
+    def download_mask(self, rnd: int, density: float, freeze: bool) -> torch.Tensor | None:
+        """Global top-k of |server| (None = dense). freeze (server_freeze): round 0 is dense, the mask
+        computed at round 1 is kept for the rest of the run (as in the FLASC seeds)."""
+        if freeze:
+            if rnd == 0:
+                return None
+            if self.frozen_mask is None:
+                self.frozen_mask = communication.topk_mask(self.params.detach(), density)
+            return self.frozen_mask
+        if density >= 1:
+            return None
+        return communication.topk_mask(self.params.detach(), density)
+
+    def masked(self, mask: torch.Tensor | None) -> torch.Tensor:
+        """What a client with this download mask receives (a copy: clients never alias the server)."""
+        server = self.params.detach()
+        return server.clone() if mask is None else server * mask
 
     def step(self, pseudo_grad: torch.Tensor) -> None:
         """One server optimizer step on the pseudo-gradient, then the schedule's."""

@@ -59,3 +59,13 @@ def lora_pairs(model: torch.nn.Module, flat: FlatParams) -> list[LoraPair]:
     from peft.tuners.lora import LoraLayer
     return [LoraPair(name, module, flat) for name, module in model.named_modules()
             if isinstance(module, LoraLayer) and "default" in module.lora_A]
+
+
+class ResidentModel:
+    """The one model a process holds, with what a forward pass on it needs: its trainable tensors
+    as a flat vector (`flat`), the device and the precision. Clients, statistics and evaluation take
+    this, never the whole run."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, bf16: bool):
+        self.model, self.device, self.bf16 = model, device, bf16
+        self.flat = FlatParams(model)

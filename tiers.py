@@ -46,12 +46,12 @@ def assign(cfg) -> np.ndarray:
     return ids % cfg.tiers
 
 
-def component_mask(fed, keep: dict[str, torch.Tensor]) -> torch.Tensor:
+def component_mask(flat, pairs, keep: dict[str, torch.Tensor], device) -> torch.Tensor:
     """Flat mask keeping, per LoRA layer, the components flagged in keep[layer] (bool, length r),
     and every non-LoRA entry."""
-    mask = torch.ones(fed.flat.numel, dtype=torch.bool, device=fed.server.device)
-    named = fed.flat.named(mask)
-    for pair in fed.aggregator.pairs:
+    mask = torch.ones(flat.numel, dtype=torch.bool, device=device)
+    named = flat.named(mask)
+    for pair in pairs:
         k = keep[pair.name].to(mask.device)
         named[pair.b][:, ~k] = False
         if pair.a is not None:
@@ -59,10 +59,10 @@ def component_mask(fed, keep: dict[str, torch.Tensor]) -> torch.Tensor:
     return mask
 
 
-def _rank_keep(fed, rank: int, by_norm: bool) -> dict[str, torch.Tensor]:
-    server = fed.flat.named(fed.server.detach())
+def _rank_keep(server: torch.Tensor, flat, pairs, rank: int, by_norm: bool) -> dict[str, torch.Tensor]:
+    server = flat.named(server)
     keep = {}
-    for pair in fed.aggregator.pairs:
+    for pair in pairs:
         r = pair.rank
         chosen = torch.zeros(r, dtype=torch.bool)
         if by_norm:
@@ -75,20 +75,22 @@ def _rank_keep(fed, rank: int, by_norm: bool) -> dict[str, torch.Tensor]:
     return keep
 
 
-def lora_entries(fed) -> torch.Tensor:
-    mask = torch.zeros(fed.flat.numel, dtype=torch.bool, device=fed.server.device)
-    named = fed.flat.named(mask)
-    for pair in fed.aggregator.pairs:
+def lora_entries(flat, pairs, device) -> torch.Tensor:
+    mask = torch.zeros(flat.numel, dtype=torch.bool, device=device)
+    named = flat.named(mask)
+    for pair in pairs:
         named[pair.b][:] = True
         if pair.a is not None:
             named[pair.a][:] = True
     return mask
 
 
-def plans(fed, rnd: int, dl_density: float, ul_density: float) -> list[Plan]:
-    cfg, n = fed.cfg, fed.flat.numel
+def plans(cfg, server_state, flat, pairs, rnd: int, dl_density: float, ul_density: float) -> list[Plan]:
+    """The round's plan of every tier (one plan without tiers), from the server as it is now.
+    flat: the layout of the trainable vector; pairs: its LoRA layers."""
+    n, server = flat.numel, server_state.params.detach()
     if cfg.tiers <= 1:
-        mask = fed.download_mask(rnd, dl_density)
+        mask = server_state.download_mask(rnd, dl_density, cfg.server_freeze)
         sent = n if mask is None else int(mask.sum())
         train = mask if (cfg.client_freeze and mask is not None) else None
         return [Plan(mask, train, None, ul_density, communication.message_bytes(n, sent))]
@@ -96,15 +98,15 @@ def plans(fed, rnd: int, dl_density: float, ul_density: float) -> list[Plan]:
     for i in range(cfg.tiers):
         if cfg.syshet in ("rank", "rankl1"):
             rank = 4 ** i
-            mask = component_mask(fed, _rank_keep(fed, rank, by_norm=cfg.syshet == "rankl1"))
+            keep = _rank_keep(server, flat, pairs, rank, by_norm=cfg.syshet == "rankl1")
+            mask = component_mask(flat, pairs, keep, server.device)
             sent = int(mask.sum())
             # the structure is implied by the rank; rankl1 also names its components (int32 each)
-            index_bytes = communication.INDEX_BYTES * rank * len(fed.aggregator.pairs) if cfg.syshet == "rankl1" else 0
+            index_bytes = communication.INDEX_BYTES * rank * len(pairs) if cfg.syshet == "rankl1" else 0
             out.append(Plan(mask, mask, mask, 1.0, communication.VALUE_BYTES * sent + index_bytes))
         else:
             scale = 4.0 ** -(cfg.tiers - 1 - i)
-            lora = lora_entries(fed)
-            server = fed.server.detach()
+            lora = lora_entries(flat, pairs, server.device)
             top = communication.topk_mask(server[lora], dl_density * scale)
             mask = ~lora
             mask[lora] = top
@@ -112,4 +114,3 @@ def plans(fed, rnd: int, dl_density: float, ul_density: float) -> list[Plan]:
             out.append(Plan(mask, train, None, ul_density * scale,
                             communication.message_bytes(n, int(mask.sum()))))
     return out
-

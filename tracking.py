@@ -15,7 +15,7 @@ from loguru import logger
 import config as config_mod
 
 # How train_lora.py ends (README "Exit codes"), and the file a diverged run leaves in its folder.
-EXIT_CODE = {"ok": 0, "bad_input": 2, "diverged": 3}
+EXIT_CODE = {"ok": 0, "failed": 1, "bad_input": 2, "diverged": 3}
 DIVERGED_FILE = "diverged.json"
 
 
@@ -129,6 +129,25 @@ class RunLog:
             logger.remove(sink)
         if self._lock is not None:
             self._lock.close()
+
+
+class NoRunLog:
+    """What ranks other than 0 have instead of a RunLog under torchrun: they write nothing."""
+
+    def __init__(self, folder: Path):
+        self.dir = Path(folder)
+
+    def metrics_offset(self) -> int:
+        return 0
+
+    def log_round(self, record: dict) -> None:
+        pass
+
+    def write_summary(self, summary: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def console_sink(message) -> None:

@@ -21,20 +21,20 @@ import yaml
 import checkpoint
 import communication
 import config as config_mod
+import distributed
 import merging
 import models
 import privacy
 import seeding
 import tiers as tiers_mod
 import tracking
-import uploads
+from clients import ClientJob, ClientResult, ClientWorker
 from interrupts import INTERRUPTS, Interrupted
 from data import DataUnavailable, Task, load_task
 from data import partition as partition_mod
-from evaluation import evaluate, logits_of
-from optimizers import CLIENT_OPTIMIZERS, proximal_grad_
+from evaluation import evaluate
 from server import ServerState
-from state import FlatParams
+from state import FlatParams, ResidentModel
 
 
 class Diverged(RuntimeError):
@@ -46,7 +46,8 @@ EXIT_CODE, DIVERGED_FILE = tracking.EXIT_CODE, tracking.DIVERGED_FILE
 
 
 # ---------------------------------------------------------------- setup
-def pick_device(gpu: str) -> torch.device:
+def pick_device(gpu: str, local_rank: int = 0) -> torch.device:
+    """The device of this process; under torchrun, auto gives local rank r cuda:(r mod GPUs)."""
     if gpu == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -55,7 +56,7 @@ def pick_device(gpu: str) -> torch.device:
         raise config_mod.ConfigError(f"gpu: CUDA device {gpu} was asked for but no CUDA device is "
                                      "visible; expected auto or cpu")
     if gpu == "auto":
-        return torch.device("cuda", 0)
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     if int(gpu) >= torch.cuda.device_count():
         raise config_mod.ConfigError(f"gpu: device {gpu} does not exist; expected an index below "
                                      f"{torch.cuda.device_count()}, auto or cpu")
@@ -84,23 +85,32 @@ def make_clients(cfg, task: Task) -> list[torch.Tensor]:
 # ---------------------------------------------------------------- one round
 @dataclass
 class Federation:
-    """Everything a round needs: the one resident model, the data and the server state."""
+    """A run's parts on this process: the resident model, the data, the server state, the strategy,
+    the client worker, and the world of ranks it belongs to (one without torchrun)."""
     cfg: config_mod.Config
     model: torch.nn.Module
     task: Task
     clients: list[torch.Tensor]
     device: torch.device
-    flat: FlatParams = field(init=False)
+    world: distributed.World = field(default_factory=distributed.World)
+    resident: ResidentModel = field(init=False)
     server_state: ServerState = field(init=False)
     aggregator: merging.Aggregator = field(init=False)
+    worker: ClientWorker = field(init=False)
     client_tier: list[int] = field(init=False)
     on_client: object = field(init=False, default=None)   # (round, k, K) before the k-th client of K trains
 
     def __post_init__(self):
-        self.flat = FlatParams(self.model)
+        self.resident = ResidentModel(self.model, self.device, self.cfg.bf16)
         self.server_state = ServerState(self.flat.read(), self.cfg)
         self.aggregator = merging.Aggregator(self.cfg, self.model, self.flat)
+        self.worker = ClientWorker(self.cfg, self.resident, self.task, self.clients, self.aggregator.pairs,
+                                   self.aggregator.statistic, self.cfg.merge_space == "product")
         self.client_tier = tiers_mod.assign(self.cfg).tolist()
+
+    @property
+    def flat(self) -> FlatParams:
+        return self.resident.flat
 
     @property
     def server(self) -> torch.nn.Parameter:
@@ -111,168 +121,47 @@ class Federation:
     def tier_masks(self) -> list:
         return self.server_state.tier_masks
 
-    # -- download
-    def download_mask(self, rnd: int, density: float) -> torch.Tensor | None:
-        """Global top-k of |server| (None = dense). server_freeze: round 0 is dense, the mask
-        computed at round 1 is kept for the rest of the run (as in the FLASC seeds)."""
-        if self.cfg.server_freeze:
-            if rnd == 0:
-                return None
-            if self.server_state.frozen_mask is None:
-                self.server_state.frozen_mask = communication.topk_mask(self.server.detach(), density)
-            return self.server_state.frozen_mask
-        if density >= 1:
-            return None
-        return communication.topk_mask(self.server.detach(), density)
-
-    def masked_server(self, mask: torch.Tensor | None) -> torch.Tensor:
-        server = self.server.detach()
-        return server.clone() if mask is None else server * mask
-
-    # -- local training
     def sample_clients(self, rnd: int) -> list[int]:
         g = seeding.torch_generator(self.cfg.seed, "sampling", rnd)
         return sorted(torch.randperm(len(self.clients), generator=g)[: self.cfg.server_batch].tolist())
 
-    def client_epochs(self, rnd: int, client: int):
-        """For each local epoch, the client's minibatches in a seeded order."""
-        g = seeding.torch_generator(self.cfg.seed, "client", rnd, client)
-        idx = self.clients[client]
-        for _ in range(self.cfg.client_epochs):
-            order = idx[torch.randperm(len(idx), generator=g)]
-            yield (self.task.train.batch(order[s:s + self.cfg.client_batch])
-                   for s in range(0, len(order), self.cfg.client_batch))
-
-    def client_batches(self, rnd: int, client: int):
-        """All the client's minibatches of a round, epoch after epoch (without early stopping)."""
-        for epoch in self.client_epochs(rnd, client):
-            yield from epoch
-
-    def client_examples(self, rnd: int, client: int, count: int) -> dict:
-        """Up to `count` of the client's examples in a seeded order, for merge statistics."""
-        g = seeding.torch_generator(self.cfg.seed, "stats", rnd, client)
-        idx = self.clients[client]
-        return self.task.train.batch(idx[torch.randperm(len(idx), generator=g)[:count]])
-
-    def train_client(self, rnd: int, client: int, start: torch.Tensor,
-                     grad_mask: list[torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
-        """Load `start` into the model, train locally, return the client's flat parameters."""
-        cfg = self.cfg
-        self.flat.write(start)
-        # Dropout draws from torch's global generator: seed it per (seed, round, client).
-        torch.manual_seed(seeding.derive_seed(cfg.seed, "client", rnd, client, 1))
-        opt = CLIENT_OPTIMIZERS[cfg.client_opt](self.flat.params, cfg.client_lr)
-        anchors = self.flat.split(start) if cfg.mu > 0 else None
-        models.training_mode(self.model, cfg.base_dropout)
-        objective = self.task.objective
-        loss_sum, correct, count, epochs_run = 0.0, 0, 0, 0
-        for epoch in self.client_epochs(rnd, client):
-            epoch_correct, epoch_count = 0, 0
-            for batch in epoch:
-                logits = logits_of(self.model, batch, self.device, cfg.bf16)
-                loss = objective.loss(logits, batch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if anchors is not None:  # FedProx: pull towards the downloaded model
-                    proximal_grad_(self.flat.params, anchors, cfg.mu)
-                if grad_mask is not None:  # client_freeze: train only the downloaded entries
-                    for p, m in zip(self.flat.params, grad_mask):
-                        if p.grad is not None:
-                            p.grad.mul_(m)
-                opt.step()
-                hits, n = objective.hits(logits.detach(), batch)  # units: examples, labels or tokens
-                loss_sum += loss.item() * n
-                epoch_correct += hits
-                epoch_count += n
-            correct, count, epochs_run = correct + epoch_correct, count + epoch_count, epochs_run + 1
-            if cfg.early_stopping > 0 and epoch_count and epoch_correct / epoch_count >= cfg.early_stopping:
-                break
-        return self.flat.read(), {"loss_sum": loss_sum, "correct": correct, "count": count,
-                                  "epochs": epochs_run}
-
     def run_round(self, rnd: int) -> dict:
+        """plan -> client work -> reduce -> server step; returns the round's metrics."""
         cfg = self.cfg
-        n = self.flat.numel
+        # 1. plan: densities, the download of every tier, and who trains what
         dl_density = communication.density_at(cfg.dl_density, cfg.dl_density_decay, cfg.decay_freq, rnd)
         ul_density = communication.density_at(cfg.ul_density, cfg.ul_density_decay, cfg.decay_freq, rnd)
-        plans = tiers_mod.plans(self, rnd, dl_density, ul_density)
-        starts = [self.masked_server(p.download) for p in plans]
-        grad_masks = [None if p.train is None else self.flat.split(p.train.to(starts[0].dtype)) for p in plans]
+        plans = tiers_mod.plans(cfg, self.server_state, self.flat, self.aggregator.pairs, rnd, dl_density, ul_density)
+        starts = [self.server_state.masked(p.download) for p in plans]
+        jobs = [ClientJob(c, self.client_tier[c], starts[self.client_tier[c]], plans[self.client_tier[c]])
+                for c in self.sample_clients(rnd)]
 
-        updates, norms, clipped, stats_seconds, diverged = [], [], 0, 0.0, 0
-        up, down = [0] * len(plans), [0] * len(plans)
-        totals = {"loss_sum": 0.0, "correct": 0, "count": 0, "epochs": 0}
-        sampled = self.sample_clients(rnd)
-        for k, client in enumerate(sampled, start=1):
-            if self.on_client is not None:
-                self.on_client(rnd, k, len(sampled))
-            tier = self.client_tier[client]
-            plan, start = plans[tier], starts[tier]
-            with INTERRUPTS.allowed():  # an interrupt may abandon local training at once
-                client_params, stats = self.train_client(rnd, client, start, grad_masks[tier])
-            delta = start - client_params
-            if not (math.isfinite(stats["loss_sum"]) and bool(torch.isfinite(delta).all())):
-                what = "training loss" if not math.isfinite(stats["loss_sum"]) else "update"
-                if cfg.diverged_clients == "stop":
-                    raise Diverged(f"round {rnd + 1}: client {client}'s local {what} is not finite")
-                diverged += 1          # skip: its download happened, its update is dropped
-                down[tier] += plan.dl_bytes
-                continue
-            upload = uploads.prepare(delta, [uploads.restrict(plan.restrict), uploads.sparsify(plan.ul_density),
-                                             uploads.clip(cfg.l2_clip_norm)])
-            norms.append(upload.norm)
-            clipped += int(upload.clipped)
-            up[tier] += upload.bytes
-            down[tier] += plan.dl_bytes
-            update = merging.ClientUpdate(client, upload.delta, len(self.clients[client]))
-            if self.aggregator.needs_statistics:  # Fisher / Gram of the uploaded client model
-                t_stats = time.perf_counter()
-                self.flat.write(start - upload.delta)
-                update.stats, extra_values = self.aggregator.client_statistics(self, rnd, client)
-                up[tier] += communication.VALUE_BYTES * extra_values
-                stats_seconds += time.perf_counter() - t_stats
-            updates.append(update)
-            checkpoint.crash_point("mid_round", rnd + 1)
-            for key in totals:
-                totals[key] += stats[key]
+        # 2. client work: this rank's share of the clients, then every rank's results
+        mine = [jobs[i] for i in self.world.my_share([len(self.clients[j.client_id]) for j in jobs])]
+        results = self.world.gather(lambda: self.worker.train_group(rnd, mine, self.on_client), self.device)
+        results.sort(key=lambda r: r.client_id)   # sums and merges in client order, whoever trained them
+        kept = kept_results(results, cfg.diverged_clients, rnd)
 
-        if not updates:
-            raise Diverged(f"round {rnd + 1}: the local training of every sampled client diverged")
-        # one shared start without tiers; with tiers only factor-space strategies run (config.py)
+        # 3. reduce: merge the updates by strategy (one shared start without tiers; with tiers only
+        # factor-space strategies run, config.py), then the Gaussian mechanism on the sum of clipped updates
+        updates = [merging.ClientUpdate(r.client_id, r.update, r.num_examples, r.statistics) for r in kept]
         pseudo_grad, merge_info = self.aggregator.aggregate(updates, starts[0], rnd)
-        if cfg.noise_multiplier > 0 or cfg.dp_divide_by_clip:  # Gaussian mechanism on the sum of clipped updates
+        if cfg.noise_multiplier > 0 or cfg.dp_divide_by_clip:
             pseudo_grad = privacy.noisy_mean(pseudo_grad, len(updates), cfg.noise_multiplier, cfg.l2_clip_norm,
                                              seeding.torch_generator(cfg.seed, "noise", rnd), cfg.dp_divide_by_clip)
-        server_lr = self.server_state.lr
         if not torch.isfinite(pseudo_grad).all():
             raise Diverged(f"round {rnd + 1}: the aggregated update (pseudo-gradient) is not finite")
+
+        # 4. server step
+        server_lr = self.server_state.lr
         self.server_state.step(pseudo_grad)
         if not torch.isfinite(self.server).all():
             raise Diverged(f"round {rnd + 1}: the server parameters are not finite after the server step")
-
+        self.world.check_same(self.server, f"the server after round {rnd + 1}")
         self.server_state.eval_mask = plans[0].download if cfg.tiers <= 1 else None
         self.server_state.tier_masks = [p.download for p in plans] if cfg.tiers > 1 else []
-        count = max(totals["count"], 1)
-        per_tier = {}
-        if cfg.tiers > 1:
-            for i in range(cfg.tiers):
-                per_tier.update({f"bytes_up_tier{i}": up[i], f"bytes_down_tier{i}": down[i]})
-        return {
-            "train_loss": totals["loss_sum"] / count,
-            "train_accuracy": totals["correct"] / count,
-            "local_epochs": totals["epochs"] / len(updates),
-            "server_lr": server_lr,
-            "stats_seconds": stats_seconds,
-            **merge_info,
-            "update_norm": sum(norms) / len(norms),
-            "clipped_fraction": clipped / len(updates),
-            "diverged_clients": diverged,
-            "dl_density": dl_density,
-            "ul_density": ul_density,
-            "bytes_down": sum(down),
-            "bytes_up": sum(up),
-            **per_tier,
-        }
+        return round_metrics(results, kept, cfg.tiers, server_lr=server_lr, merge_info=merge_info,
+                             dl_density=dl_density, ul_density=ul_density)
 
     # -- checkpoints
     def state(self) -> dict:
@@ -289,14 +178,14 @@ class Federation:
         """Put the server model into the resident model: masked with the last download mask
         when eval_masked (what clients actually receive), else dense."""
         mask = self.server_state.eval_mask if self.cfg.eval_masked else None
-        self.flat.write(self.masked_server(mask))
+        self.flat.write(self.server_state.masked(mask))
 
     def evaluate(self, splits=("val", "test")) -> dict:
         """Validation and test metrics of the server model; with tiers, also each tier's model
         (the server masked as that tier downloads it) on the test split."""
         out = {}
         for i, mask in enumerate(self.tier_masks):
-            self.flat.write(self.masked_server(mask))
+            self.flat.write(self.server_state.masked(mask))
             stats = self._evaluate_split("test")
             out.update({f"tier{i}_test_{k}": v for k, v in stats.items()})
         self.load_eval_model()
@@ -306,11 +195,53 @@ class Federation:
 
     def _evaluate_split(self, split: str) -> dict:
         return evaluate(self.model, getattr(self.task, split), self.task.objective, self.cfg.eval_batch,
-                        self.device, self.cfg.bf16)
+                        self.device, self.cfg.bf16, self.world)
+
+
+def kept_results(results: list[ClientResult], policy: str, rnd: int) -> list[ClientResult]:
+    """The results whose update the server receives. A diverged client (non-finite loss or update)
+    stops the run (diverged_clients: stop; the lowest client id is named) or is left out (skip)."""
+    diverged = [r for r in results if r.diverged]
+    if diverged and policy == "stop":
+        raise Diverged(f"round {rnd + 1}: client {diverged[0].client_id}'s local {diverged[0].diverged} is not finite")
+    kept = [r for r in results if not r.diverged]
+    if not kept:
+        raise Diverged(f"round {rnd + 1}: the local training of every sampled client diverged")
+    return kept
+
+
+def round_metrics(results: list[ClientResult], kept: list[ClientResult], tiers: int, server_lr: float,
+                  merge_info: dict, dl_density: float, ul_density: float) -> dict:
+    """The round's line of metrics.jsonl (before evaluation): training metrics over the clients whose
+    update was kept, bytes over every client (a diverged client's download happened)."""
+    total = lambda key: sum(r.metrics[key] for r in kept)  # noqa: E731
+    count = max(total("count"), 1)
+    down = [sum(r.bytes_down for r in results if r.tier == i) for i in range(max(tiers, 1))]
+    up = [sum(r.bytes_up for r in results if r.tier == i) for i in range(max(tiers, 1))]
+    per_tier = {}
+    if tiers > 1:
+        for i in range(tiers):
+            per_tier.update({f"bytes_up_tier{i}": up[i], f"bytes_down_tier{i}": down[i]})
+    return {
+        "train_loss": total("loss_sum") / count,
+        "train_accuracy": total("correct") / count,
+        "local_epochs": total("epochs") / len(kept),
+        "server_lr": server_lr,
+        "stats_seconds": sum(r.stats_seconds for r in results),
+        **merge_info,
+        "update_norm": total("norm") / len(kept),
+        "clipped_fraction": sum(int(r.metrics["clipped"]) for r in kept) / len(kept),
+        "diverged_clients": len(results) - len(kept),
+        "dl_density": dl_density,
+        "ul_density": ul_density,
+        "bytes_down": sum(down),
+        "bytes_up": sum(up),
+        **per_tier,
+    }
 
 
 # ---------------------------------------------------------------- the run
-def build(cfg, device: torch.device) -> Federation:
+def build(cfg, device: torch.device, world: distributed.World | None = None) -> Federation:
     """Data, model and server state; raises DataUnavailable / ModelUnavailable / ConfigError.
 
     clients: 0 (every user of a natural partition) is resolved here to the number of users, and
@@ -326,7 +257,7 @@ def build(cfg, device: torch.device) -> Federation:
     if cfg.lora_rank == -1:  # "every parameter" means every parameter the loss can reach
         # a validation batch: its transform draws no augmentation from the global generator
         models.freeze_unreached(model, task.val.batch(torch.arange(min(2, len(task.val)))), device)
-    return Federation(cfg, model, task, clients, device)
+    return Federation(cfg, model, task, clients, device, world or distributed.World())
 
 
 @dataclass
@@ -376,7 +307,8 @@ def describe_setup(fed: Federation, run, logger) -> dict:
     info = {**models.describe(fed.model), "device": str(fed.device), "model": models.resolve_name(cfg),
             "train_examples": len(fed.task.train)}
     adapters = {-1: "full fine-tuning", 0: "head only"}.get(cfg.lora_rank, f"LoRA rank {cfg.lora_rank}")
-    threads = f", {torch.get_num_threads()} threads" if fed.device.type == "cpu" else ""
+    threads = torch.get_num_threads()
+    threads = (f", {threads} thread{'s' if threads != 1 else ''}" if fed.device.type == "cpu" else "") + fed.world.describe()
     logger.info(f"run     {run.dir}  (full config: config.yaml, log: train.log)\n"
                 f"model   {info['model']}, {adapters}: {info['trainable_params']:,} trainable of "
                 f"{info['total_params']:,} parameters, on {fed.device}{threads}{', bf16' if cfg.bf16 else ''}\n"
@@ -426,12 +358,15 @@ def summarize(fed: Federation, progress: Progress, wall_time_s: float) -> dict:
     return summary
 
 
-def train(cfg, console=None, resume_dir: Path | None = None, config_name: str | None = None) -> Path:
-    """Run the whole federated training (or continue it from resume_dir); returns the run folder.
-    config_name: the --config it came from, recorded in config.yaml for tables and plots."""
+def train(cfg, console=None, resume_dir: Path | None = None, config_name: str | None = None,
+          world: distributed.World | None = None) -> Path:
+    """Run the whole federated training (or continue it from resume_dir); returns the run folder
+    (on ranks other than 0, which write nothing, the folder rank 0 would write first).
+    config_name: the --config it came from, recorded in config.yaml for tables and plots.
+    world: the ranks of a torchrun launch (distributed.start); None: this process alone."""
     with seeding.deterministic_algorithms(cfg.deterministic):
         try:
-            return _train(cfg, console, resume_dir, config_name)
+            return _train(cfg, console, resume_dir, config_name, world or distributed.World())
         except RuntimeError as e:
             if cfg.deterministic and "does not have a deterministic implementation" in str(e):
                 op = str(e).split()[0]
@@ -440,26 +375,29 @@ def train(cfg, console=None, resume_dir: Path | None = None, config_name: str | 
             raise
 
 
-def _train(cfg, console, resume_dir: Path | None, config_name: str | None = None) -> Path:
+def _train(cfg, console, resume_dir: Path | None, config_name: str | None, world: distributed.World) -> Path:
     from loguru import logger
     from tqdm import tqdm
 
     started = time.time()
-    device = pick_device(cfg.gpu)
+    device = pick_device(cfg.gpu, world.local_rank)
     tracking.check_writable(cfg.dir if resume_dir is None else str(resume_dir))
-    lock = None if resume_dir is None else tracking.lock_run_dir(resume_dir, "--resume")
+    writes = world.is_main   # rank 0 alone writes the run folder
+    lock = tracking.lock_run_dir(resume_dir, "--resume") if resume_dir is not None and writes else None
     try:
-        fed = build(cfg, device)  # everything that can fail on bad input fails before the run folder exists
+        fed = build(cfg, device, world)  # everything that can fail on bad input fails before the run folder exists
         cfg = fed.cfg
         progress = Progress()
         if resume_dir is None:
-            run = tracking.RunLog(cfg, console, config_name=config_name)
+            run = (tracking.RunLog(cfg, console, config_name=config_name) if writes
+                   else tracking.NoRunLog(Path(cfg.dir) / cfg.name))
         else:
             state = checkpoint.load(resume_dir, cfg, fed.flat.numel)
             fed.load_state(state["federation"])
             progress = Progress(**state["progress"])
-            run = tracking.RunLog(cfg, console, existing=resume_dir, metrics_offset=state["metrics_offset"],
-                                  purge_step=progress.rounds_done + 1, lock=lock)
+            run = (tracking.RunLog(cfg, console, existing=resume_dir, metrics_offset=state["metrics_offset"],
+                                   purge_step=progress.rounds_done + 1, lock=lock) if writes
+                   else tracking.NoRunLog(resume_dir))
     except BaseException:
         if lock is not None:
             lock.close()
@@ -469,6 +407,9 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None = None
     saved = {"round": progress.rounds_done if resume_dir is not None else None}
 
     def save_checkpoint():
+        if not writes:
+            saved["round"] = progress.rounds_done
+            return
         checkpoint.save(run.dir, {
             "round": progress.rounds_done, "config_fingerprint": checkpoint.config_fingerprint(cfg),
             "federation": fed.state(), "metrics_offset": run.metrics_offset(),
@@ -477,9 +418,9 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None = None
 
     bar = None
     try:
-        if resume_dir is None:
+        if resume_dir is None and writes:
             describe_setup(fed, run, logger)
-        else:
+        elif writes:
             (run.dir / DIVERGED_FILE).unlink(missing_ok=True)  # the run is live again
             logger.info(f"resumed {run.dir} after round {progress.rounds_done} of {cfg.server_rounds}")
         if cfg.server_rounds == 0 and not progress.evals:  # evaluate (and save) the initial model
@@ -489,8 +430,9 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None = None
         bar = tqdm(range(progress.rounds_done, cfg.server_rounds), desc="rounds", disable=console is None,
                    file=sys.stderr, initial=progress.rounds_done, total=cfg.server_rounds)
         last = {"text": ""}   # the previous round's loss and accuracy, kept on the bar while clients train
+        whose = "rank 0's " if world.size > 1 else ""   # the bar shows rank 0's share of the clients
         fed.on_client = lambda rnd, k, n: bar.set_postfix_str(  # noqa: E731
-            f"{last['text']}{', ' if last['text'] else ''}round {rnd + 1}: client {k}/{n}", refresh=True)
+            f"{last['text']}{', ' if last['text'] else ''}round {rnd + 1}: {whose}client {k}/{n}", refresh=True)
         for rnd in bar:
             with INTERRUPTS.deferred():  # from the server step to the checkpoint, a round is all or nothing
                 record = round_record(fed, rnd, progress)
@@ -514,7 +456,8 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None = None
         with INTERRUPTS.deferred():
             save_checkpoint()  # the end state: a crash while saving below resumes straight to saving
             fed.load_eval_model()  # the saved adapter is exactly the model evaluated last
-            models.save_trained(fed.model, run.dir / "adapter")
+            if writes:
+                models.save_trained(fed.model, run.dir / "adapter")
             summary = summarize(fed, progress, elapsed())
             run.write_summary(summary)
         logger.info(f"done: test {summary['primary_metric']} {summary[f'test_' + summary['primary_metric']]:.4f}, "
@@ -537,7 +480,8 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None = None
                 f"(python train_lora.py --resume {run.dir} continues from it)" if saved["round"] is not None
                 else f"no checkpoint was written before it; start {run.dir.name} again with other settings")
         logger.error(f"{e}: the run stops; {kept}")
-        tracking.write_json_atomic(run.dir / DIVERGED_FILE, {"reason": str(e), "checkpoint_round": saved["round"]})
+        if writes:
+            tracking.write_json_atomic(run.dir / DIVERGED_FILE, {"reason": str(e), "checkpoint_round": saved["round"]})
         raise Diverged(f"{e}; {kept}") from None
     finally:
         run.close()
@@ -587,38 +531,59 @@ def parse_cli(argv: list[str]) -> config_mod.Config | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; under torchrun every rank runs it (rank 0 alone prints and writes)."""
     from dotenv import load_dotenv
     from loguru import logger
 
     load_dotenv()  # a local .env may set CUDA_VISIBLE_DEVICES, HF_HOME, HF_HUB_OFFLINE...
     logger.remove()
     argv = sys.argv[1:] if argv is None else argv
+    speaks = distributed.launched_ranks()[0] == 0   # the same error on every rank is printed once
+    say = lambda text: print(text, file=sys.stderr) if speaks else None  # noqa: E731
+    world = distributed.World()
     INTERRUPTS.install()
     try:
         resume = parse_resume(argv)
         if resume is not None:
             cfg, run_dir = resume
             if (run_dir / "summary.json").is_file():
-                print(f"{run_dir} is finished already (summary.json); nothing to resume")
+                if speaks:
+                    print(f"{run_dir} is finished already (summary.json); nothing to resume")
                 return 0
-            train(cfg, console=tracking.console_sink, resume_dir=run_dir)
+            world = start_world(cfg)
+            train(cfg, console=tracking.console_sink if speaks else None, resume_dir=run_dir, world=world)
             return 0
         cfg = parse_cli(argv)
         if cfg is None:
             return 0
-        train(cfg, console=tracking.console_sink, config_name=config_mod.split_config_arg(argv)[0])
+        world = start_world(cfg)
+        train(cfg, console=tracking.console_sink if speaks else None,
+              config_name=config_mod.split_config_arg(argv)[0], world=world)
     except (config_mod.ConfigError, DataUnavailable, models.ModelUnavailable, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return EXIT_CODE["bad_input"]
     except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return EXIT_CODE["diverged"]
+    except distributed.RankFailed as e:
+        say(f"error: {e}")
+        return EXIT_CODE["failed"]
+    except distributed.RankLost as e:   # rank 0 may be the one that died: every rank says it
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CODE["failed"]
     except Interrupted as e:
-        print(getattr(e, "message", f"interrupted ({e}) before the run started; nothing was written"), file=sys.stderr)
+        say(getattr(e, "message", f"interrupted ({e}) before the run started; nothing was written"))
         return e.exit_code
     finally:
         INTERRUPTS.uninstall()
+        world.close()
     return 0
+
+
+def start_world(cfg) -> distributed.World:
+    """Join the torchrun launch this process is part of (world size 1 without one)."""
+    local_rank = distributed.launched_ranks()[2]
+    return distributed.start(pick_device(cfg.gpu, local_rank), cfg.dist_timeout, gpu_per_rank=cfg.gpu == "auto")
 
 
 if __name__ == "__main__":

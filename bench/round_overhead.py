@@ -32,7 +32,7 @@ def bare_loop(fed, rnd: int) -> int:
     models.training_mode(fed.model, cfg.base_dropout)
     steps = 0
     for client in fed.sample_clients(rnd):
-        for batch in fed.client_batches(rnd, client):
+        for batch in fed.worker.client_batches(rnd, client):
             loss = fed.task.objective.loss(logits_of(fed.model, batch, fed.device, cfg.bf16), batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()

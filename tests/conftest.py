@@ -36,11 +36,15 @@ def toy_raw(data_dir: str, n_per_class: int = 40) -> RawTexts:
                     {"train": make(n_per_class), "val": make(8), "test": make(10)})
 
 
+def toy_spec() -> data.DatasetSpec:
+    return data.DatasetSpec(data.text_classification(toy_raw), "text", "single_label", "tiny-bert",
+                            default_max_length=16)
+
+
 @pytest.fixture(autouse=True)
 def toy_dataset(monkeypatch):
     """Registers the 'toy' dataset (tiny-bert by default) for every test."""
-    monkeypatch.setitem(data.DATASETS, "toy", data.DatasetSpec(data.text_classification(toy_raw), "text",
-                                                               "single_label", "tiny-bert", default_max_length=16))
+    monkeypatch.setitem(data.DATASETS, "toy", toy_spec())
 
 
 @pytest.fixture

@@ -136,8 +136,9 @@ def test_base_dropout_false_leaves_only_the_lora_dropout_active(tiny_overrides, 
                 seen.setdefault("lora" if id(m) in lora_dropouts else "base", set()).add(m.training)
         return real(model, *args)
 
-    real = train_lora.logits_of
-    monkeypatch.setattr(train_lora, "logits_of", spy)
+    import clients
+    real = clients.logits_of
+    monkeypatch.setattr(clients, "logits_of", spy)
     fed.run_round(0)
     assert seen["lora"] == {True} and seen["base"] == {False}
     # with the LoRA dropout at 0 the training forward pass is then deterministic
@@ -165,7 +166,7 @@ def test_dp_divide_by_clip_is_the_originals_aggregate(tiny_overrides, monkeypatc
     def fake_train(rnd, client, start, grad_mask):
         return start - torch.from_numpy(deltas[client]), {"loss_sum": 0.0, "correct": 0, "count": 1, "epochs": 1}
 
-    monkeypatch.setattr(fed, "train_client", fake_train)
+    monkeypatch.setattr(fed.worker, "train_client", fake_train)
     sampled = fed.sample_clients(0)
     fed.run_round(0)
     # the FLASC code: clip each update to norm C, sum, divide by C, add N(0, sigma^2), divide by m
@@ -235,7 +236,7 @@ def test_regmean_under_bf16_keeps_fp32_gram_matrices(tiny_overrides, space):
     assert torch.isfinite(fed.server.detach()).all()
     import merge_statistics
     batch = fed.task.train.batch(torch.arange(6))
-    grams = merge_statistics.input_grams(fed, batch, fed.aggregator.pairs)
+    grams = merge_statistics.input_grams(fed.resident, batch, fed.aggregator.pairs)
     assert all(g.dtype == torch.float32 for g in grams.values())
 
 

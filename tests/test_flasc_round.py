@@ -43,7 +43,7 @@ def test_round_masked_download_topk_upload_mean_and_server_step(tiny_overrides, 
         received[client] = start.clone()
         return start + offsets[client], {"loss_sum": 0.0, "correct": 0, "count": 1, "epochs": 1}
 
-    monkeypatch.setattr(fed, "train_client", fake_train)
+    monkeypatch.setattr(fed.worker, "train_client", fake_train)
     sampled = fed.sample_clients(0)
     stats = fed.run_round(0)
 
@@ -76,7 +76,7 @@ def test_dense_round_is_fedavg_of_client_models(tiny_overrides, monkeypatch):
         clients_after[client] = start + torch.randn(n, generator=torch.Generator().manual_seed(client))
         return clients_after[client], {"loss_sum": 0.0, "correct": 0, "count": 1, "epochs": 1}
 
-    monkeypatch.setattr(fed, "train_client", fake_train)
+    monkeypatch.setattr(fed.worker, "train_client", fake_train)
     stats = fed.run_round(0)
     mean_model = torch.stack(list(clients_after.values())).mean(0)
     torch.testing.assert_close(fed.server.detach(), mean_model, rtol=1e-5, atol=1e-6)
@@ -89,11 +89,11 @@ def test_local_step_is_minus_lr_times_gradient(tiny_overrides, client_freeze):
     cfg, fed = build(tiny_overrides, client_batch=10_000, client_lr=0.3, dl_density=0.5,
                      client_freeze=client_freeze)
     no_dropout(fed.model)
-    mask = fed.download_mask(0, 0.5)
-    start = fed.masked_server(mask)
+    mask = fed.server_state.download_mask(0, 0.5, cfg.server_freeze)
+    start = fed.server_state.masked(mask)
     grad_mask = fed.flat.split(mask.float()) if client_freeze else None
     client = 0
-    after, stats = fed.train_client(0, client, start, grad_mask)
+    after, stats = fed.worker.train_client(0, client, start, grad_mask)
 
     fed.flat.write(start)  # reference gradient, computed directly on the client's whole data
     fed.model.train()
@@ -110,18 +110,18 @@ def test_local_step_is_minus_lr_times_gradient(tiny_overrides, client_freeze):
 
 def test_server_freeze_keeps_the_round_one_mask(tiny_overrides):
     cfg, fed = build(tiny_overrides, dl_density=0.4, server_freeze=True)
-    assert fed.download_mask(0, 0.4) is None                       # first round dense
-    m1 = fed.download_mask(1, 0.4)
+    assert fed.server_state.download_mask(0, 0.4, cfg.server_freeze) is None  # first round dense
+    m1 = fed.server_state.download_mask(1, 0.4, cfg.server_freeze)
     assert int(m1.sum()) == int(fed.flat.numel * 0.4)
     with torch.no_grad():
         fed.server.mul_(-3).add_(torch.randn_like(fed.server))     # server changes...
-    assert torch.equal(fed.download_mask(5, 0.1), m1)              # ...the mask does not
+    assert torch.equal(fed.server_state.download_mask(5, 0.1, cfg.server_freeze), m1)  # ...the mask does not
 
 
 def test_sampling_and_local_order_do_not_depend_on_visit_order(tiny_overrides):
     _, fed = build(tiny_overrides)
     a = fed.sample_clients(4)
     assert a == fed.sample_clients(4) and a == sorted(a) and len(set(a)) == len(a)
-    first = [b["labels"].tolist() for b in fed.client_batches(2, 1)]
-    list(fed.client_batches(2, 0))  # visiting another client first changes nothing
-    assert first == [b["labels"].tolist() for b in fed.client_batches(2, 1)]
+    first = [b["labels"].tolist() for b in fed.worker.client_batches(2, 1)]
+    list(fed.worker.client_batches(2, 0))  # visiting another client first changes nothing
+    assert first == [b["labels"].tolist() for b in fed.worker.client_batches(2, 1)]

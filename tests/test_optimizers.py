@@ -99,7 +99,7 @@ def test_fedprox_changes_local_training_but_not_its_first_step(tiny_overrides):
         cfg = config.load_config(overrides={**tiny_overrides, "mu": mu, "client_batch": batch})
         fed = train_lora.build(cfg, torch.device("cpu"))
         start = fed.server.detach().clone()
-        return fed.train_client(0, 0, start, None)[0] - start
+        return fed.worker.train_client(0, 0, start, None)[0] - start
     one_step = [train(mu, 10_000) for mu in (0.0, 5.0)]
     torch.testing.assert_close(one_step[0], one_step[1])        # w = w_global: no pull yet
     many = [train(mu, 2) for mu in (0.0, 5.0)]
@@ -110,7 +110,7 @@ def test_early_stopping_stops_after_an_accurate_epoch(tiny_overrides):
     def epochs(threshold):
         cfg = config.load_config(overrides={**tiny_overrides, "client_epochs": 3, "early_stopping": threshold})
         fed = train_lora.build(cfg, torch.device("cpu"))
-        return fed.train_client(0, 0, fed.server.detach().clone(), None)[1]["epochs"]
+        return fed.worker.train_client(0, 0, fed.server.detach().clone(), None)[1]["epochs"]
     assert epochs(0.0) == 3
     assert epochs(1e-9) == 1
 
@@ -120,5 +120,5 @@ def test_client_optimizers_train(tiny_overrides, client_opt):
     cfg = config.load_config(overrides={**tiny_overrides, "client_opt": client_opt, "client_lr": 0.01})
     fed = train_lora.build(cfg, torch.device("cpu"))
     start = fed.server.detach().clone()
-    after, stats = fed.train_client(0, 0, start, None)
+    after, stats = fed.worker.train_client(0, 0, start, None)
     assert stats["count"] == len(fed.clients[0]) and not torch.equal(after, start)

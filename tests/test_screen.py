@@ -16,13 +16,13 @@ from conftest import ROOT
 def test_progress_moves_within_a_round(tiny_overrides, monkeypatch):
     cfg = config.load_config(overrides={**tiny_overrides, "server_batch": 3})
     fed = train_lora.build(cfg, torch.device("cpu"))
-    events, real = [], fed.train_client
+    events, real = [], fed.worker.train_client
 
     def counting(rnd, client, start, grad_mask):
         events.append(("train", client))
         return real(rnd, client, start, grad_mask)
 
-    monkeypatch.setattr(fed, "train_client", counting)
+    monkeypatch.setattr(fed.worker, "train_client", counting)
     fed.on_client = lambda rnd, k, n: events.append(("progress", rnd, k, n))
     fed.run_round(1)
     progress = [e for e in events if e[0] == "progress"]

@@ -44,7 +44,7 @@ def test_assignment_mod_and_balanced_random():
 @pytest.mark.parametrize("syshet", ["rank", "rankl1"])
 def test_rank_tiers_download_train_and_send_only_their_components(tiny_overrides, syshet):
     cfg, fed = federation(tiny_overrides, syshet=syshet)
-    plans = tiers.plans(fed, 0, 1.0, 1.0)
+    plans = tiers.plans(cfg, fed.server_state, fed.flat, fed.aggregator.pairs, 0, 1.0, 1.0)
     for i, plan in enumerate(plans):
         kept = components(fed, plan.download)
         assert all(int(k.sum()) == 4 ** i for k in kept)
@@ -61,8 +61,8 @@ def test_rank_tiers_download_train_and_send_only_their_components(tiny_overrides
     # a tier-0 client trains and sends only its one component
     client = next(c for c in range(cfg.clients) if fed.client_tier[c] == 0)
     plan = plans[0]
-    start = fed.masked_server(plan.download)
-    after, _ = fed.train_client(0, client, start, fed.flat.split(plan.train.float()))
+    start = fed.server_state.masked(plan.download)
+    after, _ = fed.worker.train_client(0, client, start, fed.flat.split(plan.train.float()))
     assert torch.equal((start - after)[~plan.download], torch.zeros(int((~plan.download).sum())))
     stats = fed.run_round(0)
     assert stats["bytes_up_tier0"] == 2 * 4 * int(plans[0].download.sum())   # 2 tier-0 clients, values only
@@ -72,8 +72,8 @@ def test_rank_tiers_download_train_and_send_only_their_components(tiny_overrides
 
 def test_density_tiers_send_exactly_their_density(tiny_overrides, monkeypatch):
     cfg, fed = federation(tiny_overrides, syshet="density")
-    plans = tiers.plans(fed, 0, 1.0, 1.0)
-    lora = tiers.lora_entries(fed)
+    plans = tiers.plans(cfg, fed.server_state, fed.flat, fed.aggregator.pairs, 0, 1.0, 1.0)
+    lora = tiers.lora_entries(fed.flat, fed.aggregator.pairs, fed.server.device)
     n_lora = int(lora.sum())
     for i, plan in enumerate(plans):
         density = 4.0 ** -(2 - i)
@@ -106,7 +106,7 @@ def test_tier_evaluation_uses_the_tier_mask(tiny_overrides):
     fed.run_round(0)
     out = fed.evaluate(splits=("test",))
     for i, mask in enumerate(fed.tier_masks):
-        fed.flat.write(fed.masked_server(mask))
+        fed.flat.write(fed.server_state.masked(mask))
         assert fed._evaluate_split("test")["accuracy"] == out[f"tier{i}_test_accuracy"]
     assert not torch.equal(fed.tier_masks[0], fed.tier_masks[2])
 

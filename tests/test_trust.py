@@ -58,13 +58,14 @@ def test_a_diverging_run_stops_with_exit_3_strict_json_and_a_resumable_checkpoin
     import checkpoint
     import torch
     argv = [f"--{k}={config.yaml_value(v)}" for k, v in tiny_overrides.items()] + ["--server-rounds", "4"]
-    real = train_lora.Federation.train_client
+    from clients import ClientWorker
+    real = ClientWorker.train_client
 
     def nan_in_round_2(self, rnd, client, start, grad_mask):
         params, stats = real(self, rnd, client, start, grad_mask)
         return (params * float("nan"), stats) if rnd == 1 else (params, stats)
 
-    monkeypatch.setattr(train_lora.Federation, "train_client", nan_in_round_2)
+    monkeypatch.setattr(ClientWorker, "train_client", nan_in_round_2)
     code = train_lora.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == train_lora.EXIT_CODE["diverged"] == 3
@@ -104,14 +105,14 @@ def test_skip_drops_diverged_clients_and_counts_them(tiny_overrides, monkeypatch
     cfg = config.load_config(overrides={**tiny_overrides, "diverged_clients": "skip", "server_batch": 3})
     import torch
     fed = train_lora.build(cfg, torch.device("cpu"))
-    real = fed.train_client
+    real = fed.worker.train_client
     bad = fed.sample_clients(0)[1]
 
     def one_bad(rnd, client, start, grad_mask):
         params, stats = real(rnd, client, start, grad_mask)
         return (params * float("nan"), stats) if client == bad else (params, stats)
 
-    monkeypatch.setattr(fed, "train_client", one_bad)
+    monkeypatch.setattr(fed.worker, "train_client", one_bad)
     calls = []
     real_aggregate = fed.aggregator.aggregate
     monkeypatch.setattr(fed.aggregator, "aggregate", lambda u, s, r: calls.append([x.client_id for x in u])

@@ -1,0 +1,164 @@
+"""Client work: a group of clients trained on the resident model, each from its download, and
+what each of them sends back.
+
+    [ClientJob(client, tier, start, plan)]  ->  ClientWorker.train_group  ->  [ClientResult]
+
+A job says where the client starts (the server as its tier downloads it) and its plan (gradient
+mask, what it may send, upload density); a result is the update after the upload chain
+(uploads.py), the statistic its strategy asks for (Fisher, Gram), its training metrics and the
+bytes of both directions. The group is trained one client after another; a backend that trains a
+group at once (stacked adapters) or on another rank keeps this interface. Every random draw is
+seeded by (seed, purpose, round, client), so a client's result does not depend on the group, the
+rank or the order it is trained in.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+import checkpoint
+import communication
+import models
+import seeding
+import uploads
+from evaluation import logits_of
+from interrupts import INTERRUPTS
+from optimizers import CLIENT_OPTIMIZERS, proximal_grad_
+from tiers import Plan
+
+
+@dataclass
+class ClientJob:
+    client_id: int
+    tier: int
+    start: torch.Tensor     # the download: server ⊙ the tier's download mask
+    plan: Plan
+
+
+@dataclass
+class ClientResult:
+    client_id: int
+    tier: int
+    num_examples: int
+    update: torch.Tensor | None      # as uploaded; None when local training diverged (nothing is sent)
+    bytes_down: int
+    bytes_up: int = 0
+    statistics: dict = field(default_factory=dict)  # what the strategy asked for, sent with the update
+    metrics: dict = field(default_factory=dict)     # loss_sum, correct, count, epochs; norm, clipped
+    diverged: str | None = None      # what went non-finite: "training loss" or "update"
+    stats_seconds: float = 0.0
+
+    def to(self, device) -> "ClientResult":
+        """The same result with its tensors on `device` (results travel between ranks on the CPU)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, update=move(self.update), statistics={k: move(v) for k, v in self.statistics.items()})
+
+
+class ClientWorker:
+    """Trains clients on the resident model (state.ResidentModel) of this process."""
+
+    def __init__(self, cfg, resident, task, clients: list[torch.Tensor], pairs, statistic=None,
+                 product_space: bool = False):
+        self.cfg, self.resident, self.task, self.clients = cfg, resident, task, clients
+        self.pairs, self.statistic, self.product_space = pairs, statistic, product_space
+        self.flat = resident.flat
+
+    # -- a client's data, in seeded orders
+    def client_epochs(self, rnd: int, client: int):
+        """For each local epoch, the client's minibatches in a seeded order."""
+        g = seeding.torch_generator(self.cfg.seed, "client", rnd, client)
+        idx = self.clients[client]
+        for _ in range(self.cfg.client_epochs):
+            order = idx[torch.randperm(len(idx), generator=g)]
+            yield (self.task.train.batch(order[s:s + self.cfg.client_batch])
+                   for s in range(0, len(order), self.cfg.client_batch))
+
+    def client_batches(self, rnd: int, client: int):
+        """All the client's minibatches of a round, epoch after epoch (without early stopping)."""
+        for epoch in self.client_epochs(rnd, client):
+            yield from epoch
+
+    def client_examples(self, rnd: int, client: int, count: int) -> dict:
+        """Up to `count` of the client's examples in a seeded order, for merge statistics."""
+        g = seeding.torch_generator(self.cfg.seed, "stats", rnd, client)
+        idx = self.clients[client]
+        return self.task.train.batch(idx[torch.randperm(len(idx), generator=g)[:count]])
+
+    # -- local training
+    def train_client(self, rnd: int, client: int, start: torch.Tensor,
+                     grad_mask: list[torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
+        """Load `start` into the model, train locally, return the client's flat parameters."""
+        cfg, model, device = self.cfg, self.resident.model, self.resident.device
+        self.flat.write(start)
+        # Dropout draws from torch's global generator: seed it per (seed, round, client).
+        torch.manual_seed(seeding.derive_seed(cfg.seed, "client", rnd, client, 1))
+        opt = CLIENT_OPTIMIZERS[cfg.client_opt](self.flat.params, cfg.client_lr)
+        anchors = self.flat.split(start) if cfg.mu > 0 else None
+        models.training_mode(model, cfg.base_dropout)
+        objective = self.task.objective
+        loss_sum, correct, count, epochs_run = 0.0, 0, 0, 0
+        for epoch in self.client_epochs(rnd, client):
+            epoch_correct, epoch_count = 0, 0
+            for batch in epoch:
+                logits = logits_of(model, batch, device, cfg.bf16)
+                loss = objective.loss(logits, batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if anchors is not None:  # FedProx: pull towards the downloaded model
+                    proximal_grad_(self.flat.params, anchors, cfg.mu)
+                if grad_mask is not None:  # client_freeze: train only the downloaded entries
+                    for p, m in zip(self.flat.params, grad_mask):
+                        if p.grad is not None:
+                            p.grad.mul_(m)
+                opt.step()
+                hits, n = objective.hits(logits.detach(), batch)  # units: examples, labels or tokens
+                loss_sum += loss.item() * n
+                epoch_correct += hits
+                epoch_count += n
+            correct, count, epochs_run = correct + epoch_correct, count + epoch_count, epochs_run + 1
+            if cfg.early_stopping > 0 and epoch_count and epoch_correct / epoch_count >= cfg.early_stopping:
+                break
+        return self.flat.read(), {"loss_sum": loss_sum, "correct": correct, "count": count,
+                                  "epochs": epochs_run}
+
+    def train_group(self, rnd: int, jobs: list[ClientJob], on_client=None) -> list[ClientResult]:
+        """Each job's client trained, its update through the upload chain, its statistic computed.
+        diverged_clients stop: the group ends at the first diverged client (the round will stop)."""
+        results = []
+        for k, job in enumerate(jobs, start=1):
+            if on_client is not None:
+                on_client(rnd, k, len(jobs))
+            results.append(self.run_job(rnd, job))
+            if results[-1].diverged and self.cfg.diverged_clients == "stop":
+                break
+        return results
+
+    def run_job(self, rnd: int, job: ClientJob) -> ClientResult:
+        cfg, plan, start = self.cfg, job.plan, job.start
+        grad_mask = None if plan.train is None else self.flat.split(plan.train.to(start.dtype))
+        with INTERRUPTS.allowed():  # an interrupt may abandon local training at once
+            client_params, metrics = self.train_client(rnd, job.client_id, start, grad_mask)
+        result = ClientResult(job.client_id, job.tier, len(self.clients[job.client_id]), None,
+                              bytes_down=plan.dl_bytes, metrics=metrics)
+        delta = start - client_params
+        if not math.isfinite(metrics["loss_sum"]):
+            return replace(result, diverged="training loss")   # its download happened, nothing is sent
+        if not bool(torch.isfinite(delta).all()):
+            return replace(result, diverged="update")
+        upload = uploads.prepare(delta, [uploads.restrict(plan.restrict), uploads.sparsify(plan.ul_density),
+                                         uploads.clip(cfg.l2_clip_norm)])
+        result = replace(result, update=upload.delta, bytes_up=upload.bytes,
+                         metrics={**metrics, "norm": upload.norm, "clipped": upload.clipped})
+        if self.statistic is not None:  # of the model the client uploads, on its own examples
+            t0 = time.perf_counter()
+            self.flat.write(start - upload.delta)
+            batch = self.client_examples(rnd, job.client_id, getattr(cfg, self.statistic.examples_option))
+            stats, values = self.statistic.compute(self.resident, self.task.objective, batch, self.pairs,
+                                                   self.product_space)
+            result = replace(result, statistics=stats, bytes_up=result.bytes_up + communication.VALUE_BYTES * values,
+                             stats_seconds=time.perf_counter() - t0)
+        checkpoint.crash_point("mid_round", rnd + 1)
+        return result

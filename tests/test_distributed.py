@@ -30,6 +30,20 @@ def test_balanced_shares_by_hand():
     assert sorted(i for s in shares for i in s) == list(range(29))  # each client exactly once
 
 
+def test_backend_and_device_per_rank(monkeypatch):
+    from distributed import backend_for
+    assert backend_for(torch.device("cpu"), 2, True) == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert backend_for(torch.device("cuda", 1), 2, True) == "nccl"     # a GPU for each rank
+    assert backend_for(torch.device("cuda", 1), 4, True) == "gloo"     # 4 ranks share 2 GPUs
+    assert backend_for(torch.device("cuda", 0), 2, False) == "gloo"    # gpu: 0 pins every rank to one GPU
+    assert train_lora.pick_device("auto", 3) == torch.device("cuda", 1)
+    assert train_lora.pick_device("0", 3) == torch.device("cuda", 0)
+    with pytest.raises(config.ConfigError, match="dist_timeout: "):
+        config.load_config(overrides={"dist_timeout": 0})
+
+
 def without_timing(run_dir):
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in m.items() if not k.endswith("seconds")} for m in lines]

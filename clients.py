@@ -5,8 +5,8 @@ what each of them sends back.
 
 A job says where the client starts (the server as its tier downloads it) and its plan (gradient
 mask, what it may send, upload density); a result is the update after the upload chain
-(uploads.py), the statistic its strategy asks for (Fisher, Gram), its training metrics and the
-bytes of both directions. The group is trained one client after another; a backend that trains a
+(uploads.py), the statistics its strategy (and any shadow strategy, shadows.py) asks for (Fisher,
+Gram), its training metrics and the bytes of both directions (only the run's own statistic is sent). The group is trained one client after another; a backend that trains a
 group at once (stacked adapters) or on another rank keeps this interface. Every random draw is
 seeded by (seed, purpose, round, client), so a client's result does not depend on the group, the
 rank or the order it is trained in.
@@ -46,7 +46,7 @@ class ClientResult:
     update: torch.Tensor | None      # as uploaded; None when local training diverged (nothing is sent)
     bytes_down: int
     bytes_up: int = 0
-    statistics: dict = field(default_factory=dict)  # what the strategy asked for, sent with the update
+    statistics: dict = field(default_factory=dict)  # Aggregator.statistic_key -> that statistic
     metrics: dict = field(default_factory=dict)     # loss_sum, correct, count, epochs; norm, clipped
     diverged: str | None = None      # what went non-finite: "training loss" or "update"
     stats_seconds: float = 0.0
@@ -54,16 +54,19 @@ class ClientResult:
     def to(self, device) -> "ClientResult":
         """The same result with its tensors on `device` (results travel between ranks on the CPU)."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(self, update=move(self.update), statistics={k: move(v) for k, v in self.statistics.items()})
+        return replace(self, update=move(self.update),
+                       statistics={key: {k: move(v) for k, v in stats.items()} for key, stats in self.statistics.items()})
 
 
 class ClientWorker:
     """Trains clients on the resident model (state.ResidentModel) of this process."""
 
-    def __init__(self, cfg, resident, task, clients: list[torch.Tensor], pairs, statistic=None,
-                 product_space: bool = False):
+    def __init__(self, cfg, resident, task, clients: list[torch.Tensor], pairs, statistics: dict | None = None,
+                 sent: str | None = None):
+        """statistics: key -> (statistic, product_space), what the strategies need; sent: the key of
+        the one the run's strategy uploads (counted in bytes_up)."""
         self.cfg, self.resident, self.task, self.clients = cfg, resident, task, clients
-        self.pairs, self.statistic, self.product_space = pairs, statistic, product_space
+        self.pairs, self.statistics, self.sent = pairs, statistics or {}, sent
         self.flat = resident.flat
 
     # -- a client's data, in seeded orders
@@ -152,13 +155,17 @@ class ClientWorker:
                                          uploads.clip(cfg.l2_clip_norm)])
         result = replace(result, update=upload.delta, bytes_up=upload.bytes,
                          metrics={**metrics, "norm": upload.norm, "clipped": upload.clipped})
-        if self.statistic is not None:  # of the model the client uploads, on its own examples
+        if self.statistics:  # of the model the client uploads, on its own examples
             t0 = time.perf_counter()
             self.flat.write(start - upload.delta)
-            batch = self.client_examples(rnd, job.client_id, getattr(cfg, self.statistic.examples_option))
-            stats, values = self.statistic.compute(self.resident, self.task.objective, batch, self.pairs,
-                                                   self.product_space)
-            result = replace(result, statistics=stats, bytes_up=result.bytes_up + communication.VALUE_BYTES * values,
+            computed, sent_values = {}, 0
+            for key, (statistic, product_space) in self.statistics.items():
+                batch = self.client_examples(rnd, job.client_id, getattr(cfg, statistic.examples_option))
+                computed[key], values = statistic.compute(self.resident, self.task.objective, batch, self.pairs,
+                                                          product_space)
+                sent_values += values if key == self.sent else 0
+            result = replace(result, statistics=computed,
+                             bytes_up=result.bytes_up + communication.VALUE_BYTES * sent_values,
                              stats_seconds=time.perf_counter() - t0)
         checkpoint.crash_point("mid_round", rnd + 1)
         return result

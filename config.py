@@ -170,7 +170,25 @@ SCHEMA: dict[str, Option] = {
     "eval_freq": _pos_int,
     "eval_masked": Option(bool),
     "eval_batch": _pos_int,
+    "target_accuracy": Option(float, lambda v: v >= 0, "a number >= 0 (a value of the primary metric) or null",
+                              nullable=True),
+    "drift_stats": Option(bool),
+    "shadow_strategies": Option(list, lambda v: all(_is_shadow(x) for x in v),
+                                "a list of names that merging_strategy accepts, each alone or as NAME@factors / NAME@product"),
+    "shadow_freq": _pos_int,
+    "shadow_eval_examples": _nonneg_int,
 }
+
+
+def _is_shadow(entry: str) -> bool:
+    name, _, space = entry.partition("@")
+    return name in _strategies() and space in ("", "factors", "product")
+
+
+def shadow_spec(entry: str, cfg) -> tuple[str, str]:
+    """'ties@product' -> ('ties', 'product'); without @ the run's merge_space."""
+    name, _, space = entry.partition("@")
+    return name, space or cfg.merge_space
 
 
 class Config(dict):
@@ -278,8 +296,15 @@ def coerce(key: str, value: Any) -> Any:
         ok = isinstance(value, (str, int)) and not isinstance(value, bool)
         if ok:
             value = str(value)
+    elif opt.kind is list:  # a list of names; one name alone is a list of one
+        value = [value] if isinstance(value, str) else value
+        ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
     if not ok:
         raise ConfigError(f"{key}: {value!r} is not valid; expected {_describe(opt)}")
+    if opt.kind is list and opt.check is not None:
+        bad = [x for x in value if not opt.check([x])]
+        if bad:
+            raise ConfigError(f"{key}: {bad[0]!r} is not valid; expected {_describe(opt)}")
     if opt.check is not None and not opt.check(value):
         raise ConfigError(f"{key}: {value!r} is out of range; expected {_describe(opt)}")
     return value
@@ -288,7 +313,7 @@ def coerce(key: str, value: Any) -> Any:
 def _describe(opt: Option) -> str:
     if opt.allowed:
         return opt.allowed
-    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}[opt.kind]
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text", list: "a list"}[opt.kind]
 
 
 def resolved_partition(cfg) -> str:
@@ -376,6 +401,21 @@ def _check_together(cfg: Config) -> None:
     if cfg.freeze_a and cfg.lora_rank <= 0:
         raise ConfigError("freeze_a: true needs LoRA adapters; expected lora_rank >= 1 "
                           f"(got {cfg.lora_rank})")
+    if cfg.shadow_strategies:
+        _check_shadows(cfg)
+
+
+def _check_shadows(cfg: Config) -> None:
+    """Each shadow strategy must be one the run could use itself (noise aside: shadows are analysis,
+    their metrics are outside the privacy guarantee)."""
+    for entry in cfg.shadow_strategies:
+        name, space = shadow_spec(entry, cfg)
+        trial = Config({**cfg, "merging_strategy": name, "merge_space": space, "shadow_strategies": [],
+                        "noise_multiplier": 0.0})
+        try:
+            _check_together(trial)
+        except ConfigError as e:
+            raise ConfigError(f"shadow_strategies: {entry}: {e}") from None
 
 
 def _check_tiers(cfg: Config) -> None:

@@ -263,6 +263,12 @@ class Aggregator:
         self.statistic = self.strategy.statistic
         self.rnd = 0
 
+    @property
+    def statistic_key(self) -> str | None:
+        """Names the statistic this aggregator needs in its space (aggregators that need the same
+        one share it), e.g. 'DiagonalFisher@product'; None when it needs none."""
+        return None if self.statistic is None else f"{type(self.statistic).__name__}@{self.space.name}"
+
     def aggregate(self, updates: list[ClientUpdate], start: torch.Tensor, rnd: int) -> tuple[torch.Tensor, dict]:
         # Summation order is fixed by client id so the result never depends on visiting order.
         updates = sorted(updates, key=lambda u: u.client_id)

@@ -1,10 +1,13 @@
-"""Figures of finished runs: accuracy per round, accuracy per megabyte sent, final accuracy per run.
+"""Figures of finished runs: accuracy per round, per megabyte sent and per second, final accuracy
+per run, and where the runs logged them, the merging diagnostics: shadow gains per strategy and
+client drift per round.
 
     python plot.py runs/study/*            # figures in runs/study/plots/ (PNG and PDF)
-    python plot.py RUN_DIR... --out figs
+    python plot.py RUN_DIR... --out figs --ema 0.6
 
 Runs that differ only by seed are drawn as one curve: the mean, with a band from the lowest to the
-highest seed; bars show the mean and the seeds' standard deviation.
+highest seed; bars show the mean and the seeds' standard deviation. --ema A smooths the accuracy
+curves (each point A · the previous smoothed point + (1 − A) · its own value; 0: off).
 """
 from __future__ import annotations
 
@@ -36,9 +39,15 @@ def load_run(folder: Path) -> dict:
     evals = [m for m in metrics if f"test_{metric}" in m]
     if not evals:
         raise PlotError(f"{folder} has no evaluated round")
+    elapsed, total = {}, 0.0
+    for m in metrics:   # seconds of training and evaluation until the end of each round
+        total += m.get("seconds", 0.0)
+        elapsed[m["round"]] = total
+    for e in evals:
+        e.setdefault("elapsed_seconds", elapsed[e["round"]])
     return {"dir": folder, "config": config_mod.yaml_load((folder / "config.yaml").read_text()),
             "config_name": config_name_of(folder),
-            "summary": summary, "evals": evals, "metric": metric}
+            "summary": summary, "evals": evals, "metrics": metrics, "metric": metric}
 
 
 def group_key(run: dict) -> str:
@@ -70,9 +79,17 @@ def _groups(runs: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def _curve(ax, runs: list[dict], x_of, label: str) -> None:
+def ema(values: list[float], alpha: float) -> list[float]:
+    """Exponential moving average: s_0 = v_0, s_t = alpha · s_(t−1) + (1 − alpha) · v_t."""
+    out = []
+    for v in values:
+        out.append(v if not out else alpha * out[-1] + (1 - alpha) * v)
+    return out
+
+
+def _curve(ax, runs: list[dict], x_of, label: str, smoothing: float = 0.0) -> None:
     xs = [x_of(e) for e in runs[0]["evals"]]
-    ys = [[e[f"test_{r['metric']}"] for e in r["evals"]] for r in runs]
+    ys = [ema([e[f"test_{r['metric']}"] for e in r["evals"]], smoothing) for r in runs]
     n = min(len(y) for y in ys)
     mean = [statistics.fmean(y[i] for y in ys) for i in range(n)]
     line, = ax.plot(xs[:n], mean, marker="o", ms=3, label=label + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
@@ -81,7 +98,32 @@ def _curve(ax, runs: list[dict], x_of, label: str) -> None:
                         color=line.get_color(), alpha=0.2)
 
 
-def plot(runs: list[dict], out: Path) -> list[Path]:
+def _band(ax, runs: list[dict], key: str, label: str) -> bool:
+    """Mean over the runs of metric `key` per round, with a min–max band; False if no run logged it."""
+    series = [{m["round"]: m[key] for m in r["metrics"] if isinstance(m.get(key), (int, float))} for r in runs]
+    rounds = sorted(set.intersection(*(set(s) for s in series))) if all(series) else []
+    if not rounds:
+        return False
+    values = [[s[x] for s in series] for x in rounds]
+    line, = ax.plot(rounds, [statistics.fmean(v) for v in values], marker="o", ms=2, label=label)
+    if len(runs) > 1:
+        ax.fill_between(rounds, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
+    return True
+
+
+DRIFT_PANELS = [("drift_cosine_mean", "mean pairwise cosine"), ("drift_distance_mean", "distance from the mean update"),
+                ("drift_sign_conflict", "sign conflict (factors)"),
+                ("drift_sign_conflict_product", "sign conflict (product ΔW)"),
+                ("drift_effective_rank", "effective rank of the updates"), ("drift_norm_cv", "update norm spread (CV)")]
+
+
+def shadow_names(runs: list[dict]) -> list[str]:
+    names = {k[len("shadow_"):-len("_gain")] for r in runs for m in r["metrics"] for k in m
+             if k.startswith("shadow_") and k.endswith("_gain")}
+    return sorted(names)
+
+
+def plot(runs: list[dict], out: Path, smoothing: float = 0.0) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -104,10 +146,11 @@ def plot(runs: list[dict], out: Path) -> list[Path]:
         ("accuracy_vs_round", lambda e: e["round"], "round"),
         ("accuracy_vs_megabytes", lambda e: (e["bytes_up_total"] + e["bytes_down_total"]) / 1e6,
          "megabytes communicated (up + down)"),
+        ("accuracy_vs_seconds", lambda e: e["elapsed_seconds"], "seconds (training and evaluation)"),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, members in groups.items():
-            _curve(ax, members, x_of, label)
+            _curve(ax, members, x_of, label, smoothing)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"test {metric_name}")
         ax.grid(alpha=0.3)
@@ -126,6 +169,32 @@ def plot(runs: list[dict], out: Path) -> list[Path]:
     ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(m + e for m, e in zip(means, errs)) + 0.02))
     ax.grid(axis="y", alpha=0.3)
     save(fig, "final_accuracy")
+
+    names = shadow_names(runs)
+    if names:   # one panel per group of runs: each shadow strategy's one-round gain over the run's own
+        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False, sharey=True)
+        for ax, (label, members) in zip(axes[0], groups.items()):
+            for name in names:
+                _band(ax, members, f"shadow_{name}_gain", name)
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_title(label, fontsize=7)
+            ax.set_xlabel("round")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(f"shadow gain in validation {metric_name}")
+        axes[0][-1].legend(fontsize=7)
+        save(fig, "shadow_gain_vs_round")
+
+    panels = [(k, t) for k, t in DRIFT_PANELS if any(k in m for r in runs for m in r["metrics"])]
+    if panels:  # one panel per statistic, one curve per group of runs
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+        for ax, (key, title) in zip(axes[0], panels):
+            for label, members in groups.items():
+                _band(ax, members, key, label)
+            ax.set_title(title, fontsize=8)
+            ax.set_xlabel("round")
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=6)
+        save(fig, "drift_vs_round")
     return written
 
 
@@ -133,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="*", help="run folders")
     ap.add_argument("--out", help="output folder (default: plots/ beside the first run)")
+    ap.add_argument("--ema", type=float, default=0.0, help="smooth accuracy curves, 0 <= A < 1 (default 0: off)")
     args = ap.parse_args(argv)
     try:
         if not args.runs:
@@ -144,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not 0 <= args.ema < 1:
+        print(f"error: --ema: {args.ema} is out of range; expected a number in [0, 1)", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else folders[0].parent / "plots"
-    for path in plot(runs, out):
+    for path in plot(runs, out, args.ema):
         print(path)
     return 0
 

@@ -11,7 +11,8 @@ experiments.yaml:
       server_rounds: 10
     experiments:
       - config: fedavg         # configs/NAME.yaml
-        overrides:             # a list value is a grid axis (cartesian product)
+        overrides:             # a list value is a grid axis (cartesian product); for an option
+                               # that takes a list (shadow_strategies), a list of lists is
           merging_strategy: [average, ties]
           merge_space: product
         seeds: [0, 1, 2]       # replaces the default seeds for this entry
@@ -90,6 +91,16 @@ def check_shape(study) -> None:
                              "inside it is a grid axis)")
 
 
+def is_axis(key: str, value) -> bool:
+    """A grid axis: a list, except for options whose value is a list (shadow_strategies), where an
+    axis is a list of lists."""
+    if not isinstance(value, list):
+        return False
+    if key in config_mod.SCHEMA and config_mod.SCHEMA[key].kind is list:
+        return bool(value) and all(isinstance(v, list) for v in value)
+    return True
+
+
 def expand(study: dict, out_dir: str) -> list[RunSpec]:
     """experiments.yaml -> one RunSpec per (entry, grid point, seed), validated."""
     check_shape(study)
@@ -112,8 +123,8 @@ def expand(study: dict, out_dir: str) -> list[RunSpec]:
         for key in ("dir", "name", "seed"):
             if key in overrides:
                 raise StudyError(f"{where}: '{key}' is set by the study itself, not in overrides")
-        axes = {k: v for k, v in overrides.items() if isinstance(v, list)}
-        fixed = {k: v for k, v in overrides.items() if not isinstance(v, list)}
+        axes = {k: v for k, v in overrides.items() if is_axis(k, v)}
+        fixed = {k: v for k, v in overrides.items() if not is_axis(k, v)}
         for point in itertools.product(*axes.values()) if axes else [()]:
             grid = dict(zip(axes, point))
             base = entry.get("name", Path(config_name).stem if config_mod.is_config_path(config_name) else config_name)

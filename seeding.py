@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 # Purposes keep streams of different kinds apart even at equal (round, client).
-PURPOSES = {"model_init": 0, "partition": 1, "sampling": 2, "client": 3, "split": 4, "merge": 5, "stats": 6, "noise": 7, "tiers": 8}
+PURPOSES = {"model_init": 0, "partition": 1, "sampling": 2, "client": 3, "split": 4, "merge": 5, "stats": 6, "noise": 7, "tiers": 8,
+            "shadow_eval": 9}
 
 
 def derive_seed(seed: int, purpose: str, *coords: int) -> int:

@@ -6,6 +6,8 @@ to `params.grad` and the optimizer steps. `state_dict()` is everything a checkpo
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 import communication
@@ -14,6 +16,7 @@ from optimizers import SERVER_OPTIMIZERS, server_schedule
 
 class ServerState:
     def __init__(self, initial: torch.Tensor, cfg):
+        self.cfg = cfg
         self.params = torch.nn.Parameter(initial)
         self.optimizer = SERVER_OPTIMIZERS[cfg.server_opt]([self.params], cfg)
         self.schedule = server_schedule(self.optimizer, cfg.server_schedule, cfg.server_rounds)
@@ -50,6 +53,12 @@ class ServerState:
         self.params.grad = pseudo_grad.to(self.params.dtype)
         self.optimizer.step()
         self.schedule.step()
+
+    def copy(self) -> "ServerState":
+        """An independent copy, optimizer moments and schedule included (shadows.py steps copies)."""
+        other = ServerState(self.params.detach().clone(), self.cfg)
+        other.load_state_dict(copy.deepcopy(self.state_dict()))
+        return other
 
     def state_dict(self) -> dict:
         cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731

@@ -118,6 +118,9 @@ class RunLog:
         for key, value in record.items():
             if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.tb.add_scalar(key.replace("_", "/", 1), value, step)
+            elif isinstance(value, dict) and not key.endswith("_by_client"):   # per layer: one curve each
+                for sub, v in value.items():
+                    self.tb.add_scalar(f"{key.replace('_', '/', 1)}/{sub}", v, step)
 
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self.dir / "summary.json", summary)

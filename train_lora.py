@@ -21,6 +21,8 @@ import yaml
 import checkpoint
 import communication
 import config as config_mod
+import diagnostics
+import shadows
 import distributed
 import merging
 import models
@@ -97,6 +99,8 @@ class Federation:
     server_state: ServerState = field(init=False)
     aggregator: merging.Aggregator = field(init=False)
     worker: ClientWorker = field(init=False)
+    shadows: dict = field(init=False)             # shadow_strategies entry -> its Aggregator
+    shadow_split: object = field(init=False)      # the validation examples shadows are scored on
     client_tier: list[int] = field(init=False)
     on_client: object = field(init=False, default=None)   # (round, k, K) before the k-th client of K trains
 
@@ -104,8 +108,12 @@ class Federation:
         self.resident = ResidentModel(self.model, self.device, self.cfg.bf16)
         self.server_state = ServerState(self.flat.read(), self.cfg)
         self.aggregator = merging.Aggregator(self.cfg, self.model, self.flat)
+        self.shadows = shadows.shadow_aggregators(self.cfg, self.model, self.flat)
+        needed = {a.statistic_key: (a.statistic, a.space.name == "product")
+                  for a in [self.aggregator, *self.shadows.values()] if a.statistic is not None}
         self.worker = ClientWorker(self.cfg, self.resident, self.task, self.clients, self.aggregator.pairs,
-                                   self.aggregator.statistic, self.cfg.merge_space == "product")
+                                   needed, self.aggregator.statistic_key)
+        self.shadow_split = shadows.validation_subset(self.task.val, self.cfg.shadow_eval_examples, self.cfg.seed)
         self.client_tier = tiers_mod.assign(self.cfg).tolist()
 
     @property
@@ -144,7 +152,8 @@ class Federation:
 
         # 3. reduce: merge the updates by strategy (one shared start without tiers; with tiers only
         # factor-space strategies run, config.py), then the Gaussian mechanism on the sum of clipped updates
-        updates = [merging.ClientUpdate(r.client_id, r.update, r.num_examples, r.statistics) for r in kept]
+        updates = shadows.updates_for(self.aggregator, kept)
+        drift = self.drift(updates, starts[0]) if cfg.drift_stats else {}
         pseudo_grad, merge_info = self.aggregator.aggregate(updates, starts[0], rnd)
         if cfg.noise_multiplier > 0 or cfg.dp_divide_by_clip:
             pseudo_grad = privacy.noisy_mean(pseudo_grad, len(updates), cfg.noise_multiplier, cfg.l2_clip_norm,
@@ -152,16 +161,38 @@ class Federation:
         if not torch.isfinite(pseudo_grad).all():
             raise Diverged(f"round {rnd + 1}: the aggregated update (pseudo-gradient) is not finite")
 
-        # 4. server step
+        # 4. server step (shadow strategies, when due, step copies of the state as it is now)
         server_lr = self.server_state.lr
+        shadowed = bool(self.shadows) and (rnd + 1) % cfg.shadow_freq == 0
+        before = self.server_state.copy() if shadowed else None
         self.server_state.step(pseudo_grad)
         if not torch.isfinite(self.server).all():
             raise Diverged(f"round {rnd + 1}: the server parameters are not finite after the server step")
         self.world.check_same(self.server, f"the server after round {rnd + 1}")
         self.server_state.eval_mask = plans[0].download if cfg.tiers <= 1 else None
         self.server_state.tier_masks = [p.download for p in plans] if cfg.tiers > 1 else []
-        return round_metrics(results, kept, cfg.tiers, server_lr=server_lr, merge_info=merge_info,
-                             dl_density=dl_density, ul_density=ul_density)
+        shadow = (shadows.run_shadows(cfg, self.shadows, self.task.objective.primary, self.shadow_score, rnd, before,
+                                      kept, starts[0], pseudo_grad) if shadowed else {})
+        return {**round_metrics(results, kept, cfg.tiers, server_lr=server_lr, merge_info=merge_info,
+                                dl_density=dl_density, ul_density=ul_density), **drift, **shadow}
+
+    def shadow_score(self, params: torch.Tensor | None) -> float:
+        """The validation primary metric, on the shadows' examples, of a server vector (None: the
+        run's own), masked as the run's evaluation is."""
+        params = self.server if params is None else params
+        mask = self.server_state.eval_mask if self.cfg.eval_masked else None
+        self.flat.write(params.detach() if mask is None else params.detach() * mask)
+        return evaluate(self.model, self.shadow_split, self.task.objective, self.cfg.eval_batch, self.device,
+                        self.cfg.bf16, self.world)[self.task.objective.primary]
+
+    def drift(self, updates: list[merging.ClientUpdate], start: torch.Tensor) -> dict:
+        """diagnostics.drift of the round's updates; the LoRA layers' weight updates are taken against
+        the one shared download (left out with tiers, whose downloads differ, and for LoRA on convolutions)."""
+        layers = {}
+        if self.aggregator.pairs and self.cfg.tiers <= 1 and models.MODELS[models.resolve_name(self.cfg)].linear_lora:
+            blocks = merging.ProductSpace(self.flat, self.aggregator.pairs).blocks(updates, start)
+            layers = {pair.name: blocks[pair.name] for pair in self.aggregator.pairs}
+        return diagnostics.drift([u.delta for u in updates], [u.client_id for u in updates], layers)
 
     # -- checkpoints
     def state(self) -> dict:
@@ -292,6 +323,8 @@ def round_record(fed: Federation, rnd: int, progress: Progress) -> dict:
     if evaluated:
         progress.evals.append(record)
     record["seconds"] = time.perf_counter() - t0
+    progress.totals["elapsed_seconds"] = progress.totals.get("elapsed_seconds", 0.0) + record["seconds"]
+    record["elapsed_seconds"] = progress.totals["elapsed_seconds"]   # training and evaluation so far
     return record
 
 
@@ -349,6 +382,7 @@ def summarize(fed: Federation, progress: Progress, wall_time_s: float) -> dict:
         **{k: v for k, v in totals.items() if "_tier" in k},
         **models.describe(fed.model), "device": str(fed.device), "model": models.resolve_name(cfg),
         "train_examples": len(fed.task.train),
+        **diagnostics.convergence(evals, p, cfg.target_accuracy),
     }
     if cfg.noise_multiplier > 0:
         dp_delta = privacy.resolved_delta(cfg)
@@ -424,7 +458,8 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None, world
             (run.dir / DIVERGED_FILE).unlink(missing_ok=True)  # the run is live again
             logger.info(f"resumed {run.dir} after round {progress.rounds_done} of {cfg.server_rounds}")
         if cfg.server_rounds == 0 and not progress.evals:  # evaluate (and save) the initial model
-            record = {"round": 0, **fed.evaluate(), "bytes_up_total": 0, "bytes_down_total": 0, "seconds": 0.0}
+            record = {"round": 0, **fed.evaluate(), "bytes_up_total": 0, "bytes_down_total": 0, "seconds": 0.0,
+                      "elapsed_seconds": 0.0}
             run.log_round(record)
             progress.evals.append(record)
         bar = tqdm(range(progress.rounds_done, cfg.server_rounds), desc="rounds", disable=console is None,

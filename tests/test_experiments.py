@@ -166,3 +166,48 @@ def test_plot_refuses_empty_or_unfinished_runs(tmp_path, capsys):
     assert plot.main([str(tmp_path / "half")]) == 2
     assert "unfinished" in capsys.readouterr().err
     assert plot.main([]) == 2
+
+
+def test_plot_draws_shadow_gains_drift_and_time_curves(tmp_path):
+    base = dict(config.load_config())
+    dirs = []
+    for seed, gain in ((0, 0.01), (1, 0.03)):
+        d = tmp_path / f"s{seed}"
+        fake_run(d, {**base, "seed": seed, "name": d.name, "shadow_strategies": ["ties"]}, 0.8)
+        lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        for m in lines:
+            m.update({"seconds": 2.0, "shadow_ties_gain": gain * m["round"], "drift_cosine_mean": 0.1 * seed})
+        (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+        dirs.append(str(d))
+    runs = [plot.load_run(plot.Path(d)) for d in dirs]
+    assert [e["elapsed_seconds"] for e in runs[0]["evals"]] == [2.0, 4.0, 6.0]   # cumulative from "seconds"
+    assert plot.shadow_names(runs) == ["ties"]
+
+    class Axes:   # records what _band draws
+        def plot(self, x, y, **kw):
+            self.line = (x, y)
+            return [type("Line", (), {"get_color": lambda self: "k"})()]
+
+        def fill_between(self, x, lo, hi, **kw):
+            self.band = (lo, hi)
+    ax = Axes()
+    assert plot._band(ax, runs, "shadow_ties_gain", "ties")
+    assert ax.line[0] == [1, 2, 3] and ax.line[1] == pytest.approx([0.02, 0.04, 0.06])   # mean of the seeds
+    assert ax.band == (pytest.approx([0.01, 0.02, 0.03]), pytest.approx([0.03, 0.06, 0.09]))
+    assert plot.ema([1.0, 0.0, 0.0], 0.5) == [1.0, 0.5, 0.25]
+
+    assert plot.main([*dirs, "--out", str(tmp_path / "figs"), "--ema", "0.5"]) == 0
+    for stem in ("shadow_gain_vs_round", "drift_vs_round", "accuracy_vs_seconds"):
+        assert (tmp_path / "figs" / f"{stem}.png").stat().st_size > 1000
+    assert plot.main([*dirs, "--ema", "1.5"]) == 2
+
+
+def test_a_list_valued_option_is_a_value_and_a_list_of_lists_its_axis(tmp_path):
+    specs = rx.expand({"defaults": {"shadow_strategies": ["ties", "fisher"]},
+                       "experiments": [{"config": "fedavg", "overrides": {"iid_alpha": [0.1, 1.0]}},
+                                       {"config": "flasc", "overrides": {"shadow_strategies": [["ties"], ["dare"]]}}]},
+                      str(tmp_path))
+    assert [s.resolved["shadow_strategies"] for s in specs] == [["ties", "fisher"]] * 2 + [["ties"], ["dare"]]
+    assert [s.resolved["iid_alpha"] for s in specs[:2]] == [0.1, 1.0]
+    cmd = rx.command(specs[0], "fresh", tmp_path)
+    assert cmd[cmd.index("--shadow_strategies") + 1] == "[ties, fisher]"   # read back as the same list

@@ -30,6 +30,7 @@ import csv
 import itertools
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for spec in specs:
             print(f"{state_of(spec, out_dir):8s} {spec.name}: --config {spec.config} "
-                  + " ".join(f"--{k} {v}" for k, v in spec.overrides.items()))
+                  + " ".join(f"--{k} {shlex.quote(config_mod.yaml_value(v))}" for k, v in spec.overrides.items()))
         print(f"{len(specs)} runs")
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ from pathlib import Path
 import yaml
 
 import config as config_mod
+import study_tables
 from interrupts import INTERRUPTS, Interrupted
 from tracking import DIVERGED_FILE as DIVERGED, EXIT_CODE, check_writable
 
@@ -311,6 +312,12 @@ def results_table(specs: list[RunSpec], out_dir: Path) -> list[dict]:
         short = "acc" if metric == "accuracy" else metric
         for key, label in ((f"test_{metric}", f"test {short}"), (f"best_test_{metric}", f"best test {short}")):
             row[label] = _mean_std([s[key] for s in summaries])
+        if all(f"val_{metric}_auc" in s for s in summaries):
+            row["val auc"] = _mean_std([s[f"val_{metric}_auc"] for s in summaries])
+        if all("target_accuracy" in s for s in summaries):   # mean over the seeds that reached it
+            reached = [s["rounds_to_target"] for s in summaries if s["rounds_to_target"] is not None]
+            row["rounds to target"] = (f"{statistics.fmean(reached):.1f} ({len(reached)}/{len(summaries)} seeds)"
+                                       if reached else f"never (0/{len(summaries)} seeds)")
         row["MB"] = _mean_std([s["bytes_total"] / 1e6 for s in summaries])
         if all("epsilon" in s for s in summaries):
             row["epsilon"] = _mean_std([s["epsilon"] for s in summaries])
@@ -322,7 +329,8 @@ def results_table(specs: list[RunSpec], out_dir: Path) -> list[dict]:
 def write_tables(rows: list[dict], out_dir: Path) -> str:
     scores = list(dict.fromkeys(k for r in rows for k in r if k.startswith(("test ", "best test "))))
     keys = ["run", "config", "options", "strategy", "space", "server_opt", "dl/ul density", "seeds", "diverged",
-            *sorted(scores, key=lambda k: k.startswith("best")), "MB", "epsilon", "wall s"]
+            *sorted(scores, key=lambda k: k.startswith("best")), "val auc", "rounds to target", "MB", "epsilon",
+            "wall s"]
     keys = [k for k in keys if any(k in r for r in rows)]
 
     def fmt(value, digits):
@@ -330,7 +338,7 @@ def write_tables(rows: list[dict], out_dir: Path) -> str:
             return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
         return str(value)
 
-    digits = {**{k: 4 for k in scores}, "MB": 1, "epsilon": 2, "wall s": 0}
+    digits = {**{k: 4 for k in scores}, "val auc": 4, "MB": 1, "epsilon": 2, "wall s": 0}
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(k, "-"), digits.get(k, 0)) for k in keys) + " |")
@@ -428,11 +436,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     md = write_tables(rows, out_dir)
     print(md)
+    extra = [name for name, table in (("shadows.md", study_tables.shadow_table(specs, out_dir)),
+                                      ("drift.md", study_tables.drift_table(specs, out_dir))) if table]
     failed = {n: o for n, o in outcome.items() if o.startswith("failed")}
     diverged = {n: o for n, o in outcome.items() if o.startswith("diverged")}
     print(f"\n{len(specs)} runs: {sum(o == 'ok' for o in outcome.values())} ran, "
           f"{sum(o.startswith('skipped') for o in outcome.values())} skipped, {len(diverged)} diverged, "
-          f"{len(failed)} failed; tables in {out_dir}/results.md and results.csv")
+          f"{len(failed)} failed; tables in {out_dir}/results.md and results.csv"
+          + "".join(f", {name}" for name in extra))
     for name, why in {**diverged, **failed}.items():
         print(f"  {name}: {why}")
     return 1 if failed else 0

@@ -211,3 +211,26 @@ def test_a_list_valued_option_is_a_value_and_a_list_of_lists_its_axis(tmp_path):
     assert [s.resolved["iid_alpha"] for s in specs[:2]] == [0.1, 1.0]
     cmd = rx.command(specs[0], "fresh", tmp_path)
     assert cmd[cmd.index("--shadow_strategies") + 1] == "[ties, fisher]"   # read back as the same list
+
+
+def test_study_tables_of_shadow_gains_and_drift_by_hand(tmp_path):
+    import study_tables
+    specs = rx.expand({"seeds": [0, 1], "experiments": [{"config": "fedavg", "overrides": {"iid_alpha": [0.1, 100.0]}}]},
+                      str(tmp_path))
+    gains = {0.1: [[0.02, 0.04, 0.0, 0.02], [0.0, 0.02, -0.02, 0.0]], 100.0: [[0.0] * 4, [-0.01] * 4]}
+    for spec in specs:
+        fake_run(tmp_path / spec.name, spec.resolved, 0.8)
+        g = gains[spec.resolved["iid_alpha"]][spec.resolved["seed"]]
+        lines = [{"round": r + 1, "shadow_ties_gain": g[r], "drift_cosine_mean": 0.5 + spec.resolved["seed"] / 10}
+                 for r in range(4)]
+        (tmp_path / spec.name / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    md = study_tables.shadow_table(specs, tmp_path)
+    rows = [x for x in md.splitlines() if x.startswith("| iid_alpha")]
+    # alpha 0.1: seed means 0.02 and 0.0 -> +0.0100 ± 0.0141; first half (rounds 1-2): 0.03, 0.01; second: 0.01, -0.01
+    assert rows[0] == "| iid_alpha=0.1 | 2 | +0.0100 ± 0.0141 |"
+    assert rows[2] == "| iid_alpha=0.1 | 2 | +0.0200 ± 0.0141 |" and rows[4] == "| iid_alpha=0.1 | 2 | +0.0000 ± 0.0141 |"
+    assert rows[1] == "| iid_alpha=100.0 | 2 | -0.0050 ± 0.0071 |"
+    assert rows[6] == "| iid_alpha=0.1 | 0.50 |" and rows[7] == "| iid_alpha=100.0 | 0.00 |"   # 4 of 8 rounds won
+    drift = study_tables.drift_table(specs, tmp_path)
+    assert "| iid_alpha=0.1 | 2 | 0.5500 ± 0.0707 |" in drift
+    assert (tmp_path / "shadows.md").read_text() == md and (tmp_path / "drift.md").is_file()

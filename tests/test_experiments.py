@@ -234,3 +234,15 @@ def test_study_tables_of_shadow_gains_and_drift_by_hand(tmp_path):
     drift = study_tables.drift_table(specs, tmp_path)
     assert "| iid_alpha=0.1 | 2 | 0.5500 ± 0.0707 |" in drift
     assert (tmp_path / "shadows.md").read_text() == md and (tmp_path / "drift.md").is_file()
+
+
+def test_the_merging_study_files_expand():
+    from conftest import ROOT
+    shadows = rx.expand(yaml.safe_load((ROOT / "experiments" / "merging_study.yaml").read_text()), "runs/x")
+    assert len(shadows) == 18 and {s.resolved["client_epochs"] for s in shadows} == {1, 5}
+    assert {s.resolved["iid_alpha"] for s in shadows} == {0.1, 1.0, 100.0}
+    assert all(len(s.resolved["shadow_strategies"]) == 8 for s in shadows)
+    full = rx.expand(yaml.safe_load((ROOT / "experiments" / "merging_study_full.yaml").read_text()), "runs/y")
+    # whole runs with exactly the settings their shadows had in stage 1
+    same = ("server_rounds", "max_length", "fisher_examples", "density", "ties_scope", "client_lr", "clients")
+    assert all(f.resolved[k] == shadows[0].resolved[k] for f in full for k in same)

@@ -111,6 +111,16 @@ def _band(ax, runs: list[dict], key: str, label: str) -> bool:
     return True
 
 
+def distinguishing_titles(groups: dict[str, list[dict]]) -> dict[str, str]:
+    """Each group's title: only the options whose values differ between the groups (the full label
+    when nothing does)."""
+    configs = {label: members[0]["config"] for label, members in groups.items()}
+    keys = sorted({k for c in configs.values() for k in c} - {"seed", "name", "dir"})
+    varying = [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1]
+    return {label: ", ".join(f"{k}={c.get(k)}" for k, c in [(k, configs[label]) for k in varying]) or label
+            for label in groups}
+
+
 DRIFT_PANELS = [("drift_cosine_mean", "mean pairwise cosine"), ("drift_distance_mean", "distance from the mean update"),
                 ("drift_sign_conflict", "sign conflict (factors)"),
                 ("drift_sign_conflict_product", "sign conflict (product ΔW)"),
@@ -172,24 +182,32 @@ def plot(runs: list[dict], out: Path, smoothing: float = 0.0) -> list[Path]:
 
     names = shadow_names(runs)
     if names:   # one panel per group of runs: each shadow strategy's one-round gain over the run's own
-        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False, sharey=True)
-        for ax, (label, members) in zip(axes[0], groups.items()):
+        titles = distinguishing_titles(groups)
+        cols = min(3, len(groups))
+        rows = -(-len(groups) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False, sharey=True)
+        for ax, (label, members) in zip(axes.flat, groups.items()):
             for name in names:
                 _band(ax, members, f"shadow_{name}_gain", name)
             ax.axhline(0, color="black", lw=0.8)
-            ax.set_title(label, fontsize=7)
+            ax.set_title(titles[label], fontsize=8)
             ax.set_xlabel("round")
             ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel(f"shadow gain in validation {metric_name}")
-        axes[0][-1].legend(fontsize=7)
+        for ax in list(axes.flat)[len(groups):]:
+            ax.set_visible(False)
+        for row in axes:
+            row[0].set_ylabel(f"shadow gain, validation {metric_name}")
+        axes.flat[0].legend(fontsize=7)
+        fig.tight_layout()
         save(fig, "shadow_gain_vs_round")
 
     panels = [(k, t) for k, t in DRIFT_PANELS if any(k in m for r in runs for m in r["metrics"])]
     if panels:  # one panel per statistic, one curve per group of runs
+        titles = distinguishing_titles(groups)
         fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
         for ax, (key, title) in zip(axes[0], panels):
             for label, members in groups.items():
-                _band(ax, members, key, label)
+                _band(ax, members, key, titles[label])
             ax.set_title(title, fontsize=8)
             ax.set_xlabel("round")
             ax.grid(alpha=0.3)

@@ -73,3 +73,12 @@ def test_shadow_strategies_refuse_what_the_run_could_not_use(tiny_overrides):
     with pytest.raises(config.ConfigError, match="shadow_strategies: regmean: merging_strategy: regmean merges LoRA"):
         config.load_config(overrides={**tiny_overrides, "lora_rank": 0, "shadow_strategies": ["regmean"]})
     assert config.load_config(overrides={**tiny_overrides, "shadow_strategies": "ties"}).shadow_strategies == ["ties"]
+
+
+def test_shadow_freq_shadows_only_the_rounds_due(tiny_overrides):
+    cfg = config.load_config(overrides={**tiny_overrides, "shadow_strategies": ["ties"], "shadow_freq": 2})
+    fed = train_lora.build(cfg, torch.device("cpu"))
+    assert "shadow_ties_gain" not in fed.run_round(0)      # round 1: not due
+    assert "shadow_ties_gain" in fed.run_round(1)          # round 2: due
+    with pytest.raises(config.ConfigError, match="shadow_freq: "):
+        config.load_config(overrides={**tiny_overrides, "shadow_freq": 0})

@@ -34,8 +34,10 @@ from tiers import Plan
 class ClientJob:
     client_id: int
     tier: int
-    start: torch.Tensor     # the download: server ⊙ the tier's download mask
+    start: torch.Tensor     # where the client starts: its download (and its own state, algorithms.py)
     plan: Plan
+    state: object = None    # what the algorithm needs again after training (e.g. SCAFFOLD's c_i)
+    training: dict = field(default_factory=dict)   # train_client extras: grad_offset, penalty
 
 
 @dataclass
@@ -50,11 +52,14 @@ class ClientResult:
     metrics: dict = field(default_factory=dict)     # loss_sum, correct, count, epochs; norm, clipped
     diverged: str | None = None      # what went non-finite: "training loss" or "update"
     stats_seconds: float = 0.0
+    new_state: torch.Tensor | None = None   # the client's state after this round (kept, not sent)
+    extra: dict = field(default_factory=dict)   # what else it sends (SCAFFOLD's Δc) or reports (a pruned rank)
 
     def to(self, device) -> "ClientResult":
         """The same result with its tensors on `device` (results travel between ranks on the CPU)."""
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(self, update=move(self.update),
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return replace(self, update=move(self.update), new_state=move(self.new_state),
+                       extra={k: move(v) for k, v in self.extra.items()},
                        statistics={key: {k: move(v) for k, v in stats.items()} for key, stats in self.statistics.items()})
 
 
@@ -62,11 +67,12 @@ class ClientWorker:
     """Trains clients on the resident model (state.ResidentModel) of this process."""
 
     def __init__(self, cfg, resident, task, clients: list[torch.Tensor], pairs, statistics: dict | None = None,
-                 sent: str | None = None):
+                 sent: str | None = None, algorithm=None):
         """statistics: key -> (statistic, product_space), what the strategies need; sent: the key of
-        the one the run's strategy uploads (counted in bytes_up)."""
+        the one the run's strategy uploads (counted in bytes_up); algorithm: the run's
+        algorithms.FedAvg (or other), whose `finish` makes a client's new state."""
         self.cfg, self.resident, self.task, self.clients = cfg, resident, task, clients
-        self.pairs, self.statistics, self.sent = pairs, statistics or {}, sent
+        self.pairs, self.statistics, self.sent, self.algorithm = pairs, statistics or {}, sent, algorithm
         self.flat = resident.flat
 
     # -- a client's data, in seeded orders
@@ -91,9 +97,11 @@ class ClientWorker:
         return self.task.train.batch(idx[torch.randperm(len(idx), generator=g)[:count]])
 
     # -- local training
-    def train_client(self, rnd: int, client: int, start: torch.Tensor,
-                     grad_mask: list[torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
-        """Load `start` into the model, train locally, return the client's flat parameters."""
+    def train_client(self, rnd: int, client: int, start: torch.Tensor, grad_mask: list[torch.Tensor] | None,
+                     grad_offset: list[torch.Tensor] | None = None, penalty=None) -> tuple[torch.Tensor, dict]:
+        """Load `start` into the model, train locally, return the client's flat parameters.
+        grad_offset: added to every gradient (SCAFFOLD's c − c_i); penalty(named trainable
+        tensors): added to every loss (HetLoRA's rank regulariser)."""
         cfg, model, device = self.cfg, self.resident.model, self.resident.device
         self.flat.write(start)
         # Dropout draws from torch's global generator: seed it per (seed, round, client).
@@ -102,14 +110,18 @@ class ClientWorker:
         anchors = self.flat.split(start) if cfg.mu > 0 else None
         models.training_mode(model, cfg.base_dropout)
         objective = self.task.objective
-        loss_sum, correct, count, epochs_run = 0.0, 0, 0, 0
+        named = dict(zip(self.flat.names, self.flat.params)) if penalty is not None else None
+        loss_sum, correct, count, epochs_run, steps = 0.0, 0, 0, 0, 0
         for epoch in self.client_epochs(rnd, client):
             epoch_correct, epoch_count = 0, 0
             for batch in epoch:
                 logits = logits_of(model, batch, device, cfg.bf16)
                 loss = objective.loss(logits, batch)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if penalty is None else loss + penalty(named)).backward()
+                if grad_offset is not None:
+                    for p, offset in zip(self.flat.params, grad_offset):
+                        p.grad = offset.clone() if p.grad is None else p.grad.add_(offset)
                 if anchors is not None:  # FedProx: pull towards the downloaded model
                     proximal_grad_(self.flat.params, anchors, cfg.mu)
                 if grad_mask is not None:  # client_freeze: train only the downloaded entries
@@ -117,6 +129,7 @@ class ClientWorker:
                         if p.grad is not None:
                             p.grad.mul_(m)
                 opt.step()
+                steps += 1
                 hits, n = objective.hits(logits.detach(), batch)  # units: examples, labels or tokens
                 loss_sum += loss.item() * n
                 epoch_correct += hits
@@ -125,7 +138,7 @@ class ClientWorker:
             if cfg.early_stopping > 0 and epoch_count and epoch_correct / epoch_count >= cfg.early_stopping:
                 break
         return self.flat.read(), {"loss_sum": loss_sum, "correct": correct, "count": count,
-                                  "epochs": epochs_run}
+                                  "epochs": epochs_run, "steps": steps}
 
     def train_group(self, rnd: int, jobs: list[ClientJob], on_client=None) -> list[ClientResult]:
         """Each job's client trained, its update through the upload chain, its statistic computed.
@@ -143,7 +156,7 @@ class ClientWorker:
         cfg, plan, start = self.cfg, job.plan, job.start
         grad_mask = None if plan.train is None else self.flat.split(plan.train.to(start.dtype))
         with INTERRUPTS.allowed():  # an interrupt may abandon local training at once
-            client_params, metrics = self.train_client(rnd, job.client_id, start, grad_mask)
+            client_params, metrics = self.train_client(rnd, job.client_id, start, grad_mask, **job.training)
         result = ClientResult(job.client_id, job.tier, len(self.clients[job.client_id]), None,
                               bytes_down=plan.dl_bytes, metrics=metrics)
         delta = start - client_params
@@ -155,6 +168,9 @@ class ClientWorker:
                                          uploads.clip(cfg.l2_clip_norm)])
         result = replace(result, update=upload.delta, bytes_up=upload.bytes,
                          metrics={**metrics, "norm": upload.norm, "clipped": upload.clipped})
+        if self.algorithm is not None:
+            new_state, extra, extra_bytes = self.algorithm.finish(job, client_params, metrics)
+            result = replace(result, new_state=new_state, extra=extra, bytes_up=result.bytes_up + extra_bytes)
         if self.statistics:  # of the model the client uploads, on its own examples
             t0 = time.perf_counter()
             self.flat.write(start - upload.delta)

@@ -19,22 +19,18 @@ def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
 
     Exactly k entries are kept even with ties (torch.topk breaks them deterministically).
     """
+    return top_k_mask(x, int(x.numel() * density))
+
+
+def top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k entries of largest |x| (ties broken deterministically by torch.topk)."""
     flat = x.reshape(-1)
-    k = int(flat.numel() * density)
     mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     if k >= flat.numel():
         mask.fill_(True)
     elif k > 0:
         mask[torch.topk(flat.abs(), k, sorted=False).indices] = True
     return mask.view_as(x)
-
-
-def sparsify(update: torch.Tensor, density: float) -> tuple[torch.Tensor, int]:
-    """Upload sparsification: the update with all but its global top-k entries zeroed, and k."""
-    if density >= 1:
-        return update, update.numel()
-    mask = topk_mask(update, density)
-    return update * mask, int(mask.sum())
 
 
 def message_bytes(n: int, k: int) -> int:

@@ -93,6 +93,10 @@ def _client_opts() -> list[str]:
     return sorted(CLIENT_OPTIMIZERS)
 
 
+# algorithms.ALGORITHMS' names (algorithms.py imports config through shadows.py, so they are listed here;
+# tests/test_algorithms.py checks the two agree).
+ALGORITHM_NAMES = ("fedavg", "fedsa", "scaffold", "fedex", "flora", "flexlora", "hetlora")
+
 _positive = Option(float, lambda v: v > 0, "a number > 0")
 _density = Option(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 _pos_int = Option(int, lambda v: v >= 1, "an integer >= 1")
@@ -131,6 +135,11 @@ SCHEMA: dict[str, Option] = {
     "client_lr": _positive,
     "client_batch": _pos_int,
     "client_epochs": _pos_int,
+    "algorithm": _choice(*ALGORITHM_NAMES),
+    "local_head": Option(bool),
+    "hetlora_prune": Option(bool),
+    "hetlora_gamma": Option(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "hetlora_lambda": Option(float, lambda v: v >= 0, "a number >= 0"),
     "merging_strategy": _registry_choice(_strategies),
     "merge_space": _choice("factors", "product"),
     "weighting": _choice("uniform", "num_examples"),
@@ -170,6 +179,8 @@ SCHEMA: dict[str, Option] = {
     "eval_freq": _pos_int,
     "eval_masked": Option(bool),
     "eval_batch": _pos_int,
+    "eval_personalized": Option(bool),
+    "local_test_fraction": Option(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
     "target_accuracy": Option(float, lambda v: v >= 0, "a number >= 0 (a value of the primary metric) or null",
                               nullable=True),
     "drift_stats": Option(bool),
@@ -403,6 +414,55 @@ def _check_together(cfg: Config) -> None:
                           f"(got {cfg.lora_rank})")
     if cfg.shadow_strategies:
         _check_shadows(cfg)
+    _check_algorithm(cfg)
+
+
+# Algorithms that set the server's model themselves (no server optimizer step of their own).
+_SETS_SERVER = ("fedex", "flora", "flexlora")
+_RANK_TIERS = ("fedavg", "flora", "flexlora", "hetlora")
+
+
+def _check_algorithm(cfg: Config) -> None:
+    """Which options mean something with each algorithm (README "Federated LoRA baselines")."""
+    a = cfg.algorithm
+    if cfg.hetlora_prune and a != "hetlora":
+        raise ConfigError(f"hetlora_prune: rank self-pruning is HetLoRA's; expected algorithm: hetlora or "
+                          f"hetlora_prune: false (algorithm is {a})")
+    if a == "fedavg":
+        return
+    if cfg.lora_rank <= 0 and a != "scaffold":
+        raise ConfigError(f"algorithm: {a} works on LoRA adapters; expected lora_rank >= 1 (got {cfg.lora_rank})")
+    if (cfg.merging_strategy, cfg.merge_space) != ("average", "factors"):
+        raise ConfigError(f"merging_strategy: algorithm {a} aggregates by its own rule; expected merging_strategy: "
+                          "average and merge_space: factors (merging strategies run with algorithm: fedavg)")
+    if cfg.shadow_strategies:
+        raise ConfigError(f"shadow_strategies: shadows re-aggregate the updates of algorithm fedavg; expected [] "
+                          f"with algorithm {a}")
+    if cfg.dl_density < 1 or cfg.dl_density_decay < 1 or cfg.server_freeze or cfg.client_freeze:
+        raise ConfigError(f"dl_density: algorithm {a} sends its clients what its method prescribes, dense; "
+                          "expected dl_density: 1, dl_density_decay: 1, server_freeze and client_freeze false")
+    if a == "scaffold" and (cfg.ul_density < 1 or cfg.ul_density_decay < 1):
+        raise ConfigError("ul_density: SCAFFOLD's control variates are computed from the whole local change; "
+                          "expected ul_density: 1 and ul_density_decay: 1 with algorithm scaffold")
+    if cfg.noise_multiplier > 0 and a != "fedsa":
+        raise ConfigError(f"noise_multiplier: the Gaussian mechanism covers a uniform mean of clipped updates; "
+                          f"algorithm {a} uses the updates otherwise (products, control variates); expected 0 "
+                          "(or algorithm fedavg or fedsa)")
+    if a in _SETS_SERVER and (cfg.server_opt, cfg.server_lr, cfg.server_schedule) != ("sgd", 1.0, "constant"):
+        raise ConfigError(f"server_opt: algorithm {a} sets the server's model itself; expected server_opt: sgd, "
+                          "server_lr: 1 and server_schedule: constant")
+    if cfg.freeze_a and a in ("fedsa", "flexlora"):
+        raise ConfigError(f"freeze_a: algorithm {a} learns A ({'the only shared part' if a == 'fedsa' else 'by SVD'}); "
+                          "expected freeze_a: false")
+    if cfg.tiers > 1 and a not in _RANK_TIERS:
+        raise ConfigError(f"tiers: algorithm {a} trains one rank on every client; expected tiers: 1 (tiers run "
+                          f"with algorithm {', '.join(_RANK_TIERS)})")
+    if cfg.tiers > 1 and cfg.syshet != "rank":
+        raise ConfigError(f"syshet: algorithm {a} with tiers gives each tier a rank; expected syshet: rank")
+    from models import MODELS, resolve_name
+    if a in ("fedex", "flora", "flexlora") and not MODELS[resolve_name(cfg)].linear_lora:
+        raise ConfigError(f"algorithm: {a} works on products B·A of linear layers; model {resolve_name(cfg)} "
+                          "adapts convolutions; expected another algorithm")
 
 
 def _check_shadows(cfg: Config) -> None:

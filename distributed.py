@@ -107,6 +107,30 @@ class World:
             raise RankFailed(f"rank {rank} failed: {err[1]}")
         return [r.to(device) for results, _ in parts for r in results]
 
+    def from_main(self, make):
+        """Rank 0's `make()` on every rank (world size 1: make()); others do not call make. An
+        error in it ends every rank (RankFailed on the others)."""
+        if self.size == 1:
+            return make()
+        import torch.distributed as dist
+        box, own = [None], None
+        if self.is_main:
+            try:
+                box = [("ok", make())]
+            except Exception as e:  # noqa: BLE001 - shared with the other ranks, then re-raised here
+                box, own = [("error", f"{type(e).__name__}: {e}".splitlines()[0])], e
+        try:
+            dist.broadcast_object_list(box, src=0)
+        except RuntimeError as e:
+            raise RankLost(f"rank {self.rank} lost rank 0 ({str(e).strip().splitlines()[0] if str(e).strip() else e}"
+                           "): a rank died or did not arrive within dist_timeout") from None
+        status, value = box[0]
+        if status == "error":
+            if own is not None:
+                raise own
+            raise RankFailed(f"rank 0 failed: {value}")
+        return value
+
     def combine(self, tally):
         """Every rank's evaluation tally merged into one (world size 1: the tally itself)."""
         if self.size == 1:

@@ -360,7 +360,10 @@ def load_trained(cfg, folder: Path, num_labels: int, pad_token_id: int | None, l
     base = build_base(cfg, num_labels, pad_token_id, lm_head)
     if cfg.lora_rank > 0:
         from peft import PeftModel
-        return PeftModel.from_pretrained(base, str(folder))
+        import base_weights
+        model = PeftModel.from_pretrained(base, str(folder))
+        base_weights.load_into(model, folder)   # FedEx-LoRA / FLoRA runs changed the base weights too
+        return model
     state = torch.load(folder / FULL_STATE, weights_only=True)
     missing = set(state) - {n for n, _ in base.named_parameters()}
     if missing:

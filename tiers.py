@@ -75,6 +75,14 @@ def _rank_keep(server: torch.Tensor, flat, pairs, rank: int, by_norm: bool) -> d
     return keep
 
 
+def rank_mask(flat, pairs, rank: int, device) -> torch.Tensor:
+    """Flat mask of the first `rank` components of every LoRA layer, and every non-LoRA entry."""
+    keep = {}
+    for pair in pairs:
+        keep[pair.name] = torch.arange(pair.rank) < rank
+    return component_mask(flat, pairs, keep, device)
+
+
 def lora_entries(flat, pairs, device) -> torch.Tensor:
     mask = torch.zeros(flat.numel, dtype=torch.bool, device=device)
     named = flat.named(mask)

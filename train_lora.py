@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
+import algorithms
 import checkpoint
 import communication
 import config as config_mod
@@ -30,12 +31,14 @@ import privacy
 import seeding
 import tiers as tiers_mod
 import tracking
+from client_state import ClientStateStore
 from clients import ClientJob, ClientResult, ClientWorker
 from interrupts import INTERRUPTS, Interrupted
 from data import DataUnavailable, Task, load_task
 from data import partition as partition_mod
 from evaluation import evaluate
 from server import ServerState
+from shadows import Subset
 from state import FlatParams, ResidentModel
 
 
@@ -63,6 +66,22 @@ def pick_device(gpu: str, local_rank: int = 0) -> torch.device:
         raise config_mod.ConfigError(f"gpu: device {gpu} does not exist; expected an index below "
                                      f"{torch.cuda.device_count()}, auto or cpu")
     return torch.device("cuda", int(gpu))
+
+
+def hold_out_local_tests(cfg, clients: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """eval_personalized: each client's data split into what it trains on and its own held-out test
+    examples, round(local_test_fraction · n) of them in a seeded order (at least one of a client
+    with two or more examples). Without it: the clients unchanged and no local tests."""
+    if not cfg.eval_personalized:
+        return clients, []
+    train, test = [], []
+    for c, idx in enumerate(clients):
+        n_test = int(math.floor(cfg.local_test_fraction * len(idx) + 0.5))
+        n_test = min(max(n_test, 1 if len(idx) >= 2 else 0), max(len(idx) - 1, 0))
+        order = idx[torch.randperm(len(idx), generator=seeding.torch_generator(cfg.seed, "local_test", c))]
+        test.append(order[:n_test].sort().values)
+        train.append(order[n_test:].sort().values)
+    return train, test
 
 
 def make_clients(cfg, task: Task) -> list[torch.Tensor]:
@@ -95,6 +114,7 @@ class Federation:
     clients: list[torch.Tensor]
     device: torch.device
     world: distributed.World = field(default_factory=distributed.World)
+    local_tests: list = field(default_factory=list)   # eval_personalized: each client's held-out examples
     resident: ResidentModel = field(init=False)
     server_state: ServerState = field(init=False)
     aggregator: merging.Aggregator = field(init=False)
@@ -102,6 +122,8 @@ class Federation:
     shadows: dict = field(init=False)             # shadow_strategies entry -> its Aggregator
     shadow_split: object = field(init=False)      # the validation examples shadows are scored on
     client_tier: list[int] = field(init=False)
+    algorithm: algorithms.FedAvg = field(init=False)
+    store: ClientStateStore | None = field(init=False, default=None)   # rank 0's client states (attach_store)
     on_client: object = field(init=False, default=None)   # (round, k, K) before the k-th client of K trains
 
     def __post_init__(self):
@@ -111,8 +133,11 @@ class Federation:
         self.shadows = shadows.shadow_aggregators(self.cfg, self.model, self.flat)
         needed = {a.statistic_key: (a.statistic, a.space.name == "product")
                   for a in [self.aggregator, *self.shadows.values()] if a.statistic is not None}
+        self.algorithm = algorithms.ALGORITHMS[self.cfg.algorithm](self.cfg, self.flat, self.aggregator.pairs,
+                                                                   self.aggregator, self.server_state)
         self.worker = ClientWorker(self.cfg, self.resident, self.task, self.clients, self.aggregator.pairs,
-                                   needed, self.aggregator.statistic_key)
+                                   needed, self.aggregator.statistic_key, self.algorithm)
+        self.attach_store(None)   # a private temporary file until the run has its folder
         self.shadow_split = shadows.validation_subset(self.task.val, self.cfg.shadow_eval_examples, self.cfg.seed)
         self.client_tier = tiers_mod.assign(self.cfg).tolist()
 
@@ -129,6 +154,22 @@ class Federation:
     def tier_masks(self) -> list:
         return self.server_state.tier_masks
 
+    def attach_store(self, folder: Path | None, state: dict | None = None) -> None:
+        """Open the client-state file in the run folder (None: an anonymous temporary file; rank 0
+        of a stateful algorithm only) and restore a checkpoint's view of it."""
+        if self.algorithm.state_numel and self.world.is_main:
+            if self.store is not None:
+                self.store.close()
+            self.store = ClientStateStore(folder, self.cfg.clients, self.algorithm.state_numel)
+            if state is not None:
+                self.store.load_state_dict(state)
+
+    def client_states(self, ids: list[int]) -> dict:
+        """The stored states of these clients (None: never took part), on every rank (read by rank 0)."""
+        if not self.algorithm.state_numel:
+            return {}
+        return self.world.from_main(lambda: {c: self.store.get(c) for c in ids})
+
     def sample_clients(self, rnd: int) -> list[int]:
         g = seeding.torch_generator(self.cfg.seed, "sampling", rnd)
         return sorted(torch.randperm(len(self.clients), generator=g)[: self.cfg.server_batch].tolist())
@@ -143,6 +184,9 @@ class Federation:
         starts = [self.server_state.masked(p.download) for p in plans]
         jobs = [ClientJob(c, self.client_tier[c], starts[self.client_tier[c]], plans[self.client_tier[c]])
                 for c in self.sample_clients(rnd)]
+        states = self.client_states([j.client_id for j in jobs])
+        jobs = [self.algorithm.prepare(rnd, j, states.get(j.client_id)) for j in jobs]
+        by_id = {j.client_id: j for j in jobs}
 
         # 2. client work: this rank's share of the clients, then every rank's results
         mine = [jobs[i] for i in self.world.my_share([len(self.clients[j.client_id]) for j in jobs])]
@@ -154,7 +198,7 @@ class Federation:
         # factor-space strategies run, config.py), then the Gaussian mechanism on the sum of clipped updates
         updates = shadows.updates_for(self.aggregator, kept)
         drift = self.drift(updates, starts[0]) if cfg.drift_stats else {}
-        pseudo_grad, merge_info = self.aggregator.aggregate(updates, starts[0], rnd)
+        pseudo_grad, merge_info = self.algorithm.aggregate(kept, by_id, rnd, starts[0])
         if cfg.noise_multiplier > 0 or cfg.dp_divide_by_clip:
             pseudo_grad = privacy.noisy_mean(pseudo_grad, len(updates), cfg.noise_multiplier, cfg.l2_clip_norm,
                                              seeding.torch_generator(cfg.seed, "noise", rnd), cfg.dp_divide_by_clip)
@@ -166,6 +210,11 @@ class Federation:
         shadowed = bool(self.shadows) and (rnd + 1) % cfg.shadow_freq == 0
         before = self.server_state.copy() if shadowed else None
         self.server_state.step(pseudo_grad)
+        merge_info = {**merge_info, **self.algorithm.after_step(self.server_state, kept, by_id, rnd)}
+        if self.store is not None:
+            for r in kept:
+                if r.new_state is not None:
+                    self.store.put(r.client_id, r.new_state)
         if not torch.isfinite(self.server).all():
             raise Diverged(f"round {rnd + 1}: the server parameters are not finite after the server step")
         self.world.check_same(self.server, f"the server after round {rnd + 1}")
@@ -189,20 +238,27 @@ class Federation:
         """diagnostics.drift of the round's updates; the LoRA layers' weight updates are taken against
         the one shared download (left out with tiers, whose downloads differ, and for LoRA on convolutions)."""
         layers = {}
-        if self.aggregator.pairs and self.cfg.tiers <= 1 and models.MODELS[models.resolve_name(self.cfg)].linear_lora:
+        if (self.aggregator.pairs and self.cfg.tiers <= 1 and self.algorithm.shared_start
+                and models.MODELS[models.resolve_name(self.cfg)].linear_lora):
             blocks = merging.ProductSpace(self.flat, self.aggregator.pairs).blocks(updates, start)
             layers = {pair.name: blocks[pair.name] for pair in self.aggregator.pairs}
         return diagnostics.drift([u.delta for u in updates], [u.client_id for u in updates], layers)
 
     # -- checkpoints
     def state(self) -> dict:
-        """The server side that carries over between rounds. Clients keep no state, and every random
-        draw is seeded by its (seed, purpose, round, client), so no generator state is saved: a
-        resumed run draws what an uninterrupted one draws."""
-        return self.server_state.state_dict()
+        """What carries over between rounds: the server state, the algorithm's (SCAFFOLD's c, the
+        base-weight delta, per-client facts) and which stored client states are current (the
+        states themselves are in client_state.bin). Every random draw is seeded by its (seed,
+        purpose, round, client), so no generator state is saved: a resumed run draws what an
+        uninterrupted one draws."""
+        return {**self.server_state.state_dict(), "algorithm": self.algorithm.state_dict(),
+                "client_states": None if self.store is None else self.store.state_dict()}
 
     def load_state(self, state: dict) -> None:
+        """Everything but the client states, which attach_store restores."""
         self.server_state.load_state_dict(state)
+        if state.get("algorithm") is not None:
+            self.algorithm.load_state_dict(state["algorithm"])
 
     # -- evaluation
     def load_eval_model(self) -> None:
@@ -213,16 +269,58 @@ class Federation:
 
     def evaluate(self, splits=("val", "test")) -> dict:
         """Validation and test metrics of the server model; with tiers, also each tier's model
-        (the server masked as that tier downloads it) on the test split."""
+        (the server masked as that tier downloads it) on the test split; with eval_personalized,
+        the personalised metrics (personalized_metrics)."""
         out = {}
         for i, mask in enumerate(self.tier_masks):
             self.flat.write(self.server_state.masked(mask))
             stats = self._evaluate_split("test")
             out.update({f"tier{i}_test_{k}": v for k, v in stats.items()})
+        if self.local_tests:
+            out.update(self.personalized_metrics())
         self.load_eval_model()
         for split in splits:
             out.update({f"{split}_{k}": v for k, v in self._evaluate_split(split).items()})
         return out
+
+    def download_of(self, client: int) -> torch.Tensor:
+        """The global model as this client downloads it (its tier's mask, or the evaluation mask)."""
+        if self.tier_masks:
+            return self.server_state.masked(self.tier_masks[self.client_tier[client]])
+        return self.server_state.masked(self.server_state.eval_mask if self.cfg.eval_masked else None)
+
+    def personalized_metrics(self) -> dict:
+        """Each client's own model (its download plus its state: algorithms.personal_model) and the
+        global model, both on the client's held-out examples: mean and spread over the clients
+        that hold any (the primary metric; a client never sampled keeps its initial state)."""
+        p = self.task.objective.primary
+        own, glob = [], []
+        ids = [c for c, idx in enumerate(self.local_tests) if len(idx)]
+        if not ids:
+            return {}
+        global_model = self.server_state.masked(self.server_state.eval_mask if self.cfg.eval_masked else None)
+        for chunk in range(0, len(ids), 32):   # states come from rank 0 a few at a time
+            part = ids[chunk:chunk + 32]
+            states = self.client_states(part)
+            for c in part:
+                split = Subset(self.task.train, self.local_tests[c])
+                download = self.download_of(c)
+                personal = self.algorithm.personal_model(c, states.get(c), download)
+                self.flat.write(personal)
+                own.append(self._evaluate_on(split)[p])
+                if torch.equal(personal, global_model):
+                    glob.append(own[-1])
+                else:
+                    self.flat.write(global_model)
+                    glob.append(self._evaluate_on(split)[p])
+        own_t, glob_t = torch.tensor(own, dtype=torch.float64), torch.tensor(glob, dtype=torch.float64)
+        return {f"personal_{p}_mean": float(own_t.mean()), f"personal_{p}_std": float(own_t.std(unbiased=False)),
+                f"personal_global_{p}_mean": float(glob_t.mean()),
+                f"personal_global_{p}_std": float(glob_t.std(unbiased=False)), "personal_clients": len(own)}
+
+    def _evaluate_on(self, split) -> dict:
+        return evaluate(self.model, split, self.task.objective, self.cfg.eval_batch, self.device, self.cfg.bf16,
+                        self.world)
 
     def _evaluate_split(self, split: str) -> dict:
         return evaluate(self.model, getattr(self.task, split), self.task.objective, self.cfg.eval_batch,
@@ -279,7 +377,7 @@ def build(cfg, device: torch.device, world: distributed.World | None = None) -> 
     the run records the resolved config."""
     tokenizer = functools.cache(lambda: models.load_tokenizer(cfg))
     task = load_task(cfg.dataset, cfg.data_dir, tokenizer, cfg.max_length, cfg.augment)
-    clients = make_clients(cfg, task)
+    clients, local_tests = hold_out_local_tests(cfg, make_clients(cfg, task))
     if cfg.clients != len(clients):
         cfg = config_mod.from_mapping({**cfg, "clients": len(clients)})
     tok = tokenizer()[0]  # None for image models
@@ -288,7 +386,7 @@ def build(cfg, device: torch.device, world: distributed.World | None = None) -> 
     if cfg.lora_rank == -1:  # "every parameter" means every parameter the loss can reach
         # a validation batch: its transform draws no augmentation from the global generator
         models.freeze_unreached(model, task.val.batch(torch.arange(min(2, len(task.val)))), device)
-    return Federation(cfg, model, task, clients, device, world or distributed.World())
+    return Federation(cfg, model, task, clients, device, world or distributed.World(), local_tests)
 
 
 @dataclass
@@ -369,7 +467,7 @@ def summarize(fed: Federation, progress: Progress, wall_time_s: float) -> dict:
     up_total, down_total = totals.get("bytes_up", 0), totals.get("bytes_down", 0)
     summary = {
         "primary_metric": p,
-        **{k: v for k, v in final.items() if k.startswith(("test_", "val_"))},
+        **{k: v for k, v in final.items() if k.startswith(("test_", "val_", "personal_"))},
         f"best_test_{p}": max(r[f"test_{p}"] for r in evals),
         f"best_val_{p}": best[f"val_{p}"],
         f"test_{p}_at_best_val": best[f"test_{p}"],
@@ -425,6 +523,7 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None, world
         if resume_dir is None:
             run = (tracking.RunLog(cfg, console, config_name=config_name) if writes
                    else tracking.NoRunLog(Path(cfg.dir) / cfg.name))
+            fed.attach_store(run.dir)
         else:
             state = checkpoint.load(resume_dir, cfg, fed.flat.numel)
             fed.load_state(state["federation"])
@@ -432,6 +531,7 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None, world
             run = (tracking.RunLog(cfg, console, existing=resume_dir, metrics_offset=state["metrics_offset"],
                                    purge_step=progress.rounds_done + 1, lock=lock) if writes
                    else tracking.NoRunLog(resume_dir))
+            fed.attach_store(run.dir, state["federation"].get("client_states"))
     except BaseException:
         if lock is not None:
             lock.close()
@@ -444,10 +544,14 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None, world
         if not writes:
             saved["round"] = progress.rounds_done
             return
+        if fed.store is not None:
+            fed.store.flush()   # the states the checkpoint refers to are on disk before it is
         checkpoint.save(run.dir, {
             "round": progress.rounds_done, "config_fingerprint": checkpoint.config_fingerprint(cfg),
             "federation": fed.state(), "metrics_offset": run.metrics_offset(),
             "progress": {**vars(progress), "wall_time_s": elapsed()}})
+        if fed.store is not None:
+            fed.store.committed()
         saved["round"] = progress.rounds_done
 
     bar = None
@@ -493,6 +597,8 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None, world
             fed.load_eval_model()  # the saved adapter is exactly the model evaluated last
             if writes:
                 models.save_trained(fed.model, run.dir / "adapter")
+                if fed.algorithm.base is not None:   # the base-weight delta: the saved model is the evaluated one
+                    fed.algorithm.base.save(run.dir / "adapter")
             summary = summarize(fed, progress, elapsed())
             run.write_summary(summary)
         logger.info(f"done: test {summary['primary_metric']} {summary[f'test_' + summary['primary_metric']]:.4f}, "
@@ -520,6 +626,8 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None, world
         raise Diverged(f"{e}; {kept}") from None
     finally:
         run.close()
+        if fed.store is not None:
+            fed.store.close()
 
 
 USAGE = """usage: python train_lora.py [--config NAME] [--option-name value ...]

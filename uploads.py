@@ -3,7 +3,8 @@
 update = (server ⊙ download mask) − client, then in order
 
     restrict   only the entries the client's tier holds (rank tiers: whole LoRA components)
-    sparsify   global top-k of |update| at the plan's upload density (FLASC)
+    sparsify   global top-k of |update| at the plan's upload density (FLASC), k a fraction of what
+               the client can send
     clip       scale to L2 norm at most l2_clip_norm (DP-FedAvg; after sparsification, as the seeds)
 
 Each transform takes and returns an Upload and sets what it is responsible for (the values sent,
@@ -27,6 +28,7 @@ class Upload:
     numel: int                     # n, the length of the flat vector
     sent: int                      # values sent
     positions_known: bool = False  # the receiver knows which entries come (a tier's components)
+    space: int | None = None       # entries the client can send at all (None: numel)
     norm: float = 0.0              # L2 norm before clipping
     clipped: bool = False
 
@@ -35,7 +37,7 @@ class Upload:
         """fp32 values, plus their positions unless the receiver knows them (then values only)."""
         if self.positions_known:
             return communication.VALUE_BYTES * self.sent
-        return communication.message_bytes(self.numel, self.sent)
+        return communication.message_bytes(self.numel if self.space is None else self.space, self.sent)
 
 
 Transform = Callable[[Upload], Upload]
@@ -46,17 +48,21 @@ def restrict(mask: torch.Tensor | None) -> Transform:
     def transform(up: Upload) -> Upload:
         if mask is None:
             return up
-        return replace(up, delta=up.delta * mask, sent=int(mask.sum()), positions_known=True)
+        kept = int(mask.sum())
+        return replace(up, delta=up.delta * mask, sent=kept, positions_known=True, space=kept)
     return transform
 
 
 def sparsify(density: float) -> Transform:
-    """Global top-k of |update|, k = int(n · density) (density 1: unchanged)."""
+    """Global top-k of |update|, k = int(n · density) with n the entries the client can send
+    (density 1: unchanged); the positions are then sent too, over those n entries."""
     def transform(up: Upload) -> Upload:
         if density >= 1:
             return up
-        delta, k = communication.sparsify(up.delta, density)
-        return replace(up, delta=delta, sent=k)
+        space = up.numel if up.space is None else up.space
+        k = int(space * density)
+        mask = communication.top_k_mask(up.delta, k)
+        return replace(up, delta=up.delta * mask, sent=int(mask.sum()), positions_known=False, space=space)
     return transform
 
 

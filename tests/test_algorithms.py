@@ -1,0 +1,328 @@
+"""The federated-LoRA baselines (algorithms.py) against independent computations: clients whose
+trained parameters are set by the test (start + a known offset), so every aggregate can be worked
+out here from the clients' factors with plain matrix algebra."""
+import numpy as np
+import pytest
+import torch
+
+import algorithms
+import config
+import tiers
+import train_lora
+from evaluation import logits_of
+from models import training_mode
+from client_state import ClientStateStore
+from conftest import ROOT  # noqa: F401  (sys.path)
+
+
+def build(tiny_overrides, **extra):
+    cfg = config.load_config(overrides={**tiny_overrides, **extra})
+    return cfg, train_lora.build(cfg, torch.device("cpu"))
+
+
+def fake_clients(fed, monkeypatch, scale=0.05):
+    """Each client 'trains' to start + a fixed random offset on the entries it may train;
+    returns what each client started from and ended with."""
+    seen = {}
+
+    def fake_train(rnd, client, start, grad_mask, **extras):
+        g = torch.Generator().manual_seed(1000 * rnd + client)
+        offset = scale * torch.randn(start.shape, generator=g)
+        if grad_mask is not None:
+            offset = offset * torch.cat([m.reshape(-1) for m in grad_mask])
+        seen[client] = (start.clone(), start + offset)
+        return start + offset, {"loss_sum": 0.0, "correct": 0, "count": 1, "epochs": 1, "steps": 1}
+
+    monkeypatch.setattr(fed.worker, "train_client", fake_train)
+    return seen
+
+
+def factors(fed, pair, vector):
+    named = fed.flat.named(vector)
+    a = pair.frozen_a if pair.a is None else named[pair.a]
+    return a.double(), named[pair.b].double()
+
+
+def weights_of(cfg, fed, ids):
+    sizes = np.array([len(fed.clients[c]) for c in ids], float)
+    return sizes / sizes.sum() if cfg.weighting == "num_examples" else np.full(len(ids), 1 / len(ids))
+
+
+def test_algorithm_names_agree_with_the_registry():
+    assert set(config.ALGORITHM_NAMES) == set(algorithms.ALGORITHMS)
+
+
+def test_fedex_aggregate_is_the_mean_of_the_clients_weights(tiny_overrides, monkeypatch):
+    cfg, fed = build(tiny_overrides, algorithm="fedex", server_batch=3)
+    seen = fake_clients(fed, monkeypatch)
+    pairs = fed.aggregator.pairs
+    w0 = {p.name: p.module.get_base_layer().weight.detach().double().clone() for p in pairs}
+    for rnd in range(2):   # the second round starts from a changed base: residuals accumulate
+        before = {p.name: p.module.get_base_layer().weight.detach().double().clone() for p in pairs}
+        fed.run_round(rnd)
+        ids = sorted(seen)
+        w = weights_of(cfg, fed, ids)
+        for pair in pairs:
+            mean_weight = sum(wk * (before[pair.name] + pair.scaling * (b @ a))
+                              for wk, (a, b) in zip(w, (factors(fed, pair, seen[c][1]) for c in ids)))
+            a_new, b_new = factors(fed, pair, fed.server.detach())
+            effective = pair.module.get_base_layer().weight.detach().double() + pair.scaling * (b_new @ a_new)
+            torch.testing.assert_close(effective, mean_weight, rtol=0, atol=1e-6)
+            # and the factors are FedAvg's: the plain means of A_k and B_k
+            torch.testing.assert_close(b_new, sum(wk * factors(fed, pair, seen[c][1])[1] for wk, c in zip(w, ids)),
+                                       rtol=0, atol=1e-6)
+        seen.clear()
+    assert any(not torch.equal(w0[p.name], p.module.get_base_layer().weight.detach().double()) for p in pairs)
+
+
+def test_flora_folds_the_stacked_module_into_the_base(tiny_overrides, monkeypatch):
+    cfg, fed = build(tiny_overrides, algorithm="flora", weighting="num_examples", server_batch=3)
+    seen = fake_clients(fed, monkeypatch)
+    pairs = fed.aggregator.pairs
+    before = {p.name: p.module.get_base_layer().weight.detach().double().clone() for p in pairs}
+    server_lora_before = fed.server.detach()[fed.algorithm.lora].clone()
+    fed.run_round(0)
+    ids = sorted(seen)
+    p_k = weights_of(cfg, fed, ids)
+    starts_a = [factors(fed, pairs[0], seen[c][0])[0] for c in ids]
+    assert not torch.equal(starts_a[0], starts_a[1])                     # fresh, different A per client
+    assert all(float(factors(fed, pairs[0], seen[c][0])[1].abs().max()) == 0 for c in ids)   # B = 0
+    for pair in pairs:
+        fac = [factors(fed, pair, seen[c][1]) for c in ids]
+        a_stacked = torch.cat([pk * a for pk, (a, _) in zip(p_k, fac)], dim=0)   # p_k scales A only
+        b_stacked = torch.cat([b for _, b in fac], dim=1)
+        change = pair.module.get_base_layer().weight.detach().double() - before[pair.name]
+        torch.testing.assert_close(change, pair.scaling * (b_stacked @ a_stacked), rtol=0, atol=1e-6)
+    # the server's factors are untouched (B stays 0): the global model is the new base and the head
+    torch.testing.assert_close(fed.server.detach()[fed.algorithm.lora], server_lora_before)
+
+
+def test_flexlora_factors_are_the_truncated_svd_at_every_tier_rank(tiny_overrides, monkeypatch):
+    cfg, fed = build(tiny_overrides, algorithm="flexlora", weighting="num_examples", tiers=2, server_batch=4)
+    seen = fake_clients(fed, monkeypatch)
+    fed.run_round(0)
+    ids = sorted(seen)
+    p_k = weights_of(cfg, fed, ids)
+    for pair in fed.aggregator.pairs:
+        target = sum(pk * pair.scaling * (b @ a) for pk, (a, b) in
+                     zip(p_k, (factors(fed, pair, seen[c][1]) for c in ids))).numpy()
+        u, s, vt = np.linalg.svd(target)
+        for rank in (1, 4):   # tier 0 downloads rank 1, tier 1 rank 4
+            a, b = factors(fed, pair, fed.server_state.masked(fed.tier_masks[0 if rank == 1 else 1]))
+            best = (u[:, :rank] * s[:rank]) @ vt[:rank]
+            np.testing.assert_allclose((pair.scaling * (b @ a)).numpy(), best, atol=1e-6)
+        a, _ = factors(fed, pair, fed.server.detach())
+        np.testing.assert_allclose((a @ a.T).numpy(), np.eye(a.shape[0]), atol=1e-5)   # orthonormal rows
+
+
+def test_hetlora_zero_pads_and_weights_by_the_norm_of_each_product(tiny_overrides, monkeypatch):
+    cfg, fed = build(tiny_overrides, algorithm="hetlora", tiers=2, server_batch=4)
+    seen = fake_clients(fed, monkeypatch)
+    fed.run_round(0)
+    ids = sorted(seen)
+    for pair in fed.aggregator.pairs:
+        fac = [factors(fed, pair, seen[c][1]) for c in ids]
+        for c, (a, b) in zip(ids, fac):   # a tier-0 client holds rank 1: everything past it is zero
+            if fed.client_tier[c] == 0:
+                assert float(a[1:].abs().max()) == 0 and float(b[:, 1:].abs().max()) == 0
+        norms = np.array([float(torch.linalg.matrix_norm(pair.scaling * (b @ a))) for a, b in fac])
+        p = norms / norms.sum()
+        a_new, b_new = factors(fed, pair, fed.server.detach())
+        np.testing.assert_allclose(a_new.numpy(), sum(pk * a.numpy() for pk, (a, _) in zip(p, fac)), atol=1e-6)
+        np.testing.assert_allclose(b_new.numpy(), sum(pk * b.numpy() for pk, (_, b) in zip(p, fac)), atol=1e-6)
+
+
+def test_hetlora_weights_sum_to_one_and_fall_back_when_every_norm_is_zero():
+    fallback = torch.tensor([0.25, 0.75])
+    p = algorithms.hetlora_weights([torch.ones(2, 2), 3 * torch.ones(2, 2)], fallback)
+    assert torch.allclose(p, torch.tensor([0.25, 0.75])) and float(p.sum()) == pytest.approx(1)
+    assert torch.equal(algorithms.hetlora_weights([torch.zeros(2, 2)] * 2, fallback), fallback)
+
+
+def test_hetlora_pruning_shrinks_the_rank_of_a_client_whose_tail_shrank(tiny_overrides, monkeypatch):
+    cfg, fed = build(tiny_overrides, algorithm="hetlora", hetlora_prune=True, hetlora_gamma=0.5, server_batch=2,
+                     clients=2)
+    algo = fed.algorithm
+
+    def shrinking(rnd, client, start, grad_mask, penalty=None, **extras):
+        assert penalty is not None
+        end = start.clone()
+        for pair in fed.aggregator.pairs:   # client 0 shrinks its tail, client 1 grows it
+            named = fed.flat.named(end)
+            named[pair.b][:, 2:] = (0.5 if client == 0 else 2.0) * named[pair.b][:, 2:] + 0.01
+        return end, {"loss_sum": 0.0, "correct": 0, "count": 1, "epochs": 1, "steps": 1}
+
+    with torch.no_grad():
+        fed.server.add_(0.1)   # a non-zero tail to start from
+    monkeypatch.setattr(fed.worker, "train_client", shrinking)
+    fed.run_round(0)
+    assert algo.rank_of(0, 0) == 2 and algo.rank_of(1, 0) == cfg.lora_rank   # floor(0.5 * 4) = 2
+    plan = tiers.plans(cfg, fed.server_state, fed.flat, fed.aggregator.pairs, 1, 1.0, 1.0)[0]
+    job = algo.prepare(1, train_lora.ClientJob(0, 0, fed.server.detach().clone(), plan), None)
+    a, b = factors(fed, fed.aggregator.pairs[0], job.start)
+    assert float(b[:, 2:].abs().max()) == 0 and float(a[2:].abs().max()) == 0 and float(a[:2].abs().max()) > 0
+
+
+def test_fedsa_keeps_each_clients_b_and_head_and_averages_a(tiny_overrides, monkeypatch, tmp_path):
+    cfg, fed = build(tiny_overrides, algorithm="fedsa", clients=4, server_batch=2)
+    fed.attach_store(tmp_path)
+    seen = fake_clients(fed, monkeypatch)
+    local, shared = fed.algorithm.local, fed.algorithm.shared
+    initial = fed.server.detach().clone()
+    trained = {}
+    for rnd in range(4):
+        server_before = fed.server.detach().clone()
+        fed.run_round(rnd)
+        ids = sorted(seen)
+        w = weights_of(cfg, fed, ids)
+        for c in ids:
+            start, end = seen[c]
+            # the client starts from the server's A and its own B and head (initial ones the first time)
+            torch.testing.assert_close(start[shared], server_before[shared])
+            torch.testing.assert_close(start[local], trained.get(c, initial)[local])
+            trained[c] = end
+            torch.testing.assert_close(fed.store.get(c), end[local])
+        expected_a = sum(wk * seen[c][1][shared] for wk, c in zip(w, ids))
+        torch.testing.assert_close(fed.server.detach()[shared], expected_a, rtol=0, atol=1e-6)
+        seen.clear()
+    assert len(trained) >= 3
+
+
+def test_scaffold_first_two_rounds_by_hand(tiny_overrides):
+    """Algorithm 1 of the paper (option II) written out here on the real tiny model: local steps
+    y <- y - lr (g - c_i + c) with the same momentum SGD, then the server's updates of x and c."""
+    cfg, fed = build(tiny_overrides, algorithm="scaffold", server_lr=0.8, clients=4, server_batch=2, lora_dropout=0.0,
+                     base_dropout=False, client_epochs=1)
+    n_clients, lr = cfg.clients, cfg.client_lr
+    x = fed.server.detach().clone()
+    c = torch.zeros_like(x)
+    c_i = {k: torch.zeros_like(x) for k in range(n_clients)}
+    worker, flat, model = fed.worker, fed.flat, fed.model
+    objective = fed.task.objective
+
+    def local(rnd, client):
+        flat.write(x)
+        training_mode(model, False)
+        buf = [torch.zeros_like(p) for p in flat.params]
+        steps = 0
+        offset = flat.split(c - c_i[client])
+        for batch in worker.client_batches(rnd, client):
+            loss = objective.loss(logits_of(model, batch, fed.device, False), batch)
+            grads = torch.autograd.grad(loss, flat.params, allow_unused=True)
+            with torch.no_grad():
+                for p, g, o, m in zip(flat.params, grads, offset, buf):
+                    g = (torch.zeros_like(p) if g is None else g) + o
+                    m.mul_(0.9).add_(g)      # torch SGD momentum 0.9, dampening 0
+                    p.sub_(lr * m)
+            steps += 1
+        return flat.read(), steps
+
+    for rnd in range(2):
+        sampled = fed.sample_clients(rnd)
+        dys, dcs = [], []
+        for k in sampled:
+            y, steps = local(rnd, k)
+            new_ci = c_i[k] - c + (x - y) / (steps * lr)
+            dys.append(y - x)
+            dcs.append(new_ci - c_i[k])
+            c_i[k] = new_ci
+        x = x + cfg.server_lr * torch.stack(dys).mean(0)
+        c = c + len(sampled) / n_clients * torch.stack(dcs).mean(0)
+        fed.run_round(rnd)
+        torch.testing.assert_close(fed.server.detach(), x, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fed.algorithm.control, c, rtol=1e-5, atol=1e-6)
+    # c is the mean of every client's c_i (those never sampled hold 0), as the paper keeps it
+    torch.testing.assert_close(fed.algorithm.control, torch.stack(list(c_i.values())).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_client_state_store_is_lazy_and_protects_the_checkpointed_states(tmp_path):
+    store = ClientStateStore(tmp_path, clients=5000, numel=8)
+    assert len(store) == 0 and store.get(4999) is None
+    store.put(4999, torch.arange(8.0))
+    assert len(store) == 1 and torch.equal(store.get(4999), torch.arange(8.0))
+    saved = store.state_dict()
+    store.flush()
+    store.committed()
+    store.put(4999, torch.ones(8))      # after the checkpoint: a new state, twice
+    store.put(4999, 2 * torch.ones(8))
+    assert torch.equal(store.get(4999), 2 * torch.ones(8))
+    # a crash now: the resumed run reads the checkpoint's view, which was never overwritten
+    again = ClientStateStore(tmp_path, clients=5000, numel=8)
+    again.load_state_dict(saved)
+    assert torch.equal(again.get(4999), torch.arange(8.0)) and again.get(0) is None
+    # the file holds two slots of the clients written, not of all 5000 (sparse on disk)
+    assert (tmp_path / "client_state.bin").stat().st_size <= 2 * 5000 * 8 * 4
+    store.close(), again.close()
+
+
+def test_personalised_evaluation_holds_out_a_seeded_disjoint_fraction(tiny_overrides):
+    cfg, fed = build(tiny_overrides, eval_personalized=True, local_test_fraction=0.25)
+    plain = train_lora.make_clients(cfg, fed.task)
+    for c, (train, test) in enumerate(zip(fed.clients, fed.local_tests)):
+        whole = plain[c]
+        assert sorted(torch.cat([train, test]).tolist()) == sorted(whole.tolist())
+        assert len(test) == int(np.floor(0.25 * len(whole) + 0.5)) or len(whole) < 2
+        assert not set(train.tolist()) & set(test.tolist())
+    again = train_lora.hold_out_local_tests(cfg, plain)[1]
+    assert all(torch.equal(a, b) for a, b in zip(again, fed.local_tests))
+
+
+def test_personalised_accuracy_of_fedsa_scores_each_clients_own_model(tiny_overrides, monkeypatch, tmp_path):
+    cfg, fed = build(tiny_overrides, algorithm="fedsa", eval_personalized=True, clients=4, server_batch=2)
+    fed.attach_store(tmp_path)
+    fake_clients(fed, monkeypatch, scale=0.5)
+    fed.run_round(0)
+    metrics = fed.personalized_metrics()
+    own, glob = [], []
+    for c, idx in enumerate(fed.local_tests):   # by hand: each client's model on its examples
+        state = fed.store.get(c)
+        vector = fed.server.detach().clone()
+        vector[fed.algorithm.local] = fed.algorithm.initial_local if state is None else state
+        for target, out in ((vector, own), (fed.server.detach(), glob)):
+            fed.flat.write(target)
+            with torch.no_grad():
+                fed.model.eval()
+                batch = fed.task.train.batch(idx)
+                logits = logits_of(fed.model, batch, fed.device, False)
+                out.append(float((logits.argmax(-1) == batch["labels"]).float().mean()))
+    assert metrics["personal_accuracy_mean"] == pytest.approx(np.mean(own))
+    assert metrics["personal_accuracy_std"] == pytest.approx(np.std(own))
+    assert metrics["personal_global_accuracy_mean"] == pytest.approx(np.mean(glob))
+    assert metrics["personal_clients"] == 4
+
+
+def test_stateless_personal_model_is_the_global_model(tiny_overrides):
+    cfg, fed = build(tiny_overrides, eval_personalized=True)
+    metrics = fed.personalized_metrics()
+    assert metrics["personal_accuracy_mean"] == metrics["personal_global_accuracy_mean"]
+
+
+@pytest.mark.parametrize("extra, key", [
+    ({"algorithm": "fedsa", "merging_strategy": "ties"}, "merging_strategy"),
+    ({"algorithm": "fedex", "dl_density": 0.5}, "dl_density"),
+    ({"algorithm": "scaffold", "ul_density": 0.5}, "ul_density"),
+    ({"algorithm": "flora", "noise_multiplier": 1.0, "l2_clip_norm": 1.0}, "noise_multiplier"),
+    ({"algorithm": "flexlora", "server_opt": "adam"}, "server_opt"),
+    ({"algorithm": "fedsa", "freeze_a": True}, "freeze_a"),
+    ({"algorithm": "fedex", "tiers": 2}, "tiers"),
+    ({"algorithm": "hetlora", "tiers": 2, "syshet": "density"}, "syshet"),
+    ({"algorithm": "fedsa", "lora_rank": 0}, "algorithm"),
+    ({"algorithm": "fedex", "shadow_strategies": ["ties"]}, "shadow_strategies"),
+    ({"hetlora_prune": True}, "hetlora_prune"),
+])
+def test_meaningless_combinations_are_refused_naming_the_key(tiny_overrides, extra, key):
+    with pytest.raises(config.ConfigError) as e:
+        config.load_config(overrides={**tiny_overrides, **extra})
+    assert str(e.value).startswith(f"{key}:")
+
+
+def test_fedsa_upload_sparsified_over_the_a_entries_only(tiny_overrides, monkeypatch, tmp_path):
+    cfg, fed = build(tiny_overrides, algorithm="fedsa", ul_density=0.5, clients=4, server_batch=2)
+    fed.attach_store(tmp_path)
+    fake_clients(fed, monkeypatch)
+    stats = fed.run_round(0)
+    n_a = int(fed.algorithm.shared.sum())
+    k = int(n_a * 0.5)
+    from communication import message_bytes
+    assert stats["bytes_up"] == 2 * message_bytes(n_a, k)
+    assert stats["bytes_down"] == 2 * 4 * n_a

@@ -273,7 +273,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 # options the table has a column of its own for, or that only place and number a run
-_OWN_COLUMNS = {"dir", "name", "seed", "merging_strategy", "merge_space", "server_opt", "dl_density", "ul_density"}
+_OWN_COLUMNS = {"dir", "name", "seed", "algorithm", "merging_strategy", "merge_space", "server_opt", "dl_density",
+                "ul_density"}
 
 
 def options_off_default(resolved: dict) -> dict:
@@ -301,7 +302,7 @@ def results_table(specs: list[RunSpec], out_dir: Path) -> list[dict]:
         r = first.resolved
         row = {"run": group, "config": first.config,
                "options": ", ".join(f"{k}={v}" for k, v in options_off_default(r).items()),
-               "strategy": r["merging_strategy"], "space": r["merge_space"], "server_opt": r["server_opt"],
+               "algorithm": r["algorithm"], "strategy": r["merging_strategy"], "space": r["merge_space"], "server_opt": r["server_opt"],
                "dl/ul density": f"{r['dl_density']:g}/{r['ul_density']:g}", "seeds": len(summaries),
                "diverged": diverged}
         if not summaries:
@@ -312,6 +313,13 @@ def results_table(specs: list[RunSpec], out_dir: Path) -> list[dict]:
         short = "acc" if metric == "accuracy" else metric
         for key, label in ((f"test_{metric}", f"test {short}"), (f"best_test_{metric}", f"best test {short}")):
             row[label] = _mean_std([s[key] for s in summaries])
+        if all(f"personal_{metric}_mean" in s for s in summaries):   # eval_personalized
+            row[f"personal {short}"] = _mean_std([s[f"personal_{metric}_mean"] for s in summaries])
+            row[f"global {short} on local tests"] = _mean_std([s[f"personal_global_{metric}_mean"] for s in summaries])
+        tiers = sorted({k.split("_")[0] for s in summaries for k in s if k.startswith("tier") and k.endswith(f"_test_{metric}")})
+        for tier in tiers:
+            if all(f"{tier}_test_{metric}" in s for s in summaries):
+                row[f"{tier} test {short}"] = _mean_std([s[f"{tier}_test_{metric}"] for s in summaries])
         if all(f"val_{metric}_auc" in s for s in summaries):
             row["val auc"] = _mean_std([s[f"val_{metric}_auc"] for s in summaries])
         if all("target_accuracy" in s for s in summaries):   # mean over the seeds that reached it
@@ -322,14 +330,29 @@ def results_table(specs: list[RunSpec], out_dir: Path) -> list[dict]:
         if all("epsilon" in s for s in summaries):
             row["epsilon"] = _mean_std([s["epsilon"] for s in summaries])
         row["wall s"] = _mean_std([s["wall_time_s"] for s in summaries])
+        per_round = [_round_seconds(out_dir / m.name) for m in members if (out_dir / m.name / "summary.json").is_file()]
+        if all(x is not None for x in per_round):
+            row["s/round"] = _mean_std(per_round)
         rows.append(row)
     return rows
 
 
+def _round_seconds(folder: Path) -> float | None:
+    """Mean seconds of a round's client work and aggregation (train_seconds; evaluation apart)."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    seconds = [json.loads(x).get("train_seconds") for x in path.read_text().splitlines() if x]
+    seconds = [x for x in seconds if x is not None]
+    return statistics.fmean(seconds) if seconds else None
+
+
 def write_tables(rows: list[dict], out_dir: Path) -> str:
-    scores = list(dict.fromkeys(k for r in rows for k in r if k.startswith(("test ", "best test "))))
-    keys = ["run", "config", "options", "strategy", "space", "server_opt", "dl/ul density", "seeds", "diverged",
-            *sorted(scores, key=lambda k: k.startswith("best")), "val auc", "rounds to target", "MB", "epsilon",
+    scores = list(dict.fromkeys(k for r in rows for k in r if k.startswith(("test ", "best test ", "personal ",
+                                                                               "global ", "tier"))))
+    order = lambda k: (k.startswith("best"), k.startswith("tier"), k.startswith(("personal", "global")))  # noqa: E731
+    keys = ["run", "config", "options", "algorithm", "strategy", "space", "server_opt", "dl/ul density", "seeds",
+            "diverged", *sorted(scores, key=order), "val auc", "rounds to target", "MB", "epsilon", "s/round",
             "wall s"]
     keys = [k for k in keys if any(k in r for r in rows)]
 
@@ -338,7 +361,7 @@ def write_tables(rows: list[dict], out_dir: Path) -> str:
             return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
         return str(value)
 
-    digits = {**{k: 4 for k in scores}, "val auc": 4, "MB": 1, "epsilon": 2, "wall s": 0}
+    digits = {**{k: 4 for k in scores}, "val auc": 4, "MB": 1, "epsilon": 2, "s/round": 2, "wall s": 0}
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(k, "-"), digits.get(k, 0)) for k in keys) + " |")

@@ -326,3 +326,31 @@ def test_fedsa_upload_sparsified_over_the_a_entries_only(tiny_overrides, monkeyp
     from communication import message_bytes
     assert stats["bytes_up"] == 2 * message_bytes(n_a, k)
     assert stats["bytes_down"] == 2 * 4 * n_a
+
+
+@pytest.mark.parametrize("algorithm", ["fedex", "flora"])
+def test_saved_model_with_its_base_delta_reproduces_the_final_evaluation(tiny_overrides, algorithm):
+    import json
+
+    import models
+    from data import load_task
+    from evaluation import evaluate
+    cfg = config.load_config(overrides={**tiny_overrides, "algorithm": algorithm, "server_rounds": 2,
+                                        "client_lr": 0.5})
+    run_dir = train_lora.train(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (run_dir / "adapter" / "base_delta.pt").is_file()
+    tok, tag = models.load_tokenizer(cfg)
+    task = load_task(cfg.dataset, cfg.data_dir, lambda: (tok, tag), cfg.max_length)
+    model = models.load_trained(cfg, run_dir / "adapter", task.num_labels, tok.pad_token_id)
+    again = evaluate(model, task.test, task.objective, 64, torch.device("cpu"), False)
+    assert again["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+    # the loaded base weights are the built ones plus the saved delta, which is not zero
+    delta = torch.load(run_dir / "adapter" / "base_delta.pt")
+    fresh = models.build_model(cfg, task.num_labels, tok.pad_token_id)
+    modules, fresh_modules = dict(model.named_modules()), dict(fresh.named_modules())
+    assert delta and all(float(d.abs().max()) > 0 for d in delta.values())
+    for name, d in delta.items():
+        loaded = modules[name].get_base_layer().weight.detach()
+        torch.testing.assert_close(loaded - fresh_modules[name].get_base_layer().weight.detach(), d,
+                                   rtol=0, atol=1e-6)

@@ -64,6 +64,11 @@ SETTINGS = {  # name -> overrides on the tiny toy run; eval_batch 8 spreads eval
     "regmean": {"merging_strategy": "regmean", "regmean_examples": 8},
     "tiers": {"tiers": 2, "syshet": "rankl1", "tier_assignment": "random"},
     "dp_noise": {"noise_multiplier": 0.5, "l2_clip_norm": 0.5},
+    # client states read by rank 0 and sent to the rank that trains the client; personal evaluation
+    "fedsa": {"algorithm": "fedsa", "eval_personalized": True, "server_rounds": 4},
+    "scaffold": {"algorithm": "scaffold", "server_rounds": 4},
+    "fedex": {"algorithm": "fedex"},
+    "hetlora_tiers": {"algorithm": "hetlora", "tiers": 2, "hetlora_prune": True},
 }
 
 

@@ -156,3 +156,41 @@ def test_interrupted_run_saves_its_last_round_and_says_how_to_resume(tmp_path, r
     resumed = train(tmp_path, "run", resume=run_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert without_timing(run_dir) == without_timing(reference)
+
+
+STATEFUL = ["--model", "tiny-bert", "--max-length", "16", "--clients", "3", "--server-batch", "2",
+            "--server-rounds", "4", "--eval-freq", "2", "--lora-rank", "4", "--client-batch", "32", "--gpu", "cpu",
+            "--eval-personalized", "true"]
+
+
+@pytest.mark.parametrize("algorithm, crash, ckpt_freq", [("fedsa", "mid_round:4", 2), ("scaffold", "after_log:3", 1),
+                                                         ("fedex", "checkpoint_write:2", 1)])
+def test_stateful_algorithm_resumes_exactly(tmp_path, algorithm, crash, ckpt_freq):
+    """Client states (FedSA's B and head, SCAFFOLD's c_i), the server's extras (c, the base delta)
+    survive a kill: 3 clients, 2 a round, so clients train again between checkpoints (fedsa
+    checkpoints every 2 rounds and dies in round 4, after round 3 rewrote some states)."""
+    args = ["--algorithm", algorithm, "--ckpt-freq", str(ckpt_freq)]
+
+    def run(name, crash=None, resume=None):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("FLASC_CRASH_AT", None)
+        if crash:
+            env["FLASC_CRASH_AT"] = crash
+        rest = ["--resume", str(resume)] if resume else [*STATEFUL, *args, "--dir", str(tmp_path / "runs"),
+                                                         "--name", name, "--data-dir", str(tmp_path / "data")]
+        return subprocess.run([sys.executable, str(ROOT / "train_lora.py"), *rest], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    assert run("ref").returncode == 0
+    assert run("run", crash=crash).returncode == -9
+    resumed = run("run", resume=tmp_path / "runs" / "run")
+    assert resumed.returncode == 0, resumed.stderr
+    ref, got = tmp_path / "runs" / "ref", tmp_path / "runs" / "run"
+    assert without_timing(got) == without_timing(ref)
+    assert "personal_accuracy_mean" in without_timing(ref)[-1]
+    for name in ["adapter_model.safetensors"]:
+        a, b = load_file(got / "adapter" / name), load_file(ref / "adapter" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    if algorithm == "fedex":
+        a, b = (torch.load(d / "adapter" / "base_delta.pt") for d in (got, ref))
+        assert all(torch.equal(a[k], b[k]) for k in a) and any(bool(v.any()) for v in a.values())

@@ -4,8 +4,11 @@ A checkpoint holds everything that carries over from one round to the next: the 
 vector, the server optimizer and schedule states, the download masks, the round index, the running
 totals and evaluations, and how far metrics.jsonl had been written. Every random choice is drawn
 from a generator seeded by (seed, purpose, round, client) and needs no saved state;
-the privacy accountant is a function of the rounds done. Clients keep no state across rounds
-(their optimizers start fresh), so there is none to save.
+the privacy accountant is a function of the rounds done. The algorithm's server-side extras
+(SCAFFOLD's c, the base-weight delta, per-client ranks) are in it too; per-client states live in
+client_state.bin, and the checkpoint records which of each client's two slots is current
+(client_state.py), written to disk before the checkpoint that refers to it. Local optimizers start
+fresh every round, so they have nothing to save.
 
 Writes go to a temporary file in the run folder, are flushed to disk, then renamed over the old
 checkpoint: a crash at any moment leaves the previous checkpoint or the new one, never half of one.

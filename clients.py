@@ -3,10 +3,12 @@ what each of them sends back.
 
     [ClientJob(client, tier, start, plan)]  ->  ClientWorker.train_group  ->  [ClientResult]
 
-A job says where the client starts (the server as its tier downloads it) and its plan (gradient
-mask, what it may send, upload density); a result is the update after the upload chain
+A job says where the client starts (the server as its tier downloads it, with the client's own
+state where its algorithm keeps one: algorithms.py) and its plan (gradient mask, what it may send,
+upload density); a result is the update after the upload chain
 (uploads.py), the statistics its strategy (and any shadow strategy, shadows.py) asks for (Fisher,
-Gram), its training metrics and the bytes of both directions (only the run's own statistic is sent). The group is trained one client after another; a backend that trains a
+Gram), its training metrics, its new state and anything else its algorithm sends (SCAFFOLD's Δc),
+and the bytes of both directions (only the run's own statistic is sent). The group is trained one client after another; a backend that trains a
 group at once (stacked adapters) or on another rank keeps this interface. Every random draw is
 seeded by (seed, purpose, round, client), so a client's result does not depend on the group, the
 rank or the order it is trained in.

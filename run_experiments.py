@@ -338,13 +338,14 @@ def results_table(specs: list[RunSpec], out_dir: Path) -> list[dict]:
 
 
 def _round_seconds(folder: Path) -> float | None:
-    """Mean seconds of a round's client work and aggregation (train_seconds; evaluation apart)."""
+    """Median seconds of a round's client work and aggregation (train_seconds; evaluation apart;
+    the median, so that a moment of contention on a shared machine does not move it)."""
     path = folder / "metrics.jsonl"
     if not path.is_file():
         return None
     seconds = [json.loads(x).get("train_seconds") for x in path.read_text().splitlines() if x]
     seconds = [x for x in seconds if x is not None]
-    return statistics.fmean(seconds) if seconds else None
+    return statistics.median(seconds) if seconds else None
 
 
 def write_tables(rows: list[dict], out_dir: Path) -> str:

@@ -246,3 +246,39 @@ def test_the_merging_study_files_expand():
     # whole runs with exactly the settings their shadows had in stage 1
     same = ("server_rounds", "max_length", "fisher_examples", "density", "ties_scope", "client_lr", "clients")
     assert all(f.resolved[k] == shadows[0].resolved[k] for f in full for k in same)
+
+
+def test_results_table_has_personal_tier_and_seconds_per_round_columns(tmp_path):
+    specs = rx.expand({"seeds": [0, 1], "experiments": [{"config": "fedsa"}]}, str(tmp_path))
+    for spec, (personal, glob, tier0, secs) in zip(specs, ((0.9, 0.6, 0.5, [1.0, 9.0, 3.0]),
+                                                           (0.8, 0.4, 0.7, [2.0, 2.0, 4.0]))):
+        folder = tmp_path / spec.name
+        fake_run(folder, spec.resolved, 0.7)
+        summary = json.loads((folder / "summary.json").read_text())
+        summary.update(personal_accuracy_mean=personal, personal_global_accuracy_mean=glob,
+                       tier0_test_accuracy=tier0)
+        (folder / "summary.json").write_text(json.dumps(summary))
+        lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({**m, "train_seconds": s}) + "\n"
+                                                      for m, s in zip(lines, secs)))
+    row = rx.results_table(specs, tmp_path)[0]
+    assert row["algorithm"] == "fedsa"
+    assert row["personal acc"] == (pytest.approx(0.85), pytest.approx(0.0707107, rel=1e-4))
+    assert row["global acc on local tests"][0] == pytest.approx(0.5)
+    assert row["tier0 test acc"][0] == pytest.approx(0.6)
+    assert row["s/round"][0] == pytest.approx(2.5)   # medians 3.0 and 2.0 of each run's rounds
+    header = rx.write_tables([row], tmp_path).splitlines()[0]
+    assert header.index("test acc") < header.index("personal acc") < header.index("MB") < header.index("s/round")
+
+
+def test_the_baselines_study_compares_every_method_on_the_same_clients():
+    from conftest import ROOT
+    specs = rx.expand(yaml.safe_load((ROOT / "experiments" / "baselines.yaml").read_text()), "runs/z")
+    algos = {(s.resolved["algorithm"], s.resolved["freeze_a"], s.resolved["merging_strategy"], s.resolved["tiers"])
+             for s in specs}
+    assert {a for a, _, _, t in algos if t == 1} == {"fedavg", "fedsa", "flora", "fedex", "scaffold"}
+    assert {a for a, _, _, t in algos if t == 3} == {"fedavg", "flexlora", "hetlora", "flora"}
+    same = ("iid_alpha", "clients", "server_batch", "server_rounds", "max_length", "eval_personalized",
+            "local_test_fraction", "client_lr", "lora_rank")
+    assert all(s.resolved[k] == specs[0].resolved[k] for s in specs for k in same)
+    assert specs[0].resolved["iid_alpha"] == 0.1 and len({s.resolved["seed"] for s in specs}) >= 2

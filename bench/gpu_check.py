@@ -64,6 +64,11 @@ EXTRAS = {
     "dp_flasc": ("flasc", {"l2_clip_norm": 0.5, "noise_multiplier": 0.5, "dp_divide_by_clip": True}),
     "full_finetuning_fedprox": ("fedprox", {"lora_rank": -1, "client_freeze": True, "dl_density": 0.5}),
     "tiers_density": ("flasc", {"tiers": 2, "syshet": "density"}),
+    # the baselines' own configs run as configs; these add their rank tiers and client-state paths
+    "flexlora_tiers": ("flexlora", {"tiers": 2}),
+    "hetlora_tiers_prune": ("hetlora", {"tiers": 2, "hetlora_prune": True}),
+    "flora_tiers": ("flora", {"tiers": 2}),
+    "fedsa_personalized": ("fedsa", {"eval_personalized": True}),
 }
 FAMILIES = ["fedavg", "fedavg@20newsgroups", "fedavg@fashion_mnist", "fedavg@flair", "fedavg@reddit"]
 

@@ -354,3 +354,23 @@ def test_saved_model_with_its_base_delta_reproduces_the_final_evaluation(tiny_ov
         loaded = modules[name].get_base_layer().weight.detach()
         torch.testing.assert_close(loaded - fresh_modules[name].get_base_layer().weight.detach(), d,
                                    rtol=0, atol=1e-6)
+
+
+def test_fedsa_local_head_false_shares_the_head_with_a(tiny_overrides):
+    _, fed = build(tiny_overrides, algorithm="fedsa", local_head=False)
+    head = ~fed.algorithm.lora
+    assert bool(fed.algorithm.shared[head].all()) and not bool(fed.algorithm.local[head].any())
+    _, kept = build(tiny_overrides, algorithm="fedsa")
+    assert bool(kept.algorithm.local[head].all())
+
+
+def test_hetlora_penalty_is_lambda_times_the_tail_norms_by_hand(tiny_overrides):
+    cfg, fed = build(tiny_overrides, algorithm="hetlora", hetlora_prune=True, hetlora_lambda=0.25)
+    named = dict(zip(fed.flat.names, fed.flat.params))
+    with torch.no_grad():
+        for p in fed.flat.params:
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    rank, cut = 4, 2
+    expected = 0.25 * sum(float(named[p.b][:, 2:4].norm()) * float(named[p.a][2:4].norm())
+                          for p in fed.aggregator.pairs)
+    assert float(fed.algorithm.penalty(rank, cut)(named)) == pytest.approx(expected, rel=1e-6)

@@ -20,12 +20,12 @@ BASE = ["--model", "tiny-bert", "--max-length", "16", "--clients", "6", "--serve
         "--server-lr", "0.01"]
 
 
-def train(tmp_path, name, *extra, crash=None, resume=None):
+def train(tmp_path, name, *extra, crash=None, resume=None, base=BASE):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("FLASC_CRASH_AT", None)
     if crash:
         env["FLASC_CRASH_AT"] = crash
-    args = ["--resume", str(resume)] if resume else [*BASE, *extra, "--dir", str(tmp_path / "runs"),
+    args = ["--resume", str(resume)] if resume else [*base, *extra, "--dir", str(tmp_path / "runs"),
                                                     "--name", name, "--data-dir", str(tmp_path / "data")]
     return subprocess.run([sys.executable, str(ROOT / "train_lora.py"), *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env=env)
@@ -172,14 +172,7 @@ def test_stateful_algorithm_resumes_exactly(tmp_path, algorithm, crash, ckpt_fre
     args = ["--algorithm", algorithm, "--ckpt-freq", str(ckpt_freq)]
 
     def run(name, crash=None, resume=None):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("FLASC_CRASH_AT", None)
-        if crash:
-            env["FLASC_CRASH_AT"] = crash
-        rest = ["--resume", str(resume)] if resume else [*STATEFUL, *args, "--dir", str(tmp_path / "runs"),
-                                                         "--name", name, "--data-dir", str(tmp_path / "data")]
-        return subprocess.run([sys.executable, str(ROOT / "train_lora.py"), *rest], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300, env=env)
+        return train(tmp_path, name, *args, crash=crash, resume=resume, base=STATEFUL)
 
     assert run("ref").returncode == 0
     assert run("run", crash=crash).returncode == -9

@@ -25,10 +25,11 @@ import checkpoint
 import communication
 import models
 import seeding
+import stacked
 import uploads
 from evaluation import logits_of
 from interrupts import INTERRUPTS
-from optimizers import CLIENT_OPTIMIZERS, proximal_grad_
+from optimizers import CLIENT_OPTIMIZERS, adjust_gradients
 from tiers import Plan
 
 
@@ -76,6 +77,7 @@ class ClientWorker:
         self.cfg, self.resident, self.task, self.clients = cfg, resident, task, clients
         self.pairs, self.statistics, self.sent, self.algorithm = pairs, statistics or {}, sent, algorithm
         self.flat = resident.flat
+        self._stacked = None
 
     # -- a client's data, in seeded orders
     def client_epochs(self, rnd: int, client: int):
@@ -121,15 +123,7 @@ class ClientWorker:
                 loss = objective.loss(logits, batch)
                 opt.zero_grad(set_to_none=True)
                 (loss if penalty is None else loss + penalty(named)).backward()
-                if grad_offset is not None:
-                    for p, offset in zip(self.flat.params, grad_offset):
-                        p.grad = offset.clone() if p.grad is None else p.grad.add_(offset)
-                if anchors is not None:  # FedProx: pull towards the downloaded model
-                    proximal_grad_(self.flat.params, anchors, cfg.mu)
-                if grad_mask is not None:  # client_freeze: train only the downloaded entries
-                    for p, m in zip(self.flat.params, grad_mask):
-                        if p.grad is not None:
-                            p.grad.mul_(m)
+                adjust_gradients(self.flat.params, grad_offset, anchors, cfg.mu, grad_mask)
                 opt.step()
                 steps += 1
                 hits, n = objective.hits(logits.detach(), batch)  # units: examples, labels or tokens
@@ -142,23 +136,39 @@ class ClientWorker:
         return self.flat.read(), {"loss_sum": loss_sum, "correct": correct, "count": count,
                                   "epochs": epochs_run, "steps": steps}
 
+    def stacked(self):
+        """The resident model routed per client for training groups together (stacked.py), built once."""
+        if self._stacked is None:
+            self._stacked = stacked.StackedModel(self.resident.model, self.flat, self.resident.device)
+        return self._stacked
+
     def train_group(self, rnd: int, jobs: list[ClientJob], on_client=None) -> list[ClientResult]:
-        """Each job's client trained, its update through the upload chain, its statistic computed.
+        """Each job's client trained (client_parallelism of them at a time in shared passes,
+        stacked.py), its update through the upload chain, its statistic computed.
         diverged_clients stop: the group ends at the first diverged client (the round will stop)."""
-        results = []
-        for k, job in enumerate(jobs, start=1):
+        results, size = [], self.cfg.client_parallelism
+        for first in range(0, len(jobs), size):
+            together = jobs[first:first + size]
             if on_client is not None:
-                on_client(rnd, k, len(jobs))
-            results.append(self.run_job(rnd, job))
-            if results[-1].diverged and self.cfg.diverged_clients == "stop":
-                break
+                on_client(rnd, first + len(together), len(jobs))
+            with INTERRUPTS.allowed():  # an interrupt may abandon local training at once
+                trained = ([self.train_job(rnd, together[0])] if len(together) == 1 else
+                           stacked.train_together(self, rnd, together))
+            for job, (client_params, metrics) in zip(together, trained):
+                results.append(self.finish_job(rnd, job, client_params, metrics))
+                if results[-1].diverged and self.cfg.diverged_clients == "stop":
+                    return results
         return results
 
-    def run_job(self, rnd: int, job: ClientJob) -> ClientResult:
+    def train_job(self, rnd: int, job: ClientJob) -> tuple[torch.Tensor, dict]:
+        """train_client for one job: its start, its gradient mask and its algorithm's extras."""
+        mask = None if job.plan.train is None else self.flat.split(job.plan.train.to(job.start.dtype))
+        return self.train_client(rnd, job.client_id, job.start, mask, **job.training)
+
+    def finish_job(self, rnd: int, job: ClientJob, client_params: torch.Tensor, metrics: dict) -> ClientResult:
+        """A trained client's result: its update through the upload chain, its algorithm's state and
+        extras, its statistics."""
         cfg, plan, start = self.cfg, job.plan, job.start
-        grad_mask = None if plan.train is None else self.flat.split(plan.train.to(start.dtype))
-        with INTERRUPTS.allowed():  # an interrupt may abandon local training at once
-            client_params, metrics = self.train_client(rnd, job.client_id, start, grad_mask, **job.training)
         result = ClientResult(job.client_id, job.tier, len(self.clients[job.client_id]), None,
                               bytes_down=plan.dl_bytes, metrics=metrics)
         delta = start - client_params

@@ -135,6 +135,7 @@ SCHEMA: dict[str, Option] = {
     "client_lr": _positive,
     "client_batch": _pos_int,
     "client_epochs": _pos_int,
+    "client_parallelism": _pos_int,
     "algorithm": _choice(*ALGORITHM_NAMES),
     "local_head": Option(bool),
     "hetlora_prune": Option(bool),
@@ -415,6 +416,22 @@ def _check_together(cfg: Config) -> None:
     if cfg.shadow_strategies:
         _check_shadows(cfg)
     _check_algorithm(cfg)
+    if cfg.client_parallelism > 1:
+        _check_client_parallelism(cfg)
+
+
+def _check_client_parallelism(cfg: Config) -> None:
+    """Clients trained together route rows through stacked LoRA factors of linear layers and linear
+    heads (stacked.py); nothing else can be stacked."""
+    from models import MODELS, resolve_name
+    if cfg.lora_rank < 0:
+        raise ConfigError("client_parallelism: clients trained together share the frozen base model and stack "
+                          "their adapters; full fine-tuning (lora_rank -1) trains the base itself; expected "
+                          "client_parallelism: 1 or lora_rank >= 0")
+    if not MODELS[resolve_name(cfg)].linear_lora:
+        raise ConfigError(f"client_parallelism: stacked adapters are LoRA of linear layers; model "
+                          f"{resolve_name(cfg)} adapts convolutions (and draws its stochastic depth outside "
+                          "dropout layers); expected client_parallelism: 1")
 
 
 # Algorithms that set the server's model themselves (no server optimizer step of their own).

@@ -112,3 +112,18 @@ def proximal_grad_(params: list[torch.nn.Parameter], anchors: list[torch.Tensor]
             p.grad = prox
         else:
             p.grad.add_(prox)
+
+
+def adjust_gradients(params: list[torch.Tensor], grad_offset, anchors, mu: float, grad_mask) -> None:
+    """The gradient terms a client adds after its backward pass, in this order: SCAFFOLD's offset
+    (c − c_i), FedProx's pull towards the download (anchors), then the client_freeze / tier mask
+    (train only the entries it may change)."""
+    if grad_offset is not None:
+        for p, offset in zip(params, grad_offset):
+            p.grad = offset.clone() if p.grad is None else p.grad.add_(offset)
+    if anchors is not None:
+        proximal_grad_(params, anchors, mu)
+    if grad_mask is not None:
+        for p, m in zip(params, grad_mask):
+            if p.grad is not None:
+                p.grad.mul_(m)

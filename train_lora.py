@@ -174,10 +174,10 @@ class Federation:
         g = seeding.torch_generator(self.cfg.seed, "sampling", rnd)
         return sorted(torch.randperm(len(self.clients), generator=g)[: self.cfg.server_batch].tolist())
 
-    def run_round(self, rnd: int) -> dict:
-        """plan -> client work -> reduce -> server step; returns the round's metrics."""
+    def plan_round(self, rnd: int) -> tuple[list[ClientJob], list, list[torch.Tensor], float, float]:
+        """The round's densities, the download of every tier (plans, starts), and who trains what
+        from where (jobs, prepared by the algorithm)."""
         cfg = self.cfg
-        # 1. plan: densities, the download of every tier, and who trains what
         dl_density = communication.density_at(cfg.dl_density, cfg.dl_density_decay, cfg.decay_freq, rnd)
         ul_density = communication.density_at(cfg.ul_density, cfg.ul_density_decay, cfg.decay_freq, rnd)
         plans = tiers_mod.plans(cfg, self.server_state, self.flat, self.aggregator.pairs, rnd, dl_density, ul_density)
@@ -186,6 +186,13 @@ class Federation:
                 for c in self.sample_clients(rnd)]
         states = self.client_states([j.client_id for j in jobs])
         jobs = [self.algorithm.prepare(rnd, j, states.get(j.client_id)) for j in jobs]
+        return jobs, plans, starts, dl_density, ul_density
+
+    def run_round(self, rnd: int) -> dict:
+        """plan -> client work -> reduce -> server step; returns the round's metrics."""
+        cfg = self.cfg
+        # 1. plan: densities, the download of every tier, and who trains what
+        jobs, plans, starts, dl_density, ul_density = self.plan_round(rnd)
         by_id = {j.client_id: j for j in jobs}
 
         # 2. client work: this rank's share of the clients, then every rank's results

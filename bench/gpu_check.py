@@ -11,6 +11,9 @@ bench/synthetic.py).
      within TOLERANCE of it in relative L2 distance;
    - on the device in bf16, as configured (dropout on): every metric finite.
 2. determinism: each model family twice with `deterministic: true` on the device: identical metrics.
+   together: each family that can stack adapters with clients trained one at a time and three at a
+   time (client_parallelism 3) on the device in fp32, dropout on: each client draws its dropout masks
+   from its own CUDA generator state, so the runs must agree within TOLERANCE.
 3. speed: rounds of size-realistic random models (MiniLM-, GPT-2-small-, ViT-B/16-shaped; LoRA
    rank 16; the FLASC code's batch 16 and 10 clients a round) in fp32 and bf16: client updates per
    second and peak GPU memory.
@@ -69,6 +72,7 @@ EXTRAS = {
     "hetlora_tiers_prune": ("hetlora", {"tiers": 2, "hetlora_prune": True}),
     "flora_tiers": ("flora", {"tiers": 2}),
     "fedsa_personalized": ("fedsa", {"eval_personalized": True}),
+    "fedavg_together": ("fedavg", {"client_parallelism": 3}),   # stacked adapters, against the CPU
 }
 FAMILIES = ["fedavg", "fedavg@20newsgroups", "fedavg@fashion_mnist", "fedavg@flair", "fedavg@reddit"]
 
@@ -187,6 +191,24 @@ def check_determinism(ws: Workspace, label: str, device: str, rounds: int) -> di
             "detail": "" if same else "two deterministic runs of one seed differ"}
 
 
+def check_together(ws: Workspace, label: str, device: str, rounds: int) -> dict:
+    """One client at a time against three at a time, on the device, dropout on (as configured)."""
+    name, extra = EXTRAS.get(label, (label, {}))
+    row = {"check": "together", "name": label}
+    try:
+        small = ws.overrides(name, extra, device, False, rounds)
+    except ModuleNotFoundError as e:
+        return {**row, "status": "skipped", "detail": f"needs the package {e.name}"}
+    try:
+        with full_fp32():
+            one, three = (ws.run(name, {**extra, **small, "client_parallelism": k}) for k in (1, 3))
+    except config_mod.ConfigError as e:
+        return {**row, "status": "skipped", "detail": str(e).split(";")[0]}
+    worst, problems = compare(one[0], three[0], one[1], three[1])
+    return {**row, "status": "ok" if not problems else "FAILED", "max_rel_diff": worst,
+            "detail": "; ".join(problems[:3])}
+
+
 def time_shape(ws: Workspace, shape: str, device: torch.device, bf16: bool, rounds: int,
                clients: int = 10, examples: int = 80, length: int = 128) -> dict:
     """Median seconds of a training round (warm-up round excluded) of a LoRA rank-16 fedavg round."""
@@ -250,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", choices=["realistic", "tiny"], default="realistic",
                         help="models timed: the real architectures' sizes, or tiny ones (CPU tests)")
     parser.add_argument("--timing-rounds", type=int, default=3)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: correctness, determinism, speed")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated parts to skip: correctness, determinism, together, speed")
     parser.add_argument("--out", help="also write the rows as JSON here")
     parser.add_argument("--dry-run", action="store_true", help="list what would run")
     args = parser.parse_args(argv)
@@ -264,15 +287,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         names = wanted
     skip = set(filter(None, args.skip.split(",")))
-    if skip - {"correctness", "determinism", "speed"}:
-        print(f"error: --skip: unknown {', '.join(sorted(skip - {'correctness', 'determinism', 'speed'}))}; "
-              "expected correctness, determinism, speed", file=sys.stderr)
+    parts = {"correctness", "determinism", "together", "speed"}
+    if skip - parts:
+        print(f"error: --skip: unknown {', '.join(sorted(skip - parts))}; "
+              "expected correctness, determinism, together, speed", file=sys.stderr)
         return 2
     shapes = list(synthetic.SHAPES) if args.shapes == "realistic" else ["tiny-bert", "tiny-gpt2", "tiny-vit"]
     families = [n for n in FAMILIES if not args.configs or n in names] or names[:1]
     if args.dry_run:
         print("correctness:", ", ".join(names) if "correctness" not in skip else "skipped")
         print("determinism:", ", ".join(families) if "determinism" not in skip else "skipped")
+        print("together:", ", ".join(families) if "together" not in skip else "skipped")
         print("speed:", ", ".join(shapes) if "speed" not in skip else "skipped")
         return 0
     device = torch.device(args.device)
@@ -293,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             jobs += [("correctness", n) for n in names]
         if "determinism" not in skip:
             jobs += [("determinism", n) for n in families]
+        if "together" not in skip:
+            jobs += [("together", n) for n in families]
         if "speed" not in skip:
             jobs += [("speed", (s, bf16)) for s in shapes for bf16 in (False, True)]
         for kind, what in jobs:
@@ -303,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                     row = check_config(ws, what, name, extra, gpu, args.rounds)
                 elif kind == "determinism":
                     row = check_determinism(ws, what, gpu, args.rounds)
+                elif kind == "together":
+                    row = check_together(ws, what, gpu, args.rounds)
                 else:
                     row = time_shape(ws, what[0], device, what[1], args.timing_rounds)
             except Exception as e:  # report every failure, then go on with the next check

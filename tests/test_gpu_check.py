@@ -29,6 +29,10 @@ def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
     # the CPU twice: one seed gives the same numbers, so the "device" run equals the reference exactly
     assert all(r["status"] == "ok" and r["max_rel_diff"] == 0.0 for r in correctness.values())
     assert [r["name"] for r in rows if r["check"] == "determinism"] == ["fedavg"]
+    # one client at a time and three at a time, dropout on: the same run to float rounding
+    together = [r for r in rows if r["check"] == "together"]
+    assert [r["name"] for r in together] == ["fedavg"] and together[0]["status"] == "ok"
+    assert together[0]["max_rel_diff"] <= 1e-5
     speed = {r["name"]: r for r in rows if r["check"] == "speed"}
     assert set(speed) == {f"tiny-{m}, {p}" for m in ("bert", "gpt2", "vit") for p in ("fp32", "bf16")}
     # tiny-bert with LoRA rank 16 on query/value of 2 layers (hidden 32) and a 5-label head:

@@ -313,9 +313,15 @@ class FlexLoRA(FedAvg):
 
 
 def svd_factors(target: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, A, σ): target ≈ s·B·A truncated to `rank` by SVD, σ in B, A with orthonormal rows."""
+    """(B, A, σ): target ≈ s·B·A truncated to `rank` by SVD, σ in B, A with orthonormal rows.
+    A singular pair's sign is arbitrary and LAPACK and cuSOLVER choose differently, so each row of A
+    has its largest-magnitude entry made positive: every device gives the same factors. (Flipping
+    both factors of a component flips every later update of them too: training is unchanged.)"""
     u, sigma, vh = torch.linalg.svd(target, full_matrices=False)
     r = min(rank, sigma.numel())
+    signs = torch.sign(vh[:r].gather(1, vh[:r].abs().argmax(1, keepdim=True))).squeeze(1)
+    signs[signs == 0] = 1
+    u, vh = u[:, :r] * signs, vh[:r] * signs[:, None]
     b = torch.zeros(target.shape[0], rank, dtype=target.dtype, device=target.device)
     a = torch.zeros(rank, target.shape[1], dtype=target.dtype, device=target.device)
     b[:, :r] = u[:, :r] * sigma[:r] / scaling

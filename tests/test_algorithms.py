@@ -113,6 +113,23 @@ def test_flexlora_factors_are_the_truncated_svd_at_every_tier_rank(tiny_override
             np.testing.assert_allclose((pair.scaling * (b @ a)).numpy(), best, atol=1e-6)
         a, _ = factors(fed, pair, fed.server.detach())
         np.testing.assert_allclose((a @ a.T).numpy(), np.eye(a.shape[0]), atol=1e-5)   # orthonormal rows
+        assert all(float(row[row.abs().argmax()]) > 0 for row in a)   # the sign convention
+
+
+def test_flexlora_factors_do_not_depend_on_the_svd_sign_choice(monkeypatch):
+    """LAPACK and cuSOLVER may return any sign for each singular pair; the factors are the same."""
+    import algorithms
+    target = torch.randn(6, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    reference = algorithms.svd_factors(target, 3, 0.5)
+    svd = torch.linalg.svd
+    flips = torch.tensor([-1.0, 1.0, -1.0, -1.0, 1.0], dtype=torch.float64)
+    monkeypatch.setattr(torch.linalg, "svd", lambda m, full_matrices: (lambda u, s, vh: (u * flips, s, vh * flips[:, None]))(
+        *svd(m, full_matrices=full_matrices)))
+    flipped = algorithms.svd_factors(target, 3, 0.5)
+    assert all(torch.allclose(x, y, atol=1e-12) for x, y in zip(reference, flipped))
+    b, a, _ = reference
+    u, s, vh = svd(target, full_matrices=False)
+    assert torch.allclose(0.5 * b @ a, (u[:, :3] * s[:3]) @ vh[:3], atol=1e-12)
 
 
 def test_hetlora_zero_pads_and_weights_by_the_norm_of_each_product(tiny_overrides, monkeypatch):

@@ -300,10 +300,11 @@ class FlexLoRA(FedAvg):
         server = self.flat.named(pseudo_grad)
         current = self.flat.named(self.current)
         kept_energy, total_energy = 0.0, 0.0
-        for pair in self.pairs:
+        for layer, pair in enumerate(self.pairs):
             factors = [self.client_factors(pair, jobs[r.client_id], r) for r in kept]
             target = pair.scaling * sum(wk * (b @ a) for wk, (a, b) in zip(w, factors))
-            b_new, a_new, sigma = svd_factors(target, pair.rank, pair.scaling)
+            b_new, a_new, sigma = svd_factors(target, pair.rank, pair.scaling, seeding.torch_generator(
+                self.cfg.seed, "flexlora_complement", rnd, layer))
             server[pair.a].copy_(current[pair.a] - a_new)
             server[pair.b].copy_(current[pair.b] - b_new)
             kept_energy += float(sigma[:pair.rank].square().sum())
@@ -312,21 +313,42 @@ class FlexLoRA(FedAvg):
         return pseudo_grad, info
 
 
-def svd_factors(target: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def svd_factors(target: torch.Tensor, rank: int, scaling: float,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, A, σ): target ≈ s·B·A truncated to `rank` by SVD, σ in B, A with orthonormal rows.
-    A singular pair's sign is arbitrary and LAPACK and cuSOLVER choose differently, so each row of A
-    has its largest-magnitude entry made positive: every device gives the same factors. (Flipping
-    both factors of a component flips every later update of them too: training is unchanged.)"""
+
+    What the SVD leaves open is fixed, so that every device gives the same factors: a singular
+    pair's sign (LAPACK and cuSOLVER choose differently) makes the largest-magnitude entry of its
+    row of A positive (flipping both factors of a component flips every later update of them too:
+    training is unchanged); and components beyond the target's rank (σ_j ≤ 1e-4 σ_1, far above
+    float32 noise; an aggregate of low-rank clients), whose singular vectors are arbitrary, get
+    B = 0 and rows of A that complete A's rows to an orthonormal set, drawn from `generator` on the
+    CPU in float64, as a fresh LoRA component starts (B = 0, A random)."""
     u, sigma, vh = torch.linalg.svd(target, full_matrices=False)
     r = min(rank, sigma.numel())
+    if sigma.numel():
+        r = min(r, int((sigma > 1e-4 * sigma[0]).sum()))
     signs = torch.sign(vh[:r].gather(1, vh[:r].abs().argmax(1, keepdim=True))).squeeze(1)
     signs[signs == 0] = 1
     u, vh = u[:, :r] * signs, vh[:r] * signs[:, None]
     b = torch.zeros(target.shape[0], rank, dtype=target.dtype, device=target.device)
     a = torch.zeros(rank, target.shape[1], dtype=target.dtype, device=target.device)
-    b[:, :r] = u[:, :r] * sigma[:r] / scaling
-    a[:r] = vh[:r]
+    b[:, :r] = u * sigma[:r] / scaling
+    a[:r] = vh
+    free = min(rank, target.shape[1]) - r
+    if free > 0:
+        a[r:r + free] = orthonormal_complement(vh, free, generator).to(a)
     return b, a, sigma
+
+
+def orthonormal_complement(rows: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """`count` random unit rows orthogonal to each other and to `rows` (orthonormal), in float64 on the CPU."""
+    taken = rows.detach().double().cpu()
+    draw = torch.randn(count, taken.shape[1], generator=generator, dtype=torch.float64)
+    for _ in range(2):   # project out twice: orthogonal to working precision
+        draw = draw - (draw @ taken.T) @ taken
+    q, r = torch.linalg.qr(draw.T)
+    return (q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)).T
 
 
 class HetLoRA(FedAvg):

@@ -13,7 +13,8 @@ import torch
 
 # Purposes keep streams of different kinds apart even at equal (round, client).
 PURPOSES = {"model_init": 0, "partition": 1, "sampling": 2, "client": 3, "split": 4, "merge": 5, "stats": 6, "noise": 7, "tiers": 8,
-            "shadow_eval": 9, "local_test": 10, "flora_init": 11}
+            "shadow_eval": 9, "local_test": 10, "flora_init": 11,
+            "flexlora_complement": 12}
 
 
 def derive_seed(seed: int, purpose: str, *coords: int) -> int:

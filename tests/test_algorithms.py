@@ -132,6 +132,25 @@ def test_flexlora_factors_do_not_depend_on_the_svd_sign_choice(monkeypatch):
     assert torch.allclose(0.5 * b @ a, (u[:, :3] * s[:3]) @ vh[:3], atol=1e-12)
 
 
+def test_flexlora_components_beyond_the_aggregates_rank_are_fixed_fresh_components():
+    """A rank-2 aggregate truncated to rank 4: the SVD leaves components 3 and 4 arbitrary (they
+    follow float noise: what made CPU and GPU runs differ). They are B = 0 and seeded orthonormal A
+    rows, the same under a perturbation at float32 rounding level."""
+    import algorithms
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(8, 2, generator=g) @ torch.randn(2, 10, generator=g)
+    noisy = target + 1e-7 * torch.randn(8, 10, generator=g)
+    gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    b, a, _ = algorithms.svd_factors(target, 4, 2.0, gen())
+    b2, a2, _ = algorithms.svd_factors(noisy, 4, 2.0, gen())
+    assert torch.allclose(a, a2, atol=1e-4) and torch.allclose(b, b2, atol=1e-4)
+    assert float(b[:, 2:].abs().max()) == 0.0                        # fresh components: B = 0
+    assert torch.allclose(a @ a.T, torch.eye(4), atol=1e-6)          # A's rows orthonormal
+    assert torch.allclose(2.0 * b @ a, target, atol=1e-5)            # the product is the target
+    other = algorithms.orthonormal_complement(a[:2], 2, torch.Generator().manual_seed(8))
+    assert not torch.allclose(other.float(), a[2:], atol=1e-3)      # drawn from the generator
+
+
 def test_hetlora_zero_pads_and_weights_by_the_norm_of_each_product(tiny_overrides, monkeypatch):
     cfg, fed = build(tiny_overrides, algorithm="hetlora", tiers=2, server_batch=4)
     seen = fake_clients(fed, monkeypatch)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+import config as config_mod
+
 FILE = "checkpoint.pt"
 FORMAT = 2
 MAGIC = b"FLASCCK2"
@@ -35,10 +37,22 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
 
 
-def config_fingerprint(cfg) -> str:
-    """Identifies what a checkpoint was made under (every option except where runs are written)."""
-    keys = sorted(k for k in cfg if k not in ("dir", "name"))
+def config_fingerprint(cfg, keys=None) -> str:
+    """Identifies what a checkpoint was made under: every option (or those of `keys`) except where
+    runs are written."""
+    keys = sorted(k for k in (cfg if keys is None else keys) if k not in ("dir", "name"))
     return hashlib.sha1(repr([(k, cfg[k]) for k in keys]).encode()).hexdigest()[:16]
+
+
+def made_under(state: dict, cfg, run_dir: Path) -> bool:
+    """Whether a checkpoint was written under cfg. A run started before an option existed saved a
+    config.yaml without it, and its checkpoints fingerprint the options it had: the option takes its
+    default (which is how flasc behaved before it), so those options are compared."""
+    if state.get("config_fingerprint") == config_fingerprint(cfg):
+        return True
+    saved = config_mod.yaml_load((run_dir / "config.yaml").read_text())
+    older = [k for k in saved if k in cfg]
+    return len(older) < len(cfg) and state.get("config_fingerprint") == config_fingerprint(cfg, older)
 
 
 def save(run_dir: Path, state: dict) -> None:
@@ -83,7 +97,7 @@ def load(run_dir: Path, cfg, numel: int) -> dict:
         raise CheckpointError(f"--resume: {run_dir} has no {FILE}; it was stopped before its first "
                               "checkpoint, start it again instead")
     state = read(path)
-    if state.get("config_fingerprint") != config_fingerprint(cfg):
+    if not made_under(state, cfg, run_dir):
         raise CheckpointError(f"--resume: {path} was written under another configuration than "
                               f"{run_dir / 'config.yaml'}; it cannot continue this run")
     if state["federation"]["server"].numel() != numel:

@@ -154,7 +154,11 @@ def state_of(spec: RunSpec, out_dir: Path) -> str:
     saved = folder / "config.yaml"
     if not saved.is_file():
         return "fresh"
-    if config_mod.yaml_load(saved.read_text()) != spec.resolved:
+    try:   # options added to flasc since the run was made take their defaults, as the run had them
+        same = dict(config_mod.from_mapping(config_mod.yaml_load(saved.read_text()))) == spec.resolved
+    except config_mod.ConfigError:
+        same = False
+    if not same:
         return "conflict"
     if (folder / "summary.json").is_file():
         return "done"

@@ -11,7 +11,8 @@ which warms up and measures peak memory (GPU: torch's peak allocation; CPU: the 
 resident set, reset before each K through /proc/self/clear_refs, so it includes the resident model);
 then `--reps` passes with the Ks interleaved, timed. Updates per second = clients / median seconds
 of a pass. Ratios are to K = 1 of the same invocation (the machines are noisy: compare within one
-run only).
+run only). The ceiling column is what stacking can gain at most: the plain model's forward and
+backward over K clients' minibatches concatenated, against K passes over them one by one.
 
 CPU: the embedded default as `fedavg` runs it (LoRA rank 16, batch 16, 128 tokens, dropout on),
 with 10 clients a round. GPU: random-weight models of the real sizes (bench/synthetic.py), LoRA
@@ -77,6 +78,28 @@ class Bench:
         self.sync()
         return time.perf_counter() - t0
 
+    def ceiling(self, k: int, reps: int = 3) -> float:
+        """How much faster the plain model runs one forward/backward over k clients' first
+        minibatches concatenated than k passes over them one by one: what stacking can gain at most."""
+        import stacked
+        from evaluation import logits_of
+        model, objective = self.fed.model, self.fed.task.objective
+        batches = [next(self.fed.worker.client_batches(1, job.client_id)) for job in self.jobs[:k]]
+        joined = stacked.concatenate(batches, getattr(model.config, "pad_token_id", None))[0]
+
+        def passes(group):
+            self.sync()
+            t0 = time.perf_counter()
+            for batch in group:
+                objective.loss(logits_of(model, batch, self.device, self.cfg.bf16), batch).backward()
+            self.sync()
+            return time.perf_counter() - t0
+        models.training_mode(model, self.cfg.base_dropout)
+        model.zero_grad(set_to_none=True)
+        ratios = [passes(batches) / passes([joined]) for _ in range(reps + 1)][1:]   # the first warms up
+        model.zero_grad(set_to_none=True)
+        return statistics.median(ratios)
+
     def memory(self, k: int) -> float | None:
         """Peak memory (MB) of one pass at k: GPU allocation, or the CPU process's resident set."""
         if self.device.type == "cuda":
@@ -100,10 +123,11 @@ def measure(label: str, cfg, device: torch.device, ks: list[int], reps: int) -> 
     for k in ks:
         rate = clients / statistics.median(times[k])
         rows.append({"model": label, "k": k, "updates_per_s": rate, "peak_mb": memory[k],
-                     "ratio": rate * statistics.median(times[ks[0]]) / clients})
+                     "ratio": rate * statistics.median(times[ks[0]]) / clients,
+                     "ceiling": bench.ceiling(k) if k > 1 else 1.0})
         mem = "-" if memory[k] is None else f"{memory[k]:.0f}"
-        print(f"{label}, K={k}: {rate:.3f} client updates/s, {rows[-1]['ratio']:.2f}x K={ks[0]}, "
-              f"peak {mem} MB", flush=True)
+        print(f"{label}, K={k}: {rate:.3f} client updates/s, {rows[-1]['ratio']:.2f}x K={ks[0]} "
+              f"(plain model, one pass of K minibatches: {rows[-1]['ceiling']:.2f}x), peak {mem} MB", flush=True)
     return rows
 
 
@@ -129,10 +153,10 @@ def gpu_configs(root: Path, device: torch.device, bf16: bool, shapes: list[str])
 
 def table(rows: list[dict], device: str) -> str:
     lines = [f"client_parallelism on {device}", "",
-             "| model | K | client updates / s | vs K = 1 | peak memory MB |", "|---|---|---|---|---|"]
+             "| model | K | client updates / s | vs K = 1 | ceiling | peak memory MB |", "|---|---|---|---|---|---|"]
     for r in rows:
         mem = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        lines.append(f"| {r['model']} | {r['k']} | {r['updates_per_s']:.3f} | {r['ratio']:.2f} | {mem} |")
+        lines.append(f"| {r['model']} | {r['k']} | {r['updates_per_s']:.3f} | {r['ratio']:.2f} | {r['ceiling']:.2f} | {mem} |")
     return "\n".join(lines)
 
 

@@ -156,13 +156,22 @@ def full_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-# ---------------------------------------------------------------- the three checks
-def check_config(ws: Workspace, label: str, name: str, extra: dict, device: str, rounds: int) -> dict:
-    row = {"check": "correctness", "name": label}
+# ---------------------------------------------------------------- the checks
+def prepared(ws: Workspace, check: str, label: str, device: str, rounds: int):
+    """(report row, config name, its extra overrides, the small overrides); the last is None, and the
+    row says skipped, where the config needs a package that is missing."""
+    name, extra = EXTRAS.get(label, (label, {}))
+    row = {"check": check, "name": label}
     try:
-        small = ws.overrides(name, extra, device, False, rounds)
+        return row, name, extra, ws.overrides(name, extra, device, False, rounds)
     except ModuleNotFoundError as e:
-        return {**row, "status": "skipped", "detail": f"needs the package {e.name}"}
+        return {**row, "status": "skipped", "detail": f"needs the package {e.name}"}, name, extra, None
+
+
+def check_config(ws: Workspace, label: str, device: str, rounds: int) -> dict:
+    row, name, extra, small = prepared(ws, "correctness", label, device, rounds)
+    if small is None:
+        return row
     no_dropout = {"lora_dropout": 0.0, "base_dropout": False}
     cpu = ws.run(name, {**extra, **small, **no_dropout}, gpu="cpu")
     with full_fp32():
@@ -175,12 +184,9 @@ def check_config(ws: Workspace, label: str, name: str, extra: dict, device: str,
 
 
 def check_determinism(ws: Workspace, label: str, device: str, rounds: int) -> dict:
-    name, extra = EXTRAS.get(label, (label, {}))
-    row = {"check": "determinism", "name": label}
-    try:
-        small = ws.overrides(name, extra, device, False, rounds)
-    except ModuleNotFoundError as e:
-        return {**row, "status": "skipped", "detail": f"needs the package {e.name}"}
+    row, name, extra, small = prepared(ws, "determinism", label, device, rounds)
+    if small is None:
+        return row
     strip = lambda recs: [{k: v for k, v in r.items() if "seconds" not in k} for r in recs]  # noqa: E731
     try:
         a, b = (ws.run(name, {**extra, **small}, deterministic=True) for _ in range(2))
@@ -193,12 +199,9 @@ def check_determinism(ws: Workspace, label: str, device: str, rounds: int) -> di
 
 def check_together(ws: Workspace, label: str, device: str, rounds: int) -> dict:
     """One client at a time against three at a time, on the device, dropout on (as configured)."""
-    name, extra = EXTRAS.get(label, (label, {}))
-    row = {"check": "together", "name": label}
-    try:
-        small = ws.overrides(name, extra, device, False, rounds)
-    except ModuleNotFoundError as e:
-        return {**row, "status": "skipped", "detail": f"needs the package {e.name}"}
+    row, name, extra, small = prepared(ws, "together", label, device, rounds)
+    if small is None:
+        return row
     try:
         with full_fp32():
             one, three = (ws.run(name, {**extra, **small, "client_parallelism": k}) for k in (1, 3))
@@ -326,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             try:
                 if kind == "correctness":
-                    name, extra = EXTRAS.get(what, (what, {}))
-                    row = check_config(ws, what, name, extra, gpu, args.rounds)
+                    row = check_config(ws, what, gpu, args.rounds)
                 elif kind == "determinism":
                     row = check_determinism(ws, what, gpu, args.rounds)
                 elif kind == "together":

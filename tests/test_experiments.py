@@ -75,6 +75,17 @@ def test_skip_resume_and_conflict_states(tmp_path):
     assert "--merging_strategy" in cmd and cmd[cmd.index("--merging_strategy") + 1] == "ties"
 
 
+def test_runs_made_before_an_option_existed_still_count(tmp_path):
+    """A finished run whose config.yaml lacks an option added to flasc later (it ran as the option's
+    default does) is done, not a conflict; one whose config has an option flasc does not know is."""
+    specs = rx.expand(study(), str(tmp_path))
+    older = {k: v for k, v in specs[0].resolved.items() if k != "client_parallelism"}
+    fake_run(tmp_path / specs[0].name, older, 0.9)
+    fake_run(tmp_path / specs[1].name, {**older, "client_parallelism": 4}, 0.9)
+    fake_run(tmp_path / specs[2].name, {**specs[2].resolved, "no_such_option": 1}, 0.9)
+    assert [rx.state_of(s, tmp_path) for s in specs[:3]] == ["done", "conflict", "conflict"]
+
+
 def test_failures_are_isolated_and_reported(tmp_path, monkeypatch):
     specs = rx.expand({"experiments": [{"config": "fedavg", "overrides": {"client_lr": [0.1, 0.2]}}]},
                       str(tmp_path))

@@ -88,6 +88,25 @@ def test_incompatible_checkpoint_is_a_clear_error(tmp_path):
     assert proc.returncode == 2 and "another configuration" in proc.stderr
 
 
+def test_run_made_before_an_option_existed_resumes(tmp_path, reference):
+    """A run started by a flasc without an option (its config.yaml and checkpoint fingerprint do not
+    have it) resumes with the option at its default, and ends as the uninterrupted run."""
+    import config
+    killed = train(tmp_path, "run", crash="after_log:3")
+    assert killed.returncode == -9
+    run_dir = tmp_path / "runs" / "run"
+    saved = config.yaml_load((run_dir / "config.yaml").read_text())
+    older = {k: v for k, v in saved.items() if k != "client_parallelism"}
+    assert len(older) == len(saved) - 1
+    (run_dir / "config.yaml").write_text(config.dump(older))
+    state = checkpoint.read(run_dir / "checkpoint.pt")
+    state["config_fingerprint"] = checkpoint.config_fingerprint(older)
+    checkpoint.save(run_dir, state)
+    resumed = train(tmp_path, "run", resume=run_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert without_timing(run_dir) == without_timing(reference)
+
+
 def test_resume_needs_a_run_folder_and_nothing_else(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train_lora.py"), "--resume", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import yaml
 
+import cluster
 import config as config_mod
 import study_tables
 from interrupts import INTERRUPTS, Interrupted
@@ -146,19 +147,23 @@ def expand(study: dict, out_dir: str) -> list[RunSpec]:
     return specs
 
 
+def made_with(folder: Path, resolved: dict) -> bool:
+    """Whether the run in `folder` was made with this resolved config. Options added to flasc since
+    the run was made take their defaults, as the run had them."""
+    try:
+        return dict(config_mod.from_mapping(config_mod.yaml_load((folder / "config.yaml").read_text()))) == resolved
+    except (OSError, config_mod.ConfigError):
+        return False
+
+
 def state_of(spec: RunSpec, out_dir: Path) -> str:
     """done | resume | fresh | conflict (a folder of that name from another config)."""
     folder = out_dir / spec.name
     if not folder.exists():
         return "fresh"
-    saved = folder / "config.yaml"
-    if not saved.is_file():
+    if not (folder / "config.yaml").is_file():
         return "fresh"
-    try:   # options added to flasc since the run was made take their defaults, as the run had them
-        same = dict(config_mod.from_mapping(config_mod.yaml_load(saved.read_text()))) == spec.resolved
-    except config_mod.ConfigError:
-        same = False
-    if not same:
+    if not made_with(folder, spec.resolved):
         return "conflict"
     if (folder / "summary.json").is_file():
         return "done"
@@ -169,10 +174,14 @@ def state_of(spec: RunSpec, out_dir: Path) -> str:
     return "fresh"   # died before its first checkpoint: nothing to keep
 
 
-def command(spec: RunSpec, state: str, out_dir: Path) -> list[str]:
+def command(spec: RunSpec, state: str, out_dir: Path, procs: int = 1) -> list[str]:
+    """train_lora.py for this run (fresh or --resume); under torchrun with `procs` processes > 1."""
+    launch = [sys.executable, str(ROOT / "train_lora.py")] if procs <= 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
+        str(ROOT / "train_lora.py")]
     if state == "resume":
-        return [sys.executable, str(ROOT / "train_lora.py"), "--resume", str(out_dir / spec.name)]
-    args = [sys.executable, str(ROOT / "train_lora.py"), "--config", spec.config]
+        return [*launch, "--resume", str(out_dir / spec.name)]
+    args = [*launch, "--config", spec.config]
     for key, value in spec.overrides.items():
         args += [f"--{key}", config_mod.yaml_value(value)]
     return args
@@ -199,8 +208,9 @@ def _gpu_count() -> int:
         return 0
 
 
-def run_all(specs: list[RunSpec], out_dir: Path, jobs: int) -> dict[str, str]:
-    """Runs what is not done, `jobs` at a time; returns name -> outcome (ok / skipped / failed: ...)."""
+def run_all(specs: list[RunSpec], out_dir: Path, jobs: int, launcher=None) -> dict[str, str]:
+    """Runs what is not done, `jobs` at a time here, or as cluster jobs through `launcher`
+    (cluster.py); returns name -> outcome (ok / skipped / failed: ...)."""
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     outcome: dict[str, str] = {}
@@ -218,6 +228,16 @@ def run_all(specs: list[RunSpec], out_dir: Path, jobs: int) -> dict[str, str]:
             if state == "fresh" and (out_dir / spec.name).exists():
                 shutil.rmtree(out_dir / spec.name)
             queue.append((spec, state))
+    if launcher is not None:
+        try:
+            outcome.update(launcher.run([spec for spec, _ in queue], out_dir))
+        except Interrupted as e:
+            for spec, _ in queue:
+                outcome.setdefault(spec.name, "interrupted: its job may still be running; run the study again "
+                                              "once it has ended (finished runs are skipped, others resume)")
+            e.outcome = outcome
+            raise
+        return outcome
     running: list[tuple[RunSpec, subprocess.Popen, object, int]] = []
     try:
         _drain(queue, running, outcome, out_dir, logs, jobs)
@@ -262,14 +282,18 @@ def _drain(queue: list, running: list, outcome: dict, out_dir: Path, logs: Path,
             log.close()
             running.remove(item)
             free.append(slot)
-            ok = proc.returncode == 0 and (out_dir / spec.name / "summary.json").is_file()
-            if ok:
-                outcome[spec.name] = "ok"
-            elif proc.returncode == DIVERGED_EXIT and (out_dir / spec.name / DIVERGED).is_file():
-                outcome[spec.name] = f"diverged: see {logs / spec.name}.log"
-            else:
-                outcome[spec.name] = f"failed (exit {proc.returncode}): see {logs / spec.name}.log"
+            outcome[spec.name] = outcome_of(spec, proc.returncode, out_dir)
             print(f"[{time.strftime('%H:%M:%S')}] {outcome[spec.name].split(':')[0]} {spec.name}", flush=True)
+
+
+def outcome_of(spec: RunSpec, returncode: int, out_dir: Path) -> str:
+    """ok / diverged / failed, from a finished train_lora.py's exit status and its run folder."""
+    log = out_dir / "logs" / f"{spec.name}.log"
+    if returncode == 0 and (out_dir / spec.name / "summary.json").is_file():
+        return "ok"
+    if returncode == DIVERGED_EXIT and (out_dir / spec.name / DIVERGED).is_file():
+        return f"diverged: see {log}"
+    return f"failed (exit {returncode}): see {log}"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -395,12 +419,39 @@ def folder_state(folder: Path, args: list[str]) -> str:
     config that train_lora.py's options `args` give, fresh otherwise."""
     name, rest = config_mod.split_config_arg(args)
     wanted = dict(config_mod.load_config(name, config_mod.parse_overrides(rest)))
-    saved = folder / "config.yaml"
-    if not saved.is_file() or config_mod.yaml_load(saved.read_text()) != wanted:
+    if not made_with(folder, wanted):
         return "fresh"
     if (folder / "summary.json").is_file():
         return "done"
     return "resume" if (folder / "checkpoint.pt").is_file() else "fresh"
+
+
+def cluster_launcher(args, unknown: list[str]):
+    """The cluster launcher the options ask for (None: local); further sbatch options come as
+    --slurm-KEY VALUE. Everything checked here, before anything is submitted."""
+    extra, rest = {}, list(unknown)
+    while rest:
+        key = rest.pop(0)
+        if not key.startswith("--slurm-"):
+            raise StudyError(f"unknown argument {key!r}; see --help")
+        if args.launcher != "slurm":
+            raise StudyError(f"{key}: sbatch options are for --launcher slurm")
+        if not rest or rest[0].startswith("--"):
+            raise StudyError(f"{key} needs a value (sbatch options pass as --slurm-KEY VALUE)")
+        extra[key[len("--slurm-"):].replace("-", "_")] = rest.pop(0)
+    for name in ("gpus_per_run", "cpus_per_run", "timeout_min", "array_parallelism"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "gpus_per_run" else 1):
+            raise StudyError(f"--{name.replace('_', '-')}: expected a number >= {0 if name == 'gpus_per_run' else 1}")
+    if args.launcher == "local":
+        used = [f"--{n.replace('_', '-')}" for n in ("slurm_partition", "array_parallelism", "ray_address")
+                if getattr(args, n)] + (["--slurm-local"] if args.slurm_local else [])
+        if used:
+            raise StudyError(f"{used[0]} is for a cluster launcher; expected --launcher slurm or ray")
+        return None
+    if args.launcher == "ray" and (args.slurm_partition or args.array_parallelism or args.slurm_local):
+        raise StudyError("--slurm-* options are for --launcher slurm")
+    return cluster.launcher_from_args(args, extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,12 +463,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --state-of RUN_DIR -- OPTIONS: {e}", file=sys.stderr)
             return 2
         return 0
-    ap = argparse.ArgumentParser(description="Run a study of flasc runs and tabulate it.")
+    ap = argparse.ArgumentParser(description="Run a study of flasc runs and tabulate it.", allow_abbrev=False)
     ap.add_argument("--config-list", required=True, help="the experiments YAML file")
     ap.add_argument("--jobs", type=int, default=0, help="runs at once (default: GPUs, or 1 on CPU)")
     ap.add_argument("--dry-run", action="store_true", help="print the expanded runs and stop")
     ap.add_argument("--dir", help="where runs go (overrides the file's dir)")
-    args = ap.parse_args(argv)
+    cl = ap.add_argument_group("on a cluster (README \"Studies on a cluster\"; pip install -r requirements-cluster.txt)")
+    cl.add_argument("--launcher", choices=["local", "slurm", "ray"], default="local",
+                    help="local: processes here (--jobs at once); slurm: one submitit job per run; ray: one Ray task per run")
+    cl.add_argument("--gpus-per-run", type=int, default=0, help="slurm/ray: GPUs per run (several: torchrun in the job)")
+    cl.add_argument("--cpus-per-run", type=int, default=2, help="slurm/ray: CPU cores per run")
+    cl.add_argument("--timeout-min", type=int, default=240,
+                    help="slurm: a job's time limit in minutes; a job that reaches it is requeued and resumes")
+    cl.add_argument("--slurm-partition", help="slurm: the partition")
+    cl.add_argument("--array-parallelism", type=int, help="slurm: jobs of the study's array running at once")
+    cl.add_argument("--slurm-local", action="store_true",
+                    help="slurm: submitit's local executor, the jobs on this machine (to try the SLURM path)")
+    cl.add_argument("--ray-address", help="ray: the cluster's address (default: a Ray instance started here)")
+    args, unknown = ap.parse_known_args(argv)
     try:
         path = Path(args.config_list)
         if not path.is_file():
@@ -432,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(str(out_dir))
         if args.jobs < 0:
             raise StudyError("--jobs: expected a number >= 1")
-    except (StudyError, config_mod.ConfigError) as e:
+        launcher = cluster_launcher(args, unknown)
+    except (StudyError, config_mod.ConfigError, cluster.ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     jobs = args.jobs or max(1, _gpu_count())
@@ -440,12 +504,12 @@ def main(argv: list[str] | None = None) -> int:
         for spec in specs:
             print(f"{state_of(spec, out_dir):8s} {spec.name}: --config {spec.config} "
                   + " ".join(f"--{k} {shlex.quote(config_mod.yaml_value(v))}" for k, v in spec.overrides.items()))
-        print(f"{len(specs)} runs")
+        print(f"{len(specs)} runs" + ("" if launcher is None else f", {launcher.describe()}"))
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
     INTERRUPTS.install()
     try:
-        outcome = run_all(specs, out_dir, jobs)
+        outcome = run_all(specs, out_dir, jobs, launcher)
     except Interrupted as e:
         rows = results_table(specs, out_dir)
         if rows:

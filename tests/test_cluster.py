@@ -93,6 +93,23 @@ def test_a_preempted_slurm_job_resumes_to_the_uninterrupted_run(study_file, tmp_
     assert without_timing(tmp_path / "slurm" / spec.name) == without_timing(tmp_path / "local" / spec.name)
 
 
+def test_a_failing_run_is_isolated_on_the_cluster(study_file, tmp_path, capsys):
+    """One run of two fails (its tokenizer folder does not exist): the other finishes and is
+    tabulated, the failure is listed with its log, the study exits 1."""
+    pytest.importorskip("submitit")
+    study = yaml.safe_load(study_file.read_text())
+    study["seeds"] = [0]
+    study["experiments"].append({"config": "fedavg", "name": "broken", "overrides": {"model_path": str(tmp_path / "none")}})
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    assert rx.main(["--config-list", str(path), "--dir", str(tmp_path / "out"), "--launcher", "slurm", "--slurm-local"]) == 1
+    out = capsys.readouterr().out
+    assert "1 ran, 0 skipped, 0 diverged, 1 failed" in out
+    assert f"broken-seed0: failed (exit 2): see {tmp_path / 'out' / 'logs' / 'broken-seed0.log'}" in out
+    assert [r["run"] for r in table(tmp_path / "out")] == ["fedavg"]
+    assert "could not be loaded" in (tmp_path / "out" / "logs" / "broken-seed0.log").read_text()
+
+
 def test_a_missing_package_is_one_line(study_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "submitit", None)
     monkeypatch.setitem(sys.modules, "ray", None)

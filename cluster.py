@@ -94,6 +94,12 @@ class SlurmLauncher:
     extra: dict | None = None     # further sbatch options: --slurm-KEY VALUE -> slurm_KEY
     local: bool = False           # submitit's local executor: the jobs run on this machine
 
+    def check(self) -> None:
+        """Before anything is written: SLURM is here (unless the local executor stands in for it)."""
+        if not self.local and shutil.which("sbatch") is None:
+            raise ClusterError("--launcher slurm: no SLURM on this machine (sbatch not found); run the study "
+                               "on the cluster's login node, or add --slurm-local to run its jobs here")
+
     def describe(self) -> str:
         where = "submitit's local executor" if self.local else f"SLURM{' partition ' + self.partition if self.partition else ''}"
         return (f"one job per run on {where}: {self.resources.gpus} GPU(s), {self.resources.cpus} CPUs, "
@@ -103,7 +109,9 @@ class SlurmLauncher:
         submitit = _require("submitit", "slurm")
         executor = submitit.AutoExecutor(folder=str(out_dir / "slurm"), cluster="local" if self.local else "slurm")
         params = {"timeout_min": self.resources.timeout_min, "cpus_per_task": self.resources.cpus,
-                  "gpus_per_node": self.resources.gpus, "tasks_per_node": 1, "nodes": 1, "name": "flasc"}
+                  "tasks_per_node": 1, "nodes": 1, "name": "flasc"}
+        if self.resources.gpus:   # no --gpus-per-node=0 line for CPU runs
+            params["gpus_per_node"] = self.resources.gpus
         if not self.local:
             params.update({f"slurm_{k}": v for k, v in (self.extra or {}).items()})
             if self.partition:
@@ -141,17 +149,28 @@ class RayLauncher:
     resources: Resources
     address: str | None = None    # an existing cluster; None: a Ray instance on this machine
     local_cpus: int | None = None
+    started: bool = False         # this process connected (or started the instance): it disconnects
 
     def describe(self) -> str:
         return (f"one Ray task per run on {self.address or 'a Ray instance started here'}: "
                 f"{self.resources.gpus} GPU(s), {self.resources.cpus} CPUs per run")
 
-    def run(self, specs: list, out_dir: Path) -> dict[str, str]:
+    def check(self) -> None:
+        """Before anything is written: connect to the cluster (or start the local instance)."""
         ray = _require("ray", "ray")
-        started = not ray.is_initialized()
-        if started:
+        if ray.is_initialized():
+            return
+        try:
             ray.init(address=self.address, num_cpus=None if self.address else (self.local_cpus or os.cpu_count()),
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
+        except Exception as e:   # an unreachable address, a cluster of another Ray version
+            raise ClusterError(f"--launcher ray: cannot reach {self.address or 'a local Ray instance'} "
+                               f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
+        self.started = True
+
+    def run(self, specs: list, out_dir: Path) -> dict[str, str]:
+        ray = _require("ray", "ray")
+        self.check()
         try:
             task = ray.remote(_ray_task).options(num_cpus=self.resources.cpus, num_gpus=self.resources.gpus,
                                                   max_retries=3)
@@ -160,8 +179,9 @@ class RayLauncher:
                 print(f"[{time.strftime('%H:%M:%S')}] submitted {name}", flush=True)
             return wait_all(refs, lambda ref: _ray_outcome(ray, ref))
         finally:
-            if started:
+            if self.started:
                 ray.shutdown()
+                self.started = False
 
 
 def _ray_task(job: RunJob) -> str:

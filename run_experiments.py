@@ -506,6 +506,12 @@ def main(argv: list[str] | None = None) -> int:
                   + " ".join(f"--{k} {shlex.quote(config_mod.yaml_value(v))}" for k, v in spec.overrides.items()))
         print(f"{len(specs)} runs" + ("" if launcher is None else f", {launcher.describe()}"))
         return 0
+    if launcher is not None:
+        try:
+            launcher.check()
+        except cluster.ClusterError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     out_dir.mkdir(parents=True, exist_ok=True)
     INTERRUPTS.install()
     try:

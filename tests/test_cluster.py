@@ -138,6 +138,16 @@ def test_bad_cluster_options_are_one_line(study_file, tmp_path, capsys, args, wo
     assert len(err) == 1 and words in err[0], err
 
 
+def test_slurm_without_slurm_is_one_line(study_file, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setattr(cluster.shutil, "which", lambda name: None)
+    assert rx.main(["--config-list", str(study_file), "--dir", str(tmp_path / "out"), "--launcher", "slurm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --launcher slurm: no SLURM on this machine (sbatch not found); run the study on the "
+                   "cluster's login node, or add --slurm-local to run its jobs here"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_run_with_several_gpus_is_launched_with_torchrun(study_file, tmp_path):
     spec = rx.expand(yaml.safe_load(study_file.read_text()), str(tmp_path))[0]
     one = rx.command(spec, "fresh", tmp_path)

@@ -139,7 +139,7 @@ class ClientWorker:
     def stacked(self):
         """The resident model routed per client for training groups together (stacked.py), built once."""
         if self._stacked is None:
-            self._stacked = stacked.StackedModel(self.resident.model, self.flat, self.resident.device)
+            self._stacked = stacked.StackedModel(self.resident.model, self.flat)
         return self._stacked
 
     def train_group(self, rnd: int, jobs: list[ClientJob], on_client=None) -> list[ClientResult]:

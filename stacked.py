@@ -103,9 +103,9 @@ class StackedModel:
     """The resident model's LoRA layers, heads, dropouts and attention routed per client while
     `engaged`; `step` says, for one pass, whose rows are where and whose tensors they meet."""
 
-    def __init__(self, model: torch.nn.Module, flat, streams_device: torch.device):
+    def __init__(self, model: torch.nn.Module, flat):
         from peft.tuners.lora import Linear as LoraLinear
-        self.model, self.flat, self.device = model, flat, streams_device
+        self.model, self.flat = model, flat
         index = {id(p): i for i, p in enumerate(flat.params)}
         covered: set[int] = set()
         self.lora, self.heads = [], []
@@ -124,7 +124,7 @@ class StackedModel:
             raise ValueError(f"{left[0]} is neither a LoRA factor of a linear layer nor a linear head's")
         self.dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
         self.rows: Rows | None = None
-        self.params: list[list[torch.Tensor]] = []   # per slot: that client's tensors (FlatParams order)
+        self.params: dict[int, list[torch.Tensor]] = {}   # slot -> that client's tensors (FlatParams order)
         self.streams: ClientStreams | None = None
         self._originals: dict = {}
 
@@ -217,7 +217,7 @@ class StackedModel:
                     del ALL_ATTENTION_FUNCTIONS[impl]
                 else:
                     ALL_ATTENTION_FUNCTIONS[impl] = previous
-            self.rows, self.params, self.streams = None, [], None
+            self.rows, self.params, self.streams = None, {}, None
 
     def _attention_originals(self) -> dict:
         """attn_implementation -> the function the model's attention layers call for it."""
@@ -226,7 +226,7 @@ class StackedModel:
             for module in self.model.modules():
                 config = getattr(module, "config", None)
                 impl = getattr(config, "_attn_implementation", None)
-                if impl is None or impl in self._originals or not hasattr(module, "forward"):
+                if impl is None or impl in self._originals:
                     continue
                 eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
                 if impl == "eager" and eager is not None:

@@ -2,62 +2,48 @@
 
 Every strategy receives the round's client updates as uploaded (update_k = server ⊙ mask − client_k,
 after upload sparsification) and returns the pseudo-gradient that the server optimizer applies.
-A strategy declares the client statistic it needs (`statistic`: merge_statistics.DiagonalFisher or
-InputGram), which the client work computes and uploads; the round calls `Aggregator.aggregate`.
+A strategy declares the client statistic it needs (`statistic`: flasc/client/statistics.py's
+DiagonalFisher or InputGram), which the client work computes and uploads, the options it reads
+and the combinations it refuses (`options`, `check`); the round calls `Aggregator.aggregate`.
 Adding a strategy means one registered entry here, its config file and its test.
 
-Merge spaces (merge_space):
-- factors: every trainable tensor is merged entrywise; for LoRA that merges A and B separately
-  (what the seed code does), although averaging A and B is not averaging B·A.
-- product: per LoRA layer the merged quantity is the layer's weight update
-  δW_k = s·(B A − B_k A_k) (s = lora_alpha / r, B A the downloaded factors, same sign convention as
-  the updates), other tensors (the head) entrywise. The merged δW is turned back into factors:
-  the target M = s·B A − δW is truncated to rank r by SVD (U Σ Vᵀ). B·A is unchanged by
-  B → B G⁻¹, A → G A, so the factors are fixed in the gauge nearest to the clients' mean A:
-  A = c·Q·Vᵀ (Q the orthogonal Procrustes fit to mean-A·V, c = ||mean A||_F / √r), B = U Σ Qᵀ / c;
-  both stay well conditioned (a least-squares B for a given A can blow up when that A is nearly
-  singular on M's row space). With freeze_a, A stays fixed and B = (M/s)·A⁺. The share of M's energy the factors keep,
-  1 − ||M − s·B_new A_new||² / ||M||², is logged per round (svd_energy_kept).
-
-Strategies (weights w_k: uniform or proportional to examples, summing to one):
-    average           Σ w_k τ_k
-    task_arithmetic   λ Σ w_k τ_k                       (λ = scaling_coefficient; 1 gives average)
-    ties              trim each τ_k to its top `density` by magnitude (per tensor or global:
-                      ties_scope), elect per entry the sign of Σ w_k τ_k, weighted mean of the
-                      entries agreeing with it, times λ
-    dare              drop entries with probability drop_rate, rescale by 1/(1 − drop_rate),
-                      Σ w_k τ_k, times λ
-    dare_ties         DARE's drop, then TIES' sign election and disjoint mean, times λ
-    magnitude_prune   trim to the top `density` as TIES does, then Σ w_k τ_k
-    fisher            Σ w_k F_k τ_k / Σ w_k F_k entrywise, F_k the client's diagonal Fisher
-    regmean           per LoRA layer (A and B each in factor space, δW in product space) the
-                      RegMean solution (Σ w_k τ_k G_k)(Σ w_k G_k)⁻¹ with each client's input Gram
-                      matrix G_k (off-diagonals scaled by regmean_alpha); other tensors Σ w_k τ_k
-The first six are one parameterised operation (sparsify × sign consensus × rescale), as in
-mergekit's generalized task arithmetic.
+docs/aggregation.md gives each strategy's and merge space's exact rule. Two design choices live
+here: the first six strategies are one parameterised operation (sparsify × sign consensus ×
+rescale, mergekit's generalized task arithmetic), and product space re-factorizes a merged δW in
+the gauge nearest to the clients' mean A (refactorize), so both factors stay well conditioned.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
 
-import merge_statistics
-import seeding
-from model_merging_methods import (dare_drop, disjoint_mean, elect_sign, fisher_weighted_mean,
-                                   regmean_merge, shrink_gram, trim_magnitude, weighted_sum)
-from state import FlatParams, LoraPair, lora_pairs
+from flasc.client import statistics as merge_statistics
+from flasc.models.params import FlatParams, LoraPair, lora_pairs
+from flasc.options import ConfigError
+from flasc.runtime import seeding
+from model_merging_methods import (
+    dare_drop,
+    disjoint_mean,
+    elect_sign,
+    fisher_weighted_mean,
+    regmean_merge,
+    shrink_gram,
+    trim_magnitude,
+    weighted_sum,
+)
 
 
 @dataclass
 class ClientUpdate:
     client_id: int
-    delta: torch.Tensor          # flat: (server ⊙ download mask) − client, after upload sparsification
+    delta: torch.Tensor  # flat: (server ⊙ download mask) − client, after upload sparsification
     num_examples: int
-    stats: dict = field(default_factory=dict)   # Fisher or Gram matrices, when the strategy needs them
+    stats: dict = field(default_factory=dict)  # Fisher or Gram matrices, when the strategy needs them
 
 
-Blocks = dict[str, torch.Tensor]   # name -> (clients, *shape)
+Blocks = dict[str, torch.Tensor]  # name -> (clients, *shape)
 
 
 def client_weights(updates: list[ClientUpdate], weighting: str) -> torch.Tensor:
@@ -69,17 +55,31 @@ def client_weights(updates: list[ClientUpdate], weighting: str) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ merge spaces
+def _linear_lora(cfg) -> tuple[bool, str]:
+    """Whether the run's model puts LoRA on linear layers (not convolutions), and its name."""
+    from flasc.models import MODELS, resolve_name
+
+    return MODELS[resolve_name(cfg)].linear_lora, resolve_name(cfg)
+
+
 class FactorSpace:
     """Every trainable tensor merged entrywise, LoRA factors included."""
+
     name = "factors"
+
+    @staticmethod
+    def check(cfg) -> None:
+        """Any trainable tensors merge entrywise."""
 
     def __init__(self, flat: FlatParams, pairs: list[LoraPair]):
         self.flat, self.pairs = flat, pairs
 
     def blocks(self, updates: list[ClientUpdate], start: torch.Tensor) -> Blocks:
         stacked = torch.stack([u.delta for u in updates])
-        return {name: chunk.reshape(len(updates), *p.shape) for name, p, chunk in
-                zip(self.flat.names, self.flat.params, stacked.split(self.flat.numels, dim=1))}
+        return {
+            name: chunk.reshape(len(updates), *p.shape)
+            for name, p, chunk in zip(self.flat.names, self.flat.params, stacked.split(self.flat.numels, dim=1))
+        }
 
     def grams(self, updates: list[ClientUpdate]) -> Blocks:
         """Input Gram of each LoRA factor: x for A, A x for B."""
@@ -96,7 +96,22 @@ class FactorSpace:
 
 class ProductSpace(FactorSpace):
     """LoRA layers merged as weight updates δW = s·(B A − B_k A_k), then re-factorized to rank r."""
+
     name = "product"
+
+    @staticmethod
+    def check(cfg) -> None:
+        linear, model = _linear_lora(cfg)
+        if not linear:
+            raise ConfigError(
+                f"merge_space: product works on LoRA of linear layers; model {model} adapts "
+                "convolutions; expected merge_space: factors"
+            )
+        if cfg.lora_rank <= 0:
+            raise ConfigError(
+                f"merge_space: product merges LoRA products B·A; expected lora_rank >= 1 "
+                f"(got {cfg.lora_rank}) or merge_space: factors"
+            )
 
     def _factors(self, pair: LoraPair, named: dict) -> tuple[torch.Tensor, torch.Tensor]:
         a = pair.frozen_a.to(named[pair.b].device) if pair.a is None else named[pair.a]
@@ -125,7 +140,7 @@ class ProductSpace(FactorSpace):
         residual, energy, per_layer = 0.0, 0.0, []
         for pair in self.pairs:
             a0, b0 = self._factors(pair, named)
-            target = (pair.scaling * (b0 @ a0) - merged[pair.name]) / pair.scaling   # M / s
+            target = (pair.scaling * (b0 @ a0) - merged[pair.name]) / pair.scaling  # M / s
             if pair.a is None:
                 a_new, b_new = a0, target @ torch.linalg.pinv(a0)
             else:
@@ -134,14 +149,16 @@ class ProductSpace(FactorSpace):
             if pair.a is not None:
                 grad[pair.a] = a0 - a_new
             grad[pair.b] = b0 - b_new
-            total = float((target ** 2).sum()) * pair.scaling ** 2
-            lost = float(((target - b_new @ a_new) ** 2).sum()) * pair.scaling ** 2
+            total = float((target**2).sum()) * pair.scaling**2
+            lost = float(((target - b_new @ a_new) ** 2).sum()) * pair.scaling**2
             residual += lost
             energy += total
             per_layer.append(1.0 - lost / total if total > 0 else 1.0)
         flat = torch.cat([grad[name].reshape(-1) for name in self.flat.names])
-        info = {"svd_energy_kept": 1.0 - residual / energy if energy > 0 else 1.0,
-                "svd_energy_kept_min": min(per_layer) if per_layer else 1.0}
+        info = {
+            "svd_energy_kept": 1.0 - residual / energy if energy > 0 else 1.0,
+            "svd_energy_kept_min": min(per_layer) if per_layer else 1.0,
+        }
         return flat, info
 
 
@@ -156,7 +173,7 @@ def refactorize(target: torch.Tensor, a_ref: torch.Tensor, rank: int) -> tuple[t
     u, sigma, v = u[:, :rank], sigma[:rank], vh[:rank].T
     p, _, wh = torch.linalg.svd(a_ref @ v)
     q = p @ wh
-    c = float(a_ref.norm()) / rank ** 0.5 or 1.0
+    c = float(a_ref.norm()) / rank**0.5 or 1.0
     return (u * sigma) @ q.T / c, c * q @ v.T
 
 
@@ -165,18 +182,31 @@ SPACES = {"factors": FactorSpace, "product": ProductSpace}
 
 # ------------------------------------------------------------------ strategies
 class Strategy:
-    statistic = None   # what clients compute on their own data and upload (merge_statistics.py)
+    """A merge of the clients' update blocks into one, given their weights. Declares the options it
+    reads and checks the combinations it refuses."""
 
-    def merge(self, blocks: Blocks, weights: torch.Tensor, ctx: "Aggregator", updates) -> Blocks:
+    statistic = None  # what clients compute on their own data and upload (flasc/client/statistics.py)
+    options: tuple[str, ...] = ()
+
+    def check(self, cfg) -> None:
+        """Raise ConfigError for a run this strategy cannot merge."""
+
+    def merge(self, blocks: Blocks, weights: torch.Tensor, ctx: Aggregator, updates) -> Blocks:
         raise NotImplementedError
 
 
 @dataclass
 class GeneralizedTaskArithmetic(Strategy):
     """sparsify (none | magnitude | dare) × sign consensus × rescale by λ, over any blocks."""
+
     sparsify: str | None = None
     consensus: bool = False
     scaled: bool = False
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        own = {"magnitude": ("density", "ties_scope"), "dare": ("drop_rate",), None: ()}[self.sparsify]
+        return ("weighting", *own, *(("scaling_coefficient",) if self.scaled else ()))
 
     def merge(self, blocks, weights, ctx, updates):
         cfg = ctx.cfg
@@ -210,20 +240,46 @@ def trim_blocks(blocks: Blocks, density: float, scope: str) -> Blocks:
 def dare_blocks(blocks: Blocks, drop_rate: float, seed: int, rnd: int, clients: list[int]) -> Blocks:
     """DARE drop per client, from a generator seeded by (seed, round, client)."""
     gens = [seeding.torch_generator(seed, "merge", rnd, c) for c in clients]
-    return {name: torch.stack([dare_drop(t, drop_rate, g) for t, g in zip(tasks, gens)])
-            for name, tasks in blocks.items()}
+    return {
+        name: torch.stack([dare_drop(t, drop_rate, g) for t, g in zip(tasks, gens)]) for name, tasks in blocks.items()
+    }
 
 
 class FisherMerging(Strategy):
     statistic = merge_statistics.DiagonalFisher()
+    options = ("weighting", "fisher_examples")
+
+    def check(self, cfg) -> None:
+        from data import DATASETS
+
+        if DATASETS[cfg.dataset].objective == "next_token":
+            raise ConfigError(
+                f"merging_strategy: fisher takes the exact expectation over labels, out of reach over "
+                f"a vocabulary at every token of dataset {cfg.dataset}; expected another strategy"
+            )
 
     def merge(self, blocks, weights, ctx, updates):
-        return {name: fisher_weighted_mean(tasks, torch.stack([u.stats[name] for u in updates]), weights)
-                for name, tasks in blocks.items()}
+        return {
+            name: fisher_weighted_mean(tasks, torch.stack([u.stats[name] for u in updates]), weights)
+            for name, tasks in blocks.items()
+        }
 
 
 class RegMean(Strategy):
     statistic = merge_statistics.InputGram()
+    options = ("weighting", "regmean_examples", "regmean_alpha")
+
+    def check(self, cfg) -> None:
+        linear, model = _linear_lora(cfg)
+        if not linear:
+            raise ConfigError(
+                f"merging_strategy: regmean works on LoRA of linear layers; model {model} adapts "
+                "convolutions; expected a strategy other than regmean"
+            )
+        if cfg.lora_rank <= 0:
+            raise ConfigError(
+                f"merging_strategy: regmean merges LoRA layers; expected lora_rank >= 1 (got {cfg.lora_rank})"
+            )
 
     def merge(self, blocks, weights, ctx, updates):
         grams = ctx.space.grams(updates)
@@ -268,6 +324,13 @@ class Aggregator:
         """Names the statistic this aggregator needs in its space (aggregators that need the same
         one share it), e.g. 'DiagonalFisher@product'; None when it needs none."""
         return None if self.statistic is None else f"{type(self.statistic).__name__}@{self.space.name}"
+
+    def updates(self, results) -> list[ClientUpdate]:
+        """The round's kept client results as the updates this aggregator merges (with its own statistic)."""
+        return [
+            ClientUpdate(r.client_id, r.update, r.num_examples, r.statistics.get(self.statistic_key, {}))
+            for r in results
+        ]
 
     def aggregate(self, updates: list[ClientUpdate], start: torch.Tensor, rnd: int) -> tuple[torch.Tensor, dict]:
         # Summation order is fixed by client id so the result never depends on visiting order.

@@ -9,6 +9,7 @@ Runs that differ only by seed are drawn as one curve: the mean, with a band from
 highest seed; bars show the mean and the seeds' standard deviation. --ema A smooths the accuracy
 curves (each point A · the previous smoothed point + (1 − A) · its own value; 0: off).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 import config as config_mod
-from tracking import config_name_of
+from flasc.runtime.tracking import config_name_of
 
 
 class PlotError(ValueError):
@@ -31,8 +32,9 @@ def load_run(folder: Path) -> dict:
     if not (folder / "metrics.jsonl").is_file() or not (folder / "config.yaml").is_file():
         raise PlotError(f"{folder} holds no run (no metrics.jsonl / config.yaml)")
     if not (folder / "summary.json").is_file():
-        raise PlotError(f"{folder} is unfinished (no summary.json); resume it with "
-                        f"python train_lora.py --resume {folder}")
+        raise PlotError(
+            f"{folder} is unfinished (no summary.json); resume it with python train_lora.py --resume {folder}"
+        )
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
     summary = json.loads((folder / "summary.json").read_text())
     metric = summary.get("primary_metric", "accuracy")
@@ -40,14 +42,20 @@ def load_run(folder: Path) -> dict:
     if not evals:
         raise PlotError(f"{folder} has no evaluated round")
     elapsed, total = {}, 0.0
-    for m in metrics:   # seconds of training and evaluation until the end of each round
+    for m in metrics:  # seconds of training and evaluation until the end of each round
         total += m.get("seconds", 0.0)
         elapsed[m["round"]] = total
     for e in evals:
         e.setdefault("elapsed_seconds", elapsed[e["round"]])
-    return {"dir": folder, "config": config_mod.yaml_load((folder / "config.yaml").read_text()),
-            "config_name": config_name_of(folder),
-            "summary": summary, "evals": evals, "metrics": metrics, "metric": metric}
+    return {
+        "dir": folder,
+        "config": config_mod.yaml_load((folder / "config.yaml").read_text()),
+        "config_name": config_name_of(folder),
+        "summary": summary,
+        "evals": evals,
+        "metrics": metrics,
+        "metric": metric,
+    }
 
 
 def group_key(run: dict) -> str:
@@ -62,10 +70,13 @@ def label_runs(runs: list[dict]) -> None:
         name = r["config_name"]
         try:
             base = config_mod.load_config(name, {"dataset": r["config"]["dataset"]})
-        except config_mod.ConfigError:   # a config file that has moved since: compare with the defaults
+        except config_mod.ConfigError:  # a config file that has moved since: compare with the defaults
             base = config_mod.load_config()
-        changed = [f"{k}={v}" for k, v in r["config"].items()
-                   if k not in ("seed", "dir", "name", "dataset") and base.get(k) != v]
+        changed = [
+            f"{k}={v}"
+            for k, v in r["config"].items()
+            if k not in ("seed", "dir", "name", "dataset") and base.get(k) != v
+        ]
         if r["config"]["dataset"] != config_mod.load_config().dataset:
             changed.insert(0, f"dataset={r['config']['dataset']}")
         title = name or "defaults"
@@ -92,10 +103,15 @@ def _curve(ax, runs: list[dict], x_of, label: str, smoothing: float = 0.0) -> No
     ys = [ema([e[f"test_{r['metric']}"] for e in r["evals"]], smoothing) for r in runs]
     n = min(len(y) for y in ys)
     mean = [statistics.fmean(y[i] for y in ys) for i in range(n)]
-    line, = ax.plot(xs[:n], mean, marker="o", ms=3, label=label + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
+    (line,) = ax.plot(xs[:n], mean, marker="o", ms=3, label=label + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
     if len(runs) > 1:
-        ax.fill_between(xs[:n], [min(y[i] for y in ys) for i in range(n)], [max(y[i] for y in ys) for i in range(n)],
-                        color=line.get_color(), alpha=0.2)
+        ax.fill_between(
+            xs[:n],
+            [min(y[i] for y in ys) for i in range(n)],
+            [max(y[i] for y in ys) for i in range(n)],
+            color=line.get_color(),
+            alpha=0.2,
+        )
 
 
 def _band(ax, runs: list[dict], key: str, label: str) -> bool:
@@ -105,7 +121,7 @@ def _band(ax, runs: list[dict], key: str, label: str) -> bool:
     if not rounds:
         return False
     values = [[s[x] for s in series] for x in rounds]
-    line, = ax.plot(rounds, [statistics.fmean(v) for v in values], marker="o", ms=2, label=label)
+    (line,) = ax.plot(rounds, [statistics.fmean(v) for v in values], marker="o", ms=2, label=label)
     if len(runs) > 1:
         ax.fill_between(rounds, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
     return True
@@ -117,24 +133,36 @@ def distinguishing_titles(groups: dict[str, list[dict]]) -> dict[str, str]:
     configs = {label: members[0]["config"] for label, members in groups.items()}
     keys = sorted({k for c in configs.values() for k in c} - {"seed", "name", "dir"})
     varying = [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1]
-    return {label: ", ".join(f"{k}={c.get(k)}" for k, c in [(k, configs[label]) for k in varying]) or label
-            for label in groups}
+    return {
+        label: ", ".join(f"{k}={c.get(k)}" for k, c in [(k, configs[label]) for k in varying]) or label
+        for label in groups
+    }
 
 
-DRIFT_PANELS = [("drift_cosine_mean", "mean pairwise cosine"), ("drift_distance_mean", "distance from the mean update"),
-                ("drift_sign_conflict", "sign conflict (factors)"),
-                ("drift_sign_conflict_product", "sign conflict (product ΔW)"),
-                ("drift_effective_rank", "effective rank of the updates"), ("drift_norm_cv", "update norm spread (CV)")]
+DRIFT_PANELS = [
+    ("drift_cosine_mean", "mean pairwise cosine"),
+    ("drift_distance_mean", "distance from the mean update"),
+    ("drift_sign_conflict", "sign conflict (factors)"),
+    ("drift_sign_conflict_product", "sign conflict (product ΔW)"),
+    ("drift_effective_rank", "effective rank of the updates"),
+    ("drift_norm_cv", "update norm spread (CV)"),
+]
 
 
 def shadow_names(runs: list[dict]) -> list[str]:
-    names = {k[len("shadow_"):-len("_gain")] for r in runs for m in r["metrics"] for k in m
-             if k.startswith("shadow_") and k.endswith("_gain")}
+    names = {
+        k[len("shadow_") : -len("_gain")]
+        for r in runs
+        for m in r["metrics"]
+        for k in m
+        if k.startswith("shadow_") and k.endswith("_gain")
+    }
     return sorted(names)
 
 
 def plot(runs: list[dict], out: Path, smoothing: float = 0.0) -> list[Path]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -154,8 +182,11 @@ def plot(runs: list[dict], out: Path, smoothing: float = 0.0) -> list[Path]:
 
     for stem, x_of, xlabel in (
         ("accuracy_vs_round", lambda e: e["round"], "round"),
-        ("accuracy_vs_megabytes", lambda e: (e["bytes_up_total"] + e["bytes_down_total"]) / 1e6,
-         "megabytes communicated (up + down)"),
+        (
+            "accuracy_vs_megabytes",
+            lambda e: (e["bytes_up_total"] + e["bytes_down_total"]) / 1e6,
+            "megabytes communicated (up + down)",
+        ),
         ("accuracy_vs_seconds", lambda e: e["elapsed_seconds"], "seconds (training and evaluation)"),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -181,7 +212,7 @@ def plot(runs: list[dict], out: Path, smoothing: float = 0.0) -> list[Path]:
     save(fig, "final_accuracy")
 
     names = shadow_names(runs)
-    if names:   # one panel per group of runs: each shadow strategy's one-round gain over the run's own
+    if names:  # one panel per group of runs: each shadow strategy's one-round gain over the run's own
         titles = distinguishing_titles(groups)
         cols = min(3, len(groups))
         rows = -(-len(groups) // cols)
@@ -193,7 +224,7 @@ def plot(runs: list[dict], out: Path, smoothing: float = 0.0) -> list[Path]:
             ax.set_title(titles[label], fontsize=8)
             ax.set_xlabel("round")
             ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(groups):]:
+        for ax in list(axes.flat)[len(groups) :]:
             ax.set_visible(False)
         for row in axes:
             row[0].set_ylabel(f"shadow gain, validation {metric_name}")

@@ -23,6 +23,7 @@ resumed; one failing run does not stop the others and is reported at the end wit
 study ends with results.md and results.csv in DIR: mean ± std over seeds of final and best test
 accuracy, bytes, ε (when set) and wall time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,35 +37,20 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-import cluster
 import config as config_mod
-import study_tables
-from interrupts import INTERRUPTS, Interrupted
-from tracking import DIVERGED_FILE as DIVERGED, EXIT_CODE, check_writable
-
-ROOT = Path(__file__).resolve().parent
-
-
-DIVERGED_EXIT = EXIT_CODE["diverged"]
+from flasc.runtime.interrupts import INTERRUPTS, Interrupted
+from flasc.runtime.tracking import check_writable
+from flasc.studies import launchers as cluster
+from flasc.studies import tables as study_tables
+from flasc.studies.runs import ROOT, RunSpec, command, made_with, outcome_of, state_of  # noqa: F401  (rx.X)
 
 
 class StudyError(ValueError):
     """A bad experiments file; the message names the entry and key."""
-
-
-@dataclass
-class RunSpec:
-    name: str
-    config: str
-    overrides: dict            # everything passed on the command line (seed included)
-    group: str                 # the name without the seed: runs that differ only by seed
-    axes: dict = field(default_factory=dict)   # the grid values of this run, for the table
-    resolved: dict = field(default_factory=dict)
 
 
 def _slug(value) -> str:
@@ -75,8 +61,10 @@ def _slug(value) -> str:
 def check_shape(study) -> None:
     """The file's structure, before any of its values is used."""
     if not isinstance(study, dict):
-        raise StudyError(f"the experiments file must be a mapping with 'experiments:' (and optionally dir, seeds, "
-                         f"defaults); it holds a {type(study).__name__}")
+        raise StudyError(
+            f"the experiments file must be a mapping with 'experiments:' (and optionally dir, seeds, "
+            f"defaults); it holds a {type(study).__name__}"
+        )
     if not isinstance(study.get("experiments"), list) or not study["experiments"]:
         raise StudyError("the experiments file needs a non-empty list under 'experiments'")
     unknown = set(study) - {"dir", "seeds", "defaults", "experiments"}
@@ -90,8 +78,10 @@ def check_shape(study) -> None:
         if not isinstance(entry, dict) or "config" not in entry:
             raise StudyError(f"experiments[{i}]: each entry needs 'config: NAME' (a mapping)")
         if not isinstance(entry.get("overrides") or {}, dict):
-            raise StudyError(f"experiments[{i}]: overrides: expected a mapping of option: value (a list value "
-                             "inside it is a grid axis)")
+            raise StudyError(
+                f"experiments[{i}]: overrides: expected a mapping of option: value (a list value "
+                "inside it is a grid axis)"
+            )
 
 
 def is_axis(key: str, value) -> bool:
@@ -147,46 +137,6 @@ def expand(study: dict, out_dir: str) -> list[RunSpec]:
     return specs
 
 
-def made_with(folder: Path, resolved: dict) -> bool:
-    """Whether the run in `folder` was made with this resolved config. Options added to flasc since
-    the run was made take their defaults, as the run had them."""
-    try:
-        return dict(config_mod.from_mapping(config_mod.yaml_load((folder / "config.yaml").read_text()))) == resolved
-    except (OSError, config_mod.ConfigError):
-        return False
-
-
-def state_of(spec: RunSpec, out_dir: Path) -> str:
-    """done | resume | fresh | conflict (a folder of that name from another config)."""
-    folder = out_dir / spec.name
-    if not folder.exists():
-        return "fresh"
-    if not (folder / "config.yaml").is_file():
-        return "fresh"
-    if not made_with(folder, spec.resolved):
-        return "conflict"
-    if (folder / "summary.json").is_file():
-        return "done"
-    if (folder / DIVERGED).is_file():
-        return "diverged"
-    if (folder / "checkpoint.pt").is_file():
-        return "resume"
-    return "fresh"   # died before its first checkpoint: nothing to keep
-
-
-def command(spec: RunSpec, state: str, out_dir: Path, procs: int = 1) -> list[str]:
-    """train_lora.py for this run (fresh or --resume); under torchrun with `procs` processes > 1."""
-    launch = [sys.executable, str(ROOT / "train_lora.py")] if procs <= 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
-        str(ROOT / "train_lora.py")]
-    if state == "resume":
-        return [*launch, "--resume", str(out_dir / spec.name)]
-    args = [*launch, "--config", spec.config]
-    for key, value in spec.overrides.items():
-        args += [f"--{key}", config_mod.yaml_value(value)]
-    return args
-
-
 def worker_env(slot: int, jobs: int) -> dict:
     """One GPU per job when there are GPUs; otherwise the CPU threads split evenly."""
     env = dict(os.environ)
@@ -203,6 +153,7 @@ def worker_env(slot: int, jobs: int) -> dict:
 def _gpu_count() -> int:
     try:
         import torch
+
         return torch.cuda.device_count()
     except Exception:
         return 0
@@ -222,8 +173,9 @@ def run_all(specs: list[RunSpec], out_dir: Path, jobs: int, launcher=None) -> di
         elif state == "diverged":
             outcome[spec.name] = "skipped (diverged before)"
         elif state == "conflict":
-            outcome[spec.name] = (f"failed: {out_dir / spec.name} holds a run with another config; "
-                                  "move it away or change the study's dir")
+            outcome[spec.name] = (
+                f"failed: {out_dir / spec.name} holds a run with another config; move it away or change the study's dir"
+            )
         else:
             if state == "fresh" and (out_dir / spec.name).exists():
                 shutil.rmtree(out_dir / spec.name)
@@ -233,8 +185,11 @@ def run_all(specs: list[RunSpec], out_dir: Path, jobs: int, launcher=None) -> di
             outcome.update(launcher.run([spec for spec, _ in queue], out_dir))
         except Interrupted as e:
             for spec, _ in queue:
-                outcome.setdefault(spec.name, "interrupted: its job may still be running; run the study again "
-                                              "once it has ended (finished runs are skipped, others resume)")
+                outcome.setdefault(
+                    spec.name,
+                    "interrupted: its job may still be running; run the study again "
+                    "once it has ended (finished runs are skipped, others resume)",
+                )
             e.outcome = outcome
             raise
         return outcome
@@ -242,18 +197,20 @@ def run_all(specs: list[RunSpec], out_dir: Path, jobs: int, launcher=None) -> di
     try:
         _drain(queue, running, outcome, out_dir, logs, jobs)
     except Interrupted as e:  # stop the runs the same way: each checkpoints its last round and exits
-        for spec, proc, log, _ in running:
+        for _, proc, _, _ in running:
             if proc.poll() is None:
                 proc.send_signal(e.signum)
         for spec, proc, log, _ in running:
             proc.wait()
             log.close()
             if proc.returncode == 0 and (out_dir / spec.name / "summary.json").is_file():
-                outcome[spec.name] = "ok"   # it had finished just before
+                outcome[spec.name] = "ok"  # it had finished just before
                 continue
-            outcome[spec.name] = (f"interrupted: {out_dir / spec.name} resumes when the study is run again"
-                                  if (out_dir / spec.name / "checkpoint.pt").is_file() else
-                                  f"interrupted before its first checkpoint: it starts again when the study is run again")
+            outcome[spec.name] = (
+                f"interrupted: {out_dir / spec.name} resumes when the study is run again"
+                if (out_dir / spec.name / "checkpoint.pt").is_file()
+                else "interrupted before its first checkpoint: it starts again when the study is run again"
+            )
         for spec, _ in queue:
             outcome[spec.name] = "not started"
         e.outcome = outcome
@@ -269,10 +226,14 @@ def _drain(queue: list, running: list, outcome: dict, out_dir: Path, logs: Path,
             spec, state = queue.pop(0)
             slot = free.pop(0)
             log = open(logs / f"{spec.name}.log", "a")
-            print(f"[{time.strftime('%H:%M:%S')}] {'resume' if state == 'resume' else 'start'} {spec.name}",
-                  flush=True)
-            proc = subprocess.Popen(command(spec, state, out_dir), stdout=log, stderr=subprocess.STDOUT,
-                                    env=worker_env(slot, jobs), cwd=ROOT)
+            print(f"[{time.strftime('%H:%M:%S')}] {'resume' if state == 'resume' else 'start'} {spec.name}", flush=True)
+            proc = subprocess.Popen(
+                command(spec, state, out_dir),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=worker_env(slot, jobs),
+                cwd=ROOT,
+            )
             running.append((spec, proc, log, slot))
         time.sleep(0.2)
         for item in list(running):
@@ -286,23 +247,22 @@ def _drain(queue: list, running: list, outcome: dict, out_dir: Path, logs: Path,
             print(f"[{time.strftime('%H:%M:%S')}] {outcome[spec.name].split(':')[0]} {spec.name}", flush=True)
 
 
-def outcome_of(spec: RunSpec, returncode: int, out_dir: Path) -> str:
-    """ok / diverged / failed, from a finished train_lora.py's exit status and its run folder."""
-    log = out_dir / "logs" / f"{spec.name}.log"
-    if returncode == 0 and (out_dir / spec.name / "summary.json").is_file():
-        return "ok"
-    if returncode == DIVERGED_EXIT and (out_dir / spec.name / DIVERGED).is_file():
-        return f"diverged: see {log}"
-    return f"failed (exit {returncode}): see {log}"
-
-
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 # options the table has a column of its own for, or that only place and number a run
-_OWN_COLUMNS = {"dir", "name", "seed", "algorithm", "merging_strategy", "merge_space", "server_opt", "dl_density",
-                "ul_density"}
+_OWN_COLUMNS = {
+    "dir",
+    "name",
+    "seed",
+    "algorithm",
+    "merging_strategy",
+    "merge_space",
+    "server_opt",
+    "dl_density",
+    "ul_density",
+}
 
 
 def options_off_default(resolved: dict) -> dict:
@@ -310,7 +270,7 @@ def options_off_default(resolved: dict) -> dict:
     own defaults), except those with a column of their own."""
     try:
         base = config_mod.load_config(overrides={"dataset": resolved["dataset"]})
-    except config_mod.ConfigError:   # the data set's defaults alone do not validate (e.g. its model)
+    except config_mod.ConfigError:  # the data set's defaults alone do not validate (e.g. its model)
         base = config_mod.load_config()
     return {k: v for k, v in resolved.items() if k not in _OWN_COLUMNS and base.get(k) != v}
 
@@ -320,19 +280,29 @@ def results_table(specs: list[RunSpec], out_dir: Path) -> list[dict]:
     rows = []
     for group in dict.fromkeys(s.group for s in specs):
         members = [s for s in specs if s.group == group]
-        summaries = [json.loads((out_dir / s.name / "summary.json").read_text())
-                     for s in members if (out_dir / s.name / "summary.json").is_file()]
+        summaries = [
+            json.loads((out_dir / s.name / "summary.json").read_text())
+            for s in members
+            if (out_dir / s.name / "summary.json").is_file()
+        ]
         # a diverged run is a result (the setting is unstable), counted apart and kept out of the means
         diverged = sum(state_of(s, out_dir) == "diverged" for s in members)
         if not summaries and not diverged:
             continue
         first = members[0]
         r = first.resolved
-        row = {"run": group, "config": first.config,
-               "options": ", ".join(f"{k}={v}" for k, v in options_off_default(r).items()),
-               "algorithm": r["algorithm"], "strategy": r["merging_strategy"], "space": r["merge_space"], "server_opt": r["server_opt"],
-               "dl/ul density": f"{r['dl_density']:g}/{r['ul_density']:g}", "seeds": len(summaries),
-               "diverged": diverged}
+        row = {
+            "run": group,
+            "config": first.config,
+            "options": ", ".join(f"{k}={v}" for k, v in options_off_default(r).items()),
+            "algorithm": r["algorithm"],
+            "strategy": r["merging_strategy"],
+            "space": r["merge_space"],
+            "server_opt": r["server_opt"],
+            "dl/ul density": f"{r['dl_density']:g}/{r['ul_density']:g}",
+            "seeds": len(summaries),
+            "diverged": diverged,
+        }
         if not summaries:
             rows.append(row)
             continue
@@ -341,19 +311,24 @@ def results_table(specs: list[RunSpec], out_dir: Path) -> list[dict]:
         short = "acc" if metric == "accuracy" else metric
         for key, label in ((f"test_{metric}", f"test {short}"), (f"best_test_{metric}", f"best test {short}")):
             row[label] = _mean_std([s[key] for s in summaries])
-        if all(f"personal_{metric}_mean" in s for s in summaries):   # eval_personalized
+        if all(f"personal_{metric}_mean" in s for s in summaries):  # eval_personalized
             row[f"personal {short}"] = _mean_std([s[f"personal_{metric}_mean"] for s in summaries])
             row[f"global {short} on local tests"] = _mean_std([s[f"personal_global_{metric}_mean"] for s in summaries])
-        tiers = sorted({k.split("_")[0] for s in summaries for k in s if k.startswith("tier") and k.endswith(f"_test_{metric}")})
+        tiers = sorted(
+            {k.split("_")[0] for s in summaries for k in s if k.startswith("tier") and k.endswith(f"_test_{metric}")}
+        )
         for tier in tiers:
             if all(f"{tier}_test_{metric}" in s for s in summaries):
                 row[f"{tier} test {short}"] = _mean_std([s[f"{tier}_test_{metric}"] for s in summaries])
         if all(f"val_{metric}_auc" in s for s in summaries):
             row["val auc"] = _mean_std([s[f"val_{metric}_auc"] for s in summaries])
-        if all("target_accuracy" in s for s in summaries):   # mean over the seeds that reached it
+        if all("target_accuracy" in s for s in summaries):  # mean over the seeds that reached it
             reached = [s["rounds_to_target"] for s in summaries if s["rounds_to_target"] is not None]
-            row["rounds to target"] = (f"{statistics.fmean(reached):.1f} ({len(reached)}/{len(summaries)} seeds)"
-                                       if reached else f"never (0/{len(summaries)} seeds)")
+            row["rounds to target"] = (
+                f"{statistics.fmean(reached):.1f} ({len(reached)}/{len(summaries)} seeds)"
+                if reached
+                else f"never (0/{len(summaries)} seeds)"
+            )
         row["MB"] = _mean_std([s["bytes_total"] / 1e6 for s in summaries])
         if all("epsilon" in s for s in summaries):
             row["epsilon"] = _mean_std([s["epsilon"] for s in summaries])
@@ -377,12 +352,31 @@ def _round_seconds(folder: Path) -> float | None:
 
 
 def write_tables(rows: list[dict], out_dir: Path) -> str:
-    scores = list(dict.fromkeys(k for r in rows for k in r if k.startswith(("test ", "best test ", "personal ",
-                                                                               "global ", "tier"))))
+    scores = list(
+        dict.fromkeys(
+            k for r in rows for k in r if k.startswith(("test ", "best test ", "personal ", "global ", "tier"))
+        )
+    )
     order = lambda k: (k.startswith("best"), k.startswith("tier"), k.startswith(("personal", "global")))  # noqa: E731
-    keys = ["run", "config", "options", "algorithm", "strategy", "space", "server_opt", "dl/ul density", "seeds",
-            "diverged", *sorted(scores, key=order), "val auc", "rounds to target", "MB", "epsilon", "s/round",
-            "wall s"]
+    keys = [
+        "run",
+        "config",
+        "options",
+        "algorithm",
+        "strategy",
+        "space",
+        "server_opt",
+        "dl/ul density",
+        "seeds",
+        "diverged",
+        *sorted(scores, key=order),
+        "val auc",
+        "rounds to target",
+        "MB",
+        "epsilon",
+        "s/round",
+        "wall s",
+    ]
     keys = [k for k in keys if any(k in r for r in rows)]
 
     def fmt(value, digits):
@@ -438,14 +432,17 @@ def cluster_launcher(args, unknown: list[str]):
             raise StudyError(f"{key}: sbatch options are for --launcher slurm")
         if not rest or rest[0].startswith("--"):
             raise StudyError(f"{key} needs a value (sbatch options pass as --slurm-KEY VALUE)")
-        extra[key[len("--slurm-"):].replace("-", "_")] = rest.pop(0)
+        extra[key[len("--slurm-") :].replace("-", "_")] = rest.pop(0)
     for name in ("gpus_per_run", "cpus_per_run", "timeout_min", "array_parallelism"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "gpus_per_run" else 1):
             raise StudyError(f"--{name.replace('_', '-')}: expected a number >= {0 if name == 'gpus_per_run' else 1}")
     if args.launcher == "local":
-        used = [f"--{n.replace('_', '-')}" for n in ("slurm_partition", "array_parallelism", "ray_address")
-                if getattr(args, n)] + (["--slurm-local"] if args.slurm_local else [])
+        used = [
+            f"--{n.replace('_', '-')}"
+            for n in ("slurm_partition", "array_parallelism", "ray_address")
+            if getattr(args, n)
+        ] + (["--slurm-local"] if args.slurm_local else [])
         if used:
             raise StudyError(f"{used[0]} is for a cluster launcher; expected --launcher slurm or ray")
         return None
@@ -456,7 +453,7 @@ def cluster_launcher(args, unknown: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--state-of"]:   # run.sh's question: python run_experiments.py --state-of DIR -- OPTIONS
+    if argv[:1] == ["--state-of"]:  # run.sh's question: python run_experiments.py --state-of DIR -- OPTIONS
         try:
             print(folder_state(Path(argv[1]), argv[3:] if argv[2:3] == ["--"] else argv[2:]))
         except (IndexError, config_mod.ConfigError) as e:
@@ -468,17 +465,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=0, help="runs at once (default: GPUs, or 1 on CPU)")
     ap.add_argument("--dry-run", action="store_true", help="print the expanded runs and stop")
     ap.add_argument("--dir", help="where runs go (overrides the file's dir)")
-    cl = ap.add_argument_group("on a cluster (README \"Studies on a cluster\"; pip install -r requirements-cluster.txt)")
-    cl.add_argument("--launcher", choices=["local", "slurm", "ray"], default="local",
-                    help="local: processes here (--jobs at once); slurm: one submitit job per run; ray: one Ray task per run")
-    cl.add_argument("--gpus-per-run", type=int, default=0, help="slurm/ray: GPUs per run (several: torchrun in the job)")
+    cl = ap.add_argument_group("on a cluster (docs/studies.md; pip install -r requirements-cluster.txt)")
+    cl.add_argument(
+        "--launcher",
+        choices=["local", "slurm", "ray"],
+        default="local",
+        help="local: processes here (--jobs at once); slurm: one submitit job per run; ray: one Ray task per run",
+    )
+    cl.add_argument(
+        "--gpus-per-run", type=int, default=0, help="slurm/ray: GPUs per run (several: torchrun in the job)"
+    )
     cl.add_argument("--cpus-per-run", type=int, default=2, help="slurm/ray: CPU cores per run")
-    cl.add_argument("--timeout-min", type=int, default=240,
-                    help="slurm: a job's time limit in minutes; a job that reaches it is requeued and resumes")
+    cl.add_argument(
+        "--timeout-min",
+        type=int,
+        default=240,
+        help="slurm: a job's time limit in minutes; a job that reaches it is requeued and resumes",
+    )
     cl.add_argument("--slurm-partition", help="slurm: the partition")
     cl.add_argument("--array-parallelism", type=int, help="slurm: jobs of the study's array running at once")
-    cl.add_argument("--slurm-local", action="store_true",
-                    help="slurm: submitit's local executor, the jobs on this machine (to try the SLURM path)")
+    cl.add_argument(
+        "--slurm-local",
+        action="store_true",
+        help="slurm: submitit's local executor, the jobs on this machine (to try the SLURM path)",
+    )
     cl.add_argument("--ray-address", help="ray: the cluster's address (default: a Ray instance started here)")
     args, unknown = ap.parse_known_args(argv)
     try:
@@ -502,8 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs or max(1, _gpu_count())
     if args.dry_run:
         for spec in specs:
-            print(f"{state_of(spec, out_dir):8s} {spec.name}: --config {spec.config} "
-                  + " ".join(f"--{k} {shlex.quote(config_mod.yaml_value(v))}" for k, v in spec.overrides.items()))
+            print(
+                f"{state_of(spec, out_dir):8s} {spec.name}: --config {spec.config} "
+                + " ".join(f"--{k} {shlex.quote(config_mod.yaml_value(v))}" for k, v in spec.overrides.items())
+            )
         print(f"{len(specs)} runs" + ("" if launcher is None else f", {launcher.describe()}"))
         return 0
     if launcher is not None:
@@ -521,27 +533,37 @@ def main(argv: list[str] | None = None) -> int:
         if rows:
             print(write_tables(rows, out_dir))
         stopped = sum(o.startswith("interrupted") for o in e.outcome.values())
-        print(f"interrupted ({e}): {stopped} running run(s) stopped, {len(rows)} group(s) tabulated"
-              f"{' in ' + str(out_dir / 'results.md') if rows else ''}; run the same command again to resume",
-              file=sys.stderr)
+        print(
+            f"interrupted ({e}): {stopped} running run(s) stopped, {len(rows)} group(s) tabulated"
+            f"{' in ' + str(out_dir / 'results.md') if rows else ''}; run the same command again to resume",
+            file=sys.stderr,
+        )
         return e.exit_code
     finally:
         INTERRUPTS.uninstall()
     rows = results_table(specs, out_dir)
     if not rows:  # no empty table: say why in one line
-        print(f"error: all {len(specs)} runs failed, none finished; see their logs in {out_dir / 'logs'}",
-              file=sys.stderr)
+        print(
+            f"error: all {len(specs)} runs failed, none finished; see their logs in {out_dir / 'logs'}", file=sys.stderr
+        )
         return 2
     md = write_tables(rows, out_dir)
     print(md)
-    extra = [name for name, table in (("shadows.md", study_tables.shadow_table(specs, out_dir)),
-                                      ("drift.md", study_tables.drift_table(specs, out_dir))) if table]
+    extra = [
+        name
+        for name, table in (
+            ("shadows.md", study_tables.shadow_table(specs, out_dir)),
+            ("drift.md", study_tables.drift_table(specs, out_dir)),
+        )
+        if table
+    ]
     failed = {n: o for n, o in outcome.items() if o.startswith("failed")}
     diverged = {n: o for n, o in outcome.items() if o.startswith("diverged")}
-    print(f"\n{len(specs)} runs: {sum(o == 'ok' for o in outcome.values())} ran, "
-          f"{sum(o.startswith('skipped') for o in outcome.values())} skipped, {len(diverged)} diverged, "
-          f"{len(failed)} failed; tables in {out_dir}/results.md and results.csv"
-          + "".join(f", {name}" for name in extra))
+    print(
+        f"\n{len(specs)} runs: {sum(o == 'ok' for o in outcome.values())} ran, "
+        f"{sum(o.startswith('skipped') for o in outcome.values())} skipped, {len(diverged)} diverged, "
+        f"{len(failed)} failed; tables in {out_dir}/results.md and results.csv" + "".join(f", {name}" for name in extra)
+    )
     for name, why in {**diverged, **failed}.items():
         print(f"  {name}: {why}")
     return 1 if failed else 0

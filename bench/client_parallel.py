@@ -18,6 +18,7 @@ CPU: the embedded default as `fedavg` runs it (LoRA rank 16, batch 16, 128 token
 with 10 clients a round. GPU: random-weight models of the real sizes (bench/synthetic.py), LoRA
 rank 16, batch 16, 128 tokens or 224 px, 10 clients of 80 examples, fp32 (and bf16 with --bf16).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import config as config_mod  # noqa: E402
-import models  # noqa: E402
 import train_lora  # noqa: E402
+from flasc import models  # noqa: E402
 
-SHAPE_TASKS = {"minilm-shape": "synthetic_text30522", "gpt2-shape": "synthetic_text50257",
-               "vit-shape": "synthetic_image_timing",   # tiny ones: a quick test of this script on a CPU
-               "tiny-bert": "synthetic_text30522", "tiny-gpt2": "synthetic_text50257", "tiny-vit": "synthetic_image_timing"}
+SHAPE_TASKS = {
+    "minilm-shape": "synthetic_text30522",
+    "gpt2-shape": "synthetic_text50257",
+    "vit-shape": "synthetic_image_timing",  # tiny ones: a quick test of this script on a CPU
+    "tiny-bert": "synthetic_text30522",
+    "tiny-gpt2": "synthetic_text50257",
+    "tiny-vit": "synthetic_image_timing",
+}
 
 
 def peak_rss_reset() -> bool:
@@ -63,7 +69,7 @@ class Bench:
     def __init__(self, cfg, device: torch.device):
         self.fed = train_lora.build(cfg, device)
         self.cfg, self.device = cfg, device
-        self.jobs = self.fed.plan_round(1)[0]
+        self.jobs = self.fed.plan_round(1).jobs
 
     def sync(self):
         if self.device.type == "cuda":
@@ -81,8 +87,9 @@ class Bench:
     def ceiling(self, k: int, reps: int = 3) -> float:
         """How much faster the plain model runs one forward/backward over k clients' first
         minibatches concatenated than k passes over them one by one: what stacking can gain at most."""
-        import stacked
-        from evaluation import logits_of
+        from flasc.client import stacked
+        from flasc.tasks.evaluation import logits_of
+
         model, objective = self.fed.model, self.fed.task.objective
         batches = [next(self.fed.worker.client_batches(1, job.client_id)) for job in self.jobs[:k]]
         joined = stacked.concatenate(batches, getattr(model.config, "pad_token_id", None))[0]
@@ -94,9 +101,10 @@ class Bench:
                 objective.loss(logits_of(model, batch, self.device, self.cfg.bf16), batch).backward()
             self.sync()
             return time.perf_counter() - t0
+
         models.training_mode(model, self.cfg.base_dropout)
         model.zero_grad(set_to_none=True)
-        ratios = [passes(batches) / passes([joined]) for _ in range(reps + 1)][1:]   # the first warms up
+        ratios = [passes(batches) / passes([joined]) for _ in range(reps + 1)][1:]  # the first warms up
         model.zero_grad(set_to_none=True)
         return statistics.median(ratios)
 
@@ -114,7 +122,7 @@ class Bench:
 def measure(label: str, cfg, device: torch.device, ks: list[int], reps: int) -> list[dict]:
     bench = Bench(cfg, device)
     clients = len(bench.jobs)
-    memory = {k: bench.memory(k) for k in ks}   # also the warm-up of every K
+    memory = {k: bench.memory(k) for k in ks}  # also the warm-up of every K
     times = {k: [] for k in ks}
     for _ in range(reps):
         for k in ks:
@@ -122,12 +130,22 @@ def measure(label: str, cfg, device: torch.device, ks: list[int], reps: int) -> 
     rows = []
     for k in ks:
         rate = clients / statistics.median(times[k])
-        rows.append({"model": label, "k": k, "updates_per_s": rate, "peak_mb": memory[k],
-                     "ratio": rate * statistics.median(times[ks[0]]) / clients,
-                     "ceiling": bench.ceiling(k) if k > 1 else 1.0})
+        rows.append(
+            {
+                "model": label,
+                "k": k,
+                "updates_per_s": rate,
+                "peak_mb": memory[k],
+                "ratio": rate * statistics.median(times[ks[0]]) / clients,
+                "ceiling": bench.ceiling(k) if k > 1 else 1.0,
+            }
+        )
         mem = "-" if memory[k] is None else f"{memory[k]:.0f}"
-        print(f"{label}, K={k}: {rate:.3f} client updates/s, {rows[-1]['ratio']:.2f}x K={ks[0]} "
-              f"(plain model, one pass of K minibatches: {rows[-1]['ceiling']:.2f}x), peak {mem} MB", flush=True)
+        print(
+            f"{label}, K={k}: {rate:.3f} client updates/s, {rows[-1]['ratio']:.2f}x K={ks[0]} "
+            f"(plain model, one pass of K minibatches: {rows[-1]['ceiling']:.2f}x), peak {mem} MB",
+            flush=True,
+        )
     return rows
 
 
@@ -137,26 +155,43 @@ def cpu_config():
 
 def gpu_configs(root: Path, device: torch.device, bf16: bool, shapes: list[str]):
     import synthetic
+
     synthetic.register_shapes(root / "tokenizers")
     synthetic.register_timing_tasks(80, 10, 128)
     for shape in shapes:
         dataset = SHAPE_TASKS[shape]
-        settings = {"dataset": dataset, "model": shape, "clients": 10, "server_batch": 10, "partition": "iid",
-                    "client_batch": 16, "lora_rank": 16, "lora_alpha": 16,
-                    "max_length": 128 if "text" in dataset else 0, "data_dir": str(root / "data"),
-                    "gpu": "cpu" if device.type == "cpu" else str(device.index or 0), "bf16": bf16}
-        if shape.startswith("tiny-") and "text" in dataset:   # the shapes' tokenizer of that vocabulary
+        settings = {
+            "dataset": dataset,
+            "model": shape,
+            "clients": 10,
+            "server_batch": 10,
+            "partition": "iid",
+            "client_batch": 16,
+            "lora_rank": 16,
+            "lora_alpha": 16,
+            "max_length": 128 if "text" in dataset else 0,
+            "data_dir": str(root / "data"),
+            "gpu": "cpu" if device.type == "cpu" else str(device.index or 0),
+            "bf16": bf16,
+        }
+        if shape.startswith("tiny-") and "text" in dataset:  # the shapes' tokenizer of that vocabulary
             settings["model_path"] = models.MODELS["minilm-shape" if "30522" in dataset else "gpt2-shape"].source()
         stands_for = synthetic.SHAPES[shape][3] if shape in synthetic.SHAPES else shape
         yield f"{stands_for}, {'bf16' if bf16 else 'fp32'}", config_mod.load_config("fedavg", settings)
 
 
 def table(rows: list[dict], device: str) -> str:
-    lines = [f"client_parallelism on {device}", "",
-             "| model | K | client updates / s | vs K = 1 | ceiling | peak memory MB |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"client_parallelism on {device}",
+        "",
+        "| model | K | client updates / s | vs K = 1 | ceiling | peak memory MB |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         mem = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        lines.append(f"| {r['model']} | {r['k']} | {r['updates_per_s']:.3f} | {r['ratio']:.2f} | {r['ceiling']:.2f} | {mem} |")
+        lines.append(
+            f"| {r['model']} | {r['k']} | {r['updates_per_s']:.3f} | {r['ratio']:.2f} | {r['ceiling']:.2f} | {mem} |"
+        )
     return "\n".join(lines)
 
 
@@ -165,9 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (the embedded default) or cuda / cuda:N (shapes)")
     parser.add_argument("--ks", default="1,2,5,10", help="comma-separated K values; the first is the baseline")
     parser.add_argument("--reps", type=int, default=2, help="timed passes per K")
-    parser.add_argument("--shapes", default="minilm-shape,gpt2-shape,vit-shape",
-                        help="random-weight models timed (GPU, or CPU with --synthetic)")
-    parser.add_argument("--synthetic", action="store_true", help="CPU: the random-weight models, not the embedded default")
+    parser.add_argument(
+        "--shapes",
+        default="minilm-shape,gpt2-shape,vit-shape",
+        help="random-weight models timed (GPU, or CPU with --synthetic)",
+    )
+    parser.add_argument(
+        "--synthetic", action="store_true", help="CPU: the random-weight models, not the embedded default"
+    )
     parser.add_argument("--bf16", action="store_true", help="GPU: also bf16 autocast")
     args = parser.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
@@ -177,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += measure("MiniLM-L6 on BBC News (embedded default), fp32", cpu_config(), device, ks, args.reps)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            for bf16 in ([False, True] if args.bf16 else [False]):
+            for bf16 in [False, True] if args.bf16 else [False]:
                 for label, cfg in gpu_configs(Path(tmp), device, bf16, args.shapes.split(",")):
                     rows += measure(label, cfg, device, ks, args.reps)
                     if device.type == "cuda":

@@ -12,6 +12,7 @@ checkpoints (flush, committed), writes every state again (the other slot), and r
 back (as personalised evaluation does). Prints the peak RSS of each size, their ratio, the file
 size on disk and the seconds per state written and read.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,9 @@ def child(clients: int, folder: str) -> dict:
     import torch
 
     import config as config_mod
-    import models
-    from client_state import ClientStateStore
-    from state import FlatParams
+    from flasc import models
+    from flasc.client.state_store import ClientStateStore
+    from flasc.models.params import FlatParams
 
     cfg = config_mod.load_config("fedavg")
     model = models.build_model(cfg, 5, 0, False)
@@ -58,25 +59,35 @@ def child(clients: int, folder: str) -> dict:
     assert abs(total - expected) <= 1e-3 * max(1.0, abs(expected)), "states read back wrong"
     size = (Path(folder) / "client_state.bin").stat().st_size
     store.close()
-    return {"clients": clients, "numel": numel, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "file_mb": size / 1e6, "write_ms": 1e3 * write_s, "read_ms": 1e3 * read_s}
+    return {
+        "clients": clients,
+        "numel": numel,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "file_mb": size / 1e6,
+        "write_ms": 1e3 * write_s,
+        "read_ms": 1e3 * read_s,
+    }
 
 
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "--child":
         print(json.dumps(child(int(argv[1]), argv[2])))
         return
-    sizes = [int(x) for x in argv[argv.index("--clients") + 1:]] if "--clients" in argv else [50, 5000]
+    sizes = [int(x) for x in argv[argv.index("--clients") + 1 :]] if "--clients" in argv else [50, 5000]
     rows = []
     for n in sizes:
-        with tempfile.TemporaryDirectory(dir=ROOT) as folder:   # on the disk runs use, not a RAM /tmp
-            out = subprocess.run([sys.executable, __file__, "--child", str(n), folder], capture_output=True,
-                                 text=True, check=True)
+        with tempfile.TemporaryDirectory(dir=ROOT) as folder:  # on the disk runs use, not a RAM /tmp
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", str(n), folder], capture_output=True, text=True, check=True
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"state of {rows[0]['numel']:,} fp32 values per client ({rows[0]['numel'] * 4 / 1e6:.2f} MB)")
     print(f"{'clients':>8} {'peak RSS MB':>12} {'file MB':>10} {'write ms':>9} {'read ms':>8}")
     for r in rows:
-        print(f"{r['clients']:>8} {r['peak_rss_mb']:>12.1f} {r['file_mb']:>10.1f} {r['write_ms']:>9.2f} {r['read_ms']:>8.2f}")
+        print(
+            f"{r['clients']:>8} {r['peak_rss_mb']:>12.1f} {r['file_mb']:>10.1f} {r['write_ms']:>9.2f} "
+            f"{r['read_ms']:>8.2f}"
+        )
     base = rows[0]["peak_rss_mb"]
     for r in rows[1:]:
         print(f"peak RSS {r['clients']} / {rows[0]['clients']} clients: {r['peak_rss_mb'] / base:.3f} (target <= 1.10)")

@@ -26,6 +26,7 @@ It needs PyTorch, transformers, tokenizers, peft, scikit-learn, tensorboard, tqd
 flasc's other requirements, loguru (and dp-accounting for the DP check, efficientnet-lite-pytorch
 for the EfficientNet family, which is skipped without it). Exit status 1 when a check fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,17 +47,16 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import synthetic  # noqa: E402
 import torch  # noqa: E402
 
-import synthetic  # noqa: E402
-
-import checkpoint  # noqa: E402
 import config as config_mod  # noqa: E402
 import data  # noqa: E402
-import models  # noqa: E402
 import train_lora  # noqa: E402
+from flasc import models  # noqa: E402
+from flasc.runtime import checkpoint  # noqa: E402
 
-TOLERANCE = 1e-3   # relative, device fp32 against CPU fp32 (losses and the final server vector)
+TOLERANCE = 1e-3  # relative, device fp32 against CPU fp32 (losses and the final server vector)
 TINY = {"bert": "tiny-bert", "gpt2": "tiny-gpt2", "vit": "tiny-vit", "efficientnet": "tiny-efficientnet"}
 # Settings no shipped config covers, run like the configs (on the data set of their overrides).
 EXTRAS = {
@@ -72,7 +72,7 @@ EXTRAS = {
     "hetlora_tiers_prune": ("hetlora", {"tiers": 2, "hetlora_prune": True}),
     "flora_tiers": ("flora", {"tiers": 2}),
     "fedsa_personalized": ("fedsa", {"eval_personalized": True}),
-    "fedavg_together": ("fedavg", {"client_parallelism": 3}),   # stacked adapters, against the CPU
+    "fedavg_together": ("fedavg", {"client_parallelism": 3}),  # stacked adapters, against the CPU
 }
 FAMILIES = ["fedavg", "fedavg@20newsgroups", "fedavg@fashion_mnist", "fedavg@flair", "fedavg@reddit"]
 
@@ -93,10 +93,22 @@ class Workspace:
         family = models.MODELS[models.resolve_name(base)].family
         dataset = self.real_to_synthetic[base.dataset]
         spec = data.DATASETS[dataset]
-        small = {"dataset": dataset, "model": TINY[family], "data_dir": str(self.root / "data"),
-                 "server_rounds": rounds, "eval_freq": 1, "client_batch": 8, "eval_batch": 16,
-                 "clients": 0 if spec.natural_users else 6, "server_batch": 3, "gpu": device, "bf16": bf16,
-                 "max_length": 16 if spec.inputs == "text" else 0, "augment": False, "dir": str(self.root / "runs")}
+        small = {
+            "dataset": dataset,
+            "model": TINY[family],
+            "data_dir": str(self.root / "data"),
+            "server_rounds": rounds,
+            "eval_freq": 1,
+            "client_batch": 8,
+            "eval_batch": 16,
+            "clients": 0 if spec.natural_users else 6,
+            "server_batch": 3,
+            "gpu": device,
+            "bf16": bf16,
+            "max_length": 16 if spec.inputs == "text" else 0,
+            "augment": False,
+            "dir": str(self.root / "runs"),
+        }
         if models.MODELS[TINY[family]].inputs == "text":
             small["model_path"] = str(self.tokenizer)
         if base.tiers > 1 and base.syshet != "density":
@@ -121,12 +133,21 @@ def _is_metric(key: str, value) -> bool:
 
 
 def finite(records: list[dict]) -> list[str]:
-    return [f"round {r['round']} {k}={v}" for r in records for k, v in r.items()
-            if _is_metric(k, v) and not math.isfinite(v)]
+    return [
+        f"round {r['round']} {k}={v}"
+        for r in records
+        for k, v in r.items()
+        if _is_metric(k, v) and not math.isfinite(v)
+    ]
 
 
-def compare(reference: list[dict], other: list[dict], ref_server: torch.Tensor, server: torch.Tensor,
-            tolerance: float = TOLERANCE) -> tuple[float, list[str]]:
+def compare(
+    reference: list[dict],
+    other: list[dict],
+    ref_server: torch.Tensor,
+    server: torch.Tensor,
+    tolerance: float = TOLERANCE,
+) -> tuple[float, list[str]]:
     """The largest relative difference over the losses and the server vector, and what exceeds it."""
     problems, worst = [], 0.0
     for a, b in zip(reference, other):
@@ -179,8 +200,12 @@ def check_config(ws: Workspace, label: str, device: str, rounds: int) -> dict:
     bf16 = ws.run(name, {**extra, **small}, gpu=device, bf16=True)
     worst, problems = compare(*cpu[:1], *dev[:1], cpu[1], dev[1])
     problems += [f"fp32: {p}" for p in finite(dev[0])] + [f"bf16: {p}" for p in finite(bf16[0])]
-    return {**row, "status": "ok" if not problems else "FAILED", "max_rel_diff": worst,
-            "detail": "; ".join(problems[:3])}
+    return {
+        **row,
+        "status": "ok" if not problems else "FAILED",
+        "max_rel_diff": worst,
+        "detail": "; ".join(problems[:3]),
+    }
 
 
 def check_determinism(ws: Workspace, label: str, device: str, rounds: int) -> dict:
@@ -193,8 +218,11 @@ def check_determinism(ws: Workspace, label: str, device: str, rounds: int) -> di
     except config_mod.ConfigError as e:
         return {**row, "status": "FAILED", "detail": str(e)}
     same = strip(a[0]) == strip(b[0]) and torch.equal(a[1], b[1])
-    return {**row, "status": "ok" if same else "FAILED",
-            "detail": "" if same else "two deterministic runs of one seed differ"}
+    return {
+        **row,
+        "status": "ok" if same else "FAILED",
+        "detail": "" if same else "two deterministic runs of one seed differ",
+    }
 
 
 def check_together(ws: Workspace, label: str, device: str, rounds: int) -> dict:
@@ -208,21 +236,48 @@ def check_together(ws: Workspace, label: str, device: str, rounds: int) -> dict:
     except config_mod.ConfigError as e:
         return {**row, "status": "skipped", "detail": str(e).split(";")[0]}
     worst, problems = compare(one[0], three[0], one[1], three[1])
-    return {**row, "status": "ok" if not problems else "FAILED", "max_rel_diff": worst,
-            "detail": "; ".join(problems[:3])}
+    return {
+        **row,
+        "status": "ok" if not problems else "FAILED",
+        "max_rel_diff": worst,
+        "detail": "; ".join(problems[:3]),
+    }
 
 
-def time_shape(ws: Workspace, shape: str, device: torch.device, bf16: bool, rounds: int,
-               clients: int = 10, examples: int = 80, length: int = 128) -> dict:
+def time_shape(
+    ws: Workspace,
+    shape: str,
+    device: torch.device,
+    bf16: bool,
+    rounds: int,
+    clients: int = 10,
+    examples: int = 80,
+    length: int = 128,
+) -> dict:
     """Median seconds of a training round (warm-up round excluded) of a LoRA rank-16 fedavg round."""
-    dataset = {"minilm-shape": "synthetic_text30522", "gpt2-shape": "synthetic_text50257",
-               "vit-shape": "synthetic_image_timing", "tiny-bert": "synthetic_text30522",
-               "tiny-gpt2": "synthetic_text50257", "tiny-vit": "synthetic_image_timing"}[shape]
-    settings = {"dataset": dataset, "model": shape, "clients": clients, "server_batch": clients,
-                "partition": "iid", "client_batch": 16, "lora_rank": 16, "lora_alpha": 16,
-                "max_length": length if "text" in dataset else 0, "data_dir": str(ws.root / "data"),
-                "gpu": "cpu" if device.type == "cpu" else str(device.index or 0), "bf16": bf16,
-                "server_rounds": rounds + 1}
+    dataset = {
+        "minilm-shape": "synthetic_text30522",
+        "gpt2-shape": "synthetic_text50257",
+        "vit-shape": "synthetic_image_timing",
+        "tiny-bert": "synthetic_text30522",
+        "tiny-gpt2": "synthetic_text50257",
+        "tiny-vit": "synthetic_image_timing",
+    }[shape]
+    settings = {
+        "dataset": dataset,
+        "model": shape,
+        "clients": clients,
+        "server_batch": clients,
+        "partition": "iid",
+        "client_batch": 16,
+        "lora_rank": 16,
+        "lora_alpha": 16,
+        "max_length": length if "text" in dataset else 0,
+        "data_dir": str(ws.root / "data"),
+        "gpu": "cpu" if device.type == "cpu" else str(device.index or 0),
+        "bf16": bf16,
+        "server_rounds": rounds + 1,
+    }
     if shape.startswith("tiny-") and "text" in dataset:
         settings["model_path"] = models.MODELS["minilm-shape" if "30522" in dataset else "gpt2-shape"].source()
     cfg = config_mod.load_config("fedavg", settings)
@@ -241,9 +296,16 @@ def time_shape(ws: Workspace, shape: str, device: torch.device, bf16: bool, roun
     seconds = statistics.median(times)
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     stands_for = synthetic.SHAPES[shape][3] if shape in synthetic.SHAPES else shape
-    return {"check": "speed", "name": f"{stands_for}, {'bf16' if bf16 else 'fp32'}", "status": "ok",
-            "trainable": fed.flat.numel, "round_s": seconds, "client_updates_per_s": clients / seconds,
-            "examples_per_s": clients * examples / seconds, "peak_gpu_gib": memory}
+    return {
+        "check": "speed",
+        "name": f"{stands_for}, {'bf16' if bf16 else 'fp32'}",
+        "status": "ok",
+        "trainable": fed.flat.numel,
+        "round_s": seconds,
+        "client_updates_per_s": clients / seconds,
+        "examples_per_s": clients * examples / seconds,
+        "peak_gpu_gib": memory,
+    }
 
 
 # ---------------------------------------------------------------- the report
@@ -258,12 +320,17 @@ def report(rows: list[dict], device: str) -> str:
         lines.append("")
     speed = [r for r in rows if r["check"] == "speed"]
     if speed:
-        lines += ["| model (random weights), precision | trainable | s / round | client updates / s | "
-                  "examples / s | peak GPU GiB |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| model (random weights), precision | trainable | s / round | client updates / s | "
+            "examples / s | peak GPU GiB |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in speed:
-            lines.append(f"| {r['name']} | {r['trainable']:,} | {r['round_s']:.3f} | {r['client_updates_per_s']:.1f} | "
-                         f"{r['examples_per_s']:.0f} | "
-                         f"{'-' if r['peak_gpu_gib'] is None else format(r['peak_gpu_gib'], '.2f')} |")
+            lines.append(
+                f"| {r['name']} | {r['trainable']:,} | {r['round_s']:.3f} | {r['client_updates_per_s']:.1f} | "
+                f"{r['examples_per_s']:.0f} | "
+                f"{'-' if r['peak_gpu_gib'] is None else format(r['peak_gpu_gib'], '.2f')} |"
+            )
     return "\n".join(lines)
 
 
@@ -272,11 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (cpu: a test of this script)")
     parser.add_argument("--configs", help="comma-separated configs and extras (default: all of them)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of each correctness run")
-    parser.add_argument("--shapes", choices=["realistic", "tiny"], default="realistic",
-                        help="models timed: the real architectures' sizes, or tiny ones (CPU tests)")
+    parser.add_argument(
+        "--shapes",
+        choices=["realistic", "tiny"],
+        default="realistic",
+        help="models timed: the real architectures' sizes, or tiny ones (CPU tests)",
+    )
     parser.add_argument("--timing-rounds", type=int, default=3)
-    parser.add_argument("--skip", default="",
-                        help="comma-separated parts to skip: correctness, determinism, together, speed")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated parts to skip: correctness, determinism, together, speed"
+    )
     parser.add_argument("--out", help="also write the rows as JSON here")
     parser.add_argument("--dry-run", action="store_true", help="list what would run")
     args = parser.parse_args(argv)
@@ -286,14 +358,19 @@ def main(argv: list[str] | None = None) -> int:
         wanted = args.configs.split(",")
         unknown = [n for n in wanted if n not in names]
         if unknown:
-            print(f"error: --configs: unknown {', '.join(unknown)}; expected some of {', '.join(names)}", file=sys.stderr)
+            print(
+                f"error: --configs: unknown {', '.join(unknown)}; expected some of {', '.join(names)}", file=sys.stderr
+            )
             return 2
         names = wanted
     skip = set(filter(None, args.skip.split(",")))
     parts = {"correctness", "determinism", "together", "speed"}
     if skip - parts:
-        print(f"error: --skip: unknown {', '.join(sorted(skip - parts))}; "
-              "expected correctness, determinism, together, speed", file=sys.stderr)
+        print(
+            f"error: --skip: unknown {', '.join(sorted(skip - parts))}; "
+            "expected correctness, determinism, together, speed",
+            file=sys.stderr,
+        )
         return 2
     shapes = list(synthetic.SHAPES) if args.shapes == "realistic" else ["tiny-bert", "tiny-gpt2", "tiny-vit"]
     families = [n for n in FAMILIES if not args.configs or n in names] or names[:1]
@@ -309,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from loguru import logger
+
     logger.remove()  # the runs' own logs stay in their (temporary) run folders
     gpu = "cpu" if device.type == "cpu" else str(device.index or 0)
     rows = []
@@ -337,17 +415,24 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     row = time_shape(ws, what[0], device, what[1], args.timing_rounds)
             except Exception as e:  # report every failure, then go on with the next check
-                row = {"check": kind, "name": str(what), "status": "FAILED",
-                       "detail": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+                row = {
+                    "check": kind,
+                    "name": str(what),
+                    "status": "FAILED",
+                    "detail": f"{type(e).__name__}: {e}".splitlines()[0][:300],
+                }
                 traceback.print_exc()
-            print(f"[{time.perf_counter() - t0:6.1f} s] {kind} {row['name']}: {row['status']} "
-                  f"{row.get('detail', '')}", flush=True)
+            print(
+                f"[{time.perf_counter() - t0:6.1f} s] {kind} {row['name']}: {row['status']} {row.get('detail', '')}",
+                flush=True,
+            )
             rows.append(row)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print("\n" + report(rows, name))
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": name, "tolerance": TOLERANCE, "rows": rows}, indent=1,
-                                             allow_nan=False))
+        Path(args.out).write_text(
+            json.dumps({"device": name, "tolerance": TOLERANCE, "rows": rows}, indent=1, allow_nan=False)
+        )
     return 1 if any(r["status"] == "FAILED" for r in rows) else 0
 
 

@@ -1,4 +1,4 @@
-"""The privacy-utility and system-heterogeneity tables of the README, on the embedded default.
+"""The privacy-utility and system-heterogeneity tables of docs/privacy-and-heterogeneity.md, on the embedded default.
 
     python bench/privacy_and_tiers.py            # both tables (9 runs)
     python bench/privacy_and_tiers.py --only dp  # or --only tiers
@@ -8,6 +8,7 @@ Privacy: noise_multiplier in {0, 0.5, 1.0} x density (download = upload) in {1, 
 rank vs rankl1 vs density, 12 rounds; accuracy of each tier's model and bytes per tier.
 Runs land in runs/privacy_and_tiers/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,10 +20,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_lora  # noqa: E402
 
-DP_BASE = ["--clients", "100", "--server-batch", "20", "--client-batch", "4", "--l2-clip-norm", "0.5", "--server-rounds", "12",
-           "--eval-freq", "12"]
-TIER_BASE = ["--tiers", "3", "--lora-rank", "16", "--lora-alpha", "16", "--server-rounds", "12",
-             "--eval-freq", "12"]
+DP_BASE = [
+    "--clients",
+    "100",
+    "--server-batch",
+    "20",
+    "--client-batch",
+    "4",
+    "--l2-clip-norm",
+    "0.5",
+    "--server-rounds",
+    "12",
+    "--eval-freq",
+    "12",
+]
+TIER_BASE = ["--tiers", "3", "--lora-rank", "16", "--lora-alpha", "16", "--server-rounds", "12", "--eval-freq", "12"]
 
 
 def run(name: str, args: list[str], out: str) -> dict:
@@ -32,12 +44,17 @@ def run(name: str, args: list[str], out: str) -> dict:
 
 
 def dp_table(out: str) -> str:
-    lines = ["| noise multiplier | density (down = up) | test accuracy | ε (δ = 1/100) | MB sent |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| noise multiplier | density (down = up) | test accuracy | ε (δ = 1/100) | MB sent |",
+        "|---|---|---|---|---|",
+    ]
     for density in ("1.0", "0.25"):
         for sigma in ("0.0", "0.5", "1.0"):
-            s = run(f"dp-s{sigma}-d{density}", DP_BASE + ["--noise-multiplier", sigma, "--dl-density", density,
-                                                          "--ul-density", density], out)
+            s = run(
+                f"dp-s{sigma}-d{density}",
+                DP_BASE + ["--noise-multiplier", sigma, "--dl-density", density, "--ul-density", density],
+                out,
+            )
             eps = f"{s['epsilon']:.2f}" if "epsilon" in s else "∞ (no noise)"
             lines.append(f"| {sigma} | {density} | {s['test_accuracy']:.4f} | {eps} | {s['bytes_total'] / 1e6:.1f} |")
             print(lines[-1], flush=True)
@@ -45,8 +62,11 @@ def dp_table(out: str) -> str:
 
 
 def tier_table(out: str) -> str:
-    lines = ["| syshet | tier 0 acc | tier 1 acc | tier 2 acc | server (dense) acc "
-             "| MB up tier 0 / 1 / 2 | MB down tier 0 / 1 / 2 |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| syshet | tier 0 acc | tier 1 acc | tier 2 acc | server (dense) acc "
+        "| MB up tier 0 / 1 / 2 | MB down tier 0 / 1 / 2 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for syshet in ("rank", "rankl1", "density"):
         s = run(f"tiers-{syshet}", TIER_BASE + ["--syshet", syshet], out)
         acc = " | ".join(f"{s[f'tier{i}_test_accuracy']:.4f}" for i in range(3))
@@ -63,6 +83,7 @@ def main() -> None:
     ap.add_argument("--dir", default="runs/privacy_and_tiers")
     args = ap.parse_args()
     from loguru import logger
+
     logger.remove()
     tables = []
     if args.only in (None, "dp"):

@@ -7,6 +7,7 @@ model and the same batches, and prints the ratio. Target on the embedded default
     python bench/round_overhead.py                    # fedavg on bbcnews / MiniLM
     python bench/round_overhead.py --config flasc --rounds 4
 """
+
 from __future__ import annotations
 
 import statistics
@@ -18,11 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import config as config_mod  # noqa: E402
-import models  # noqa: E402
 import train_lora  # noqa: E402
-from evaluation import logits_of  # noqa: E402
-from optimizers import CLIENT_OPTIMIZERS  # noqa: E402
+from flasc import models  # noqa: E402
+from flasc.client.optimizers import CLIENT_OPTIMIZERS  # noqa: E402
+from flasc.tasks.evaluation import logits_of  # noqa: E402
 
 
 def bare_loop(fed, rnd: int) -> int:
@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
     if "--rounds" in argv:
         i = argv.index("--rounds")
         rounds = int(argv[i + 1])
-        argv = argv[:i] + argv[i + 2:]
+        argv = argv[:i] + argv[i + 2 :]
     cfg = train_lora.parse_cli(argv or ["--config", "fedavg"])
     fed = train_lora.build(cfg, train_lora.pick_device(cfg.gpu))
     server_state = fed.server.detach().clone()
@@ -69,8 +69,11 @@ def main(argv: list[str]) -> None:
             fed.server.copy_(server_state)
         t_round, _ = timed(fed.run_round, rnd)
         ratios.append(t_round / t_bare)
-        print(f"round {rnd}: {steps} steps, federated round {t_round:.2f} s, bare loop {t_bare:.2f} s, "
-              f"ratio {t_round / t_bare:.3f}", flush=True)
+        print(
+            f"round {rnd}: {steps} steps, federated round {t_round:.2f} s, bare loop {t_bare:.2f} s, "
+            f"ratio {t_round / t_bare:.3f}",
+            flush=True,
+        )
     print(f"median ratio (federated round / bare loop) over {rounds} rounds: {statistics.median(ratios):.3f}")
 
 

@@ -10,6 +10,7 @@ second = clients trained / seconds of the rounds (plan, client work, exchange, r
 evaluation excluded), the first round left out as warm-up. The ratios printed are against the
 first setting of the same invocation (the machines are noisy: compare within one run only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,18 @@ DEFAULT_OPTIONS = ["--config", "fedavg", "--server-rounds", "4", "--server-batch
 def run(procs: int, threads: int, options: list[str], out: Path, name: str) -> float:
     """Client updates per second of one run with `procs` processes of `threads` threads each."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    launcher = ([sys.executable] if procs == 1 else
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)])
-    proc = subprocess.run([*launcher, str(ROOT / "train_lora.py"), *options, "--dir", str(out), "--name", name],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    launcher = (
+        [sys.executable]
+        if procs == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
+    )
+    proc = subprocess.run(
+        [*launcher, str(ROOT / "train_lora.py"), *options, "--dir", str(out), "--name", name],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         sys.exit(f"error: the run with {procs} process(es) failed:\n{proc.stderr[-2000:]}")
     rounds = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()][1:]
@@ -43,12 +52,16 @@ def run(procs: int, threads: int, options: list[str], out: Path, name: str) -> f
 
 
 def main(argv: list[str]) -> None:
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="processes sharing the one GPU instead of CPU threads")
-    parser.add_argument("--max-procs", type=int, default=None,
-                        help="GPU: up to this many processes (default 4); CPU: the thread budget (default: cores)")
-    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    parser.add_argument(
+        "--max-procs",
+        type=int,
+        default=None,
+        help="GPU: up to this many processes (default 4); CPU: the thread budget (default: cores)",
+    )
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     options = [*DEFAULT_OPTIONS, *extra, "--gpu", "auto" if args.gpu else "cpu"]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -60,8 +73,11 @@ def main(argv: list[str]) -> None:
         rates = []
         for procs, threads in settings:
             rates.append(run(procs, threads, options, out, f"p{procs}t{threads}"))
-            print(f"{procs} process(es) x {threads} thread(s): {rates[-1]:.3f} client updates/s, "
-                  f"ratio {rates[-1] / rates[0]:.3f} vs the first", flush=True)
+            print(
+                f"{procs} process(es) x {threads} thread(s): {rates[-1]:.3f} client updates/s, "
+                f"ratio {rates[-1] / rates[0]:.3f} vs the first",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

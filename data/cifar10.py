@@ -9,6 +9,7 @@ DATA_DIR/cifar-10-batches-py/; with neither, torchvision downloads it when there
 The seeds validated with the training transform; here validation uses the evaluation transform,
 so that validation scores do not depend on random crops.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -36,10 +37,14 @@ def _complete(folder: Path) -> bool:
 
 def _download(root: Path) -> Path:
     from torchvision.datasets import CIFAR10
-    return fetch(root, lambda tmp: CIFAR10(tmp, train=True, download=True), FOLDER,
-                 f"dataset cifar10: no copy in {root / FOLDER}",
-                 f"download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and "
-                 f"extract it into {root}/")
+
+    return fetch(
+        root,
+        lambda tmp: CIFAR10(tmp, train=True, download=True),
+        FOLDER,
+        f"dataset cifar10: no copy in {root / FOLDER}",
+        f"download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and extract it into {root}/",
+    )
 
 
 def find_folder(data_dir: str) -> Path:
@@ -54,8 +59,9 @@ def _read(folder: Path, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in blobs])
     labels = np.concatenate([np.asarray(b["labels"], dtype=np.int64) for b in blobs])
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-        raise DataUnavailable(f"dataset cifar10: {folder} holds data of shape {data.shape}; "
-                              "expected (N, 3072) rows of 32 x 32 RGB images")
+        raise DataUnavailable(
+            f"dataset cifar10: {folder} holds data of shape {data.shape}; expected (N, 3072) rows of 32 x 32 RGB images"
+        )
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
 
 
@@ -66,8 +72,9 @@ def load_splits(data_dir: str, augment: bool = False) -> tuple[list[str], dict[s
         train_x, train_y = _read(folder, TRAIN_BATCHES)
         test_x, test_y = _read(folder, ["test_batch"])
     except (OSError, pickle.UnpicklingError, EOFError, KeyError) as e:
-        raise DataUnavailable(f"dataset cifar10: {folder} is damaged ({type(e).__name__}: {e}); "
-                              "extract cifar-10-python.tar.gz again") from None
+        raise DataUnavailable(
+            f"dataset cifar10: {folder} is damaged ({type(e).__name__}: {e}); extract cifar-10-python.tar.gz again"
+        ) from None
     n_train = int(0.8 * len(train_y))
     eval_tf = resized(IMAGE_SIZE, CIFAR_MEAN, CIFAR_STD)
     train_tf = augmented(IMAGE_SIZE, CIFAR_MEAN, CIFAR_STD) if augment else eval_tf

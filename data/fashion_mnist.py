@@ -9,6 +9,7 @@ seeds, the training set's first 80% trains and its last 20% validates; the offic
 Images are upscaled to 64 x 64 and the grey channel repeated to RGB for the ImageNet-pretrained
 EfficientNet-Lite0, normalised to [-1, 1] as EfficientNet-Lite's own preprocessing does.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,10 +19,13 @@ import torch
 from data.base import DataUnavailable, fetch
 from data.images import ImageSplit, augmented, grey_upscaled, read_idx
 
-LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-          "Ankle boot"]
-FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
-         "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SIZE = 64
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -46,10 +50,14 @@ def _download(data_dir: Path) -> dict[str, Path]:
         FashionMNIST(tmp, train=True, download=True)
         FashionMNIST(tmp, train=False, download=True)
 
-    fetch(data_dir, download, "FashionMNIST",
-          f"dataset fashion_mnist: no IDX files in {data_dir / 'fashion_mnist'} or {DEBIAN_DIR}",
-          f"install the Debian package (apt-get install dataset-fashion-mnist) or copy the four "
-          f"*-ubyte.gz files into {data_dir / 'fashion_mnist'}/")
+    fetch(
+        data_dir,
+        download,
+        "FashionMNIST",
+        f"dataset fashion_mnist: no IDX files in {data_dir / 'fashion_mnist'} or {DEBIAN_DIR}",
+        f"install the Debian package (apt-get install dataset-fashion-mnist) or copy the four "
+        f"*-ubyte.gz files into {data_dir / 'fashion_mnist'}/",
+    )
     return _files_in(data_dir / "FashionMNIST" / "raw")
 
 
@@ -72,10 +80,12 @@ def load_splits(data_dir: str, augment: bool = False) -> tuple[list[str], dict[s
     for part in ("train", "test"):
         images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataUnavailable(f"dataset fashion_mnist: {files[part + '_images']} holds {images.shape} "
-                                  f"images for {labels.shape} labels; expected (N, 28, 28) and (N,)")
+            raise DataUnavailable(
+                f"dataset fashion_mnist: {files[part + '_images']} holds {images.shape} "
+                f"images for {labels.shape} labels; expected (N, 28, 28) and (N,)"
+            )
     to_images = lambda a: torch.from_numpy(a.copy()).unsqueeze(1)  # noqa: E731  (N, 1, 28, 28) uint8
-    to_labels = lambda a: torch.from_numpy(a.astype("int64"))     # noqa: E731
+    to_labels = lambda a: torch.from_numpy(a.astype("int64"))  # noqa: E731
     train_x, train_y = to_images(arrays["train_images"]), to_labels(arrays["train_labels"])
     n_train = int(0.8 * len(train_y))
     transform = grey_upscaled(IMAGE_SIZE, MEAN, STD)

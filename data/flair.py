@@ -9,6 +9,7 @@ evaluation ones, as the seeds' active loader does (their augmenting loader, rand
 (the seeds divided by the squared std, a slip not copied here). Label order is alphabetical, so it
 is the same in every process.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,8 @@ def find_folder(data_dir: str) -> Path:
     raise DataUnavailable(
         f"dataset flair: no {METADATA} in {candidates[0]} or {candidates[1]}; download FLAIR with "
         f"the download_dataset.py script of github.com/apple/ml-flair (small images) and put "
-        f"{METADATA} and small_images/ into {candidates[0]}/")
+        f"{METADATA} and small_images/ into {candidates[0]}/"
+    )
 
 
 def _records(folder: Path) -> list[dict]:
@@ -48,8 +50,9 @@ def _records(folder: Path) -> list[dict]:
         if missing:
             raise DataUnavailable(f"dataset flair: record {i} of {METADATA} lacks {', '.join(sorted(missing))}")
         if r["partition"] not in PARTITIONS:
-            raise DataUnavailable(f"dataset flair: record {i} has partition {r['partition']!r}; "
-                                  f"expected one of {', '.join(PARTITIONS)}")
+            raise DataUnavailable(
+                f"dataset flair: record {i} has partition {r['partition']!r}; expected one of {', '.join(PARTITIONS)}"
+            )
     return records
 
 
@@ -62,8 +65,10 @@ def load_splits(data_dir: str, augment: bool = False) -> tuple[list[str], dict[s
     images = folder / "small_images"
     absent = [r["image_id"] for r in records if not (images / f"{r['image_id']}.jpg").is_file()]
     if absent:
-        raise DataUnavailable(f"dataset flair: {len(absent)} images named in {METADATA} are missing from "
-                              f"{images}/ (first: {absent[0]}.jpg)")
+        raise DataUnavailable(
+            f"dataset flair: {len(absent)} images named in {METADATA} are missing from "
+            f"{images}/ (first: {absent[0]}.jpg)"
+        )
     eval_tf = resized(IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD)
     train_tf = augmented(IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, vertical_flip=True) if augment else eval_tf
     splits = {}
@@ -75,6 +80,8 @@ def load_splits(data_dir: str, augment: bool = False) -> tuple[list[str], dict[s
         paths = [str(images / f"{r['image_id']}.jpg") for r in rows]
         splits[part] = ImageSplit(paths, labels, train_tf if part == "train" else eval_tf)
     user_index: dict[str, int] = {}
-    users = np.array([user_index.setdefault(str(r["user_id"]), len(user_index))
-                      for r in records if r["partition"] == "train"], dtype=np.int64)
+    users = np.array(
+        [user_index.setdefault(str(r["user_id"]), len(user_index)) for r in records if r["partition"] == "train"],
+        dtype=np.int64,
+    )
     return label_names, splits, users

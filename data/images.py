@@ -4,11 +4,12 @@ normalised float batches by the split's transform.
 Random augmentations draw from torch's global generator, which the training loop seeds per
 (seed, round, client), so augmented runs reproduce exactly.
 """
+
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ class ImageSplit:
         if isinstance(self.images, torch.Tensor):
             return self.images[i]
         from torchvision.io import ImageReadMode, decode_image
+
         return decode_image(str(self.images[i]), mode=ImageReadMode.RGB)
 
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -57,16 +59,19 @@ def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 def grey_upscaled(size: int, mean, std) -> Transform:
     """Grey images (1, h, w) -> bilinear upscale to size x size, the channel repeated to RGB."""
+
     def transform(images: list[torch.Tensor]) -> torch.Tensor:
         x = torch.stack(images).float() / 255
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         return _normalize(x.expand(-1, 3, -1, -1), mean, std)
+
     return transform
 
 
 def augmented(size: int, mean, std, vertical_flip: bool = False) -> Transform:
     """The seeds' training transform: random resized crop to size, horizontal (and vertical) flips."""
     from torchvision.transforms import v2
+
     steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
     if vertical_flip:
         steps.append(v2.RandomVerticalFlip())
@@ -75,17 +80,20 @@ def augmented(size: int, mean, std, vertical_flip: bool = False) -> Transform:
     def transform(images: list[torch.Tensor]) -> torch.Tensor:
         x = torch.stack([per_image(im) for im in images]).float() / 255
         return _normalize(x.expand(-1, 3, -1, -1), mean, std)  # grey images: the channel repeated to RGB
+
     return transform
 
 
 def resized(size: int, mean, std) -> Transform:
     """The seeds' evaluation transform: resize the shorter side to size (centre crop if not square)."""
     from torchvision.transforms import v2
+
     per_image = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
     def transform(images: list[torch.Tensor]) -> torch.Tensor:
         x = torch.stack([per_image(im) for im in images]).float() / 255
         return _normalize(x, mean, std)
+
     return transform
 
 
@@ -102,7 +110,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise ValueError(f"{path} is not an IDX file")
     ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_TYPES[raw[2]])
     body = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):

@@ -3,6 +3,7 @@
 The training subset's first 80% trains, its last 20% validates; the official test subset tests.
 Needs a network the first time (scikit-learn caches the archive under data_dir/20newsgroups).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,11 +23,15 @@ def load_raw(data_dir: str) -> RawTexts:
         raise DataUnavailable(
             f"dataset 20newsgroups could not be downloaded ({type(e).__name__}: {e}); run once with "
             f"network access, or copy scikit-learn's 20news_home folder and its "
-            f"20news-bydate_py3.pkz cache into {home}/") from None
+            f"20news-bydate_py3.pkz cache into {home}/"
+        ) from None
     n_train = int(0.8 * len(train.data))
     labels = [int(y) for y in train.target]
-    return RawTexts(list(train.target_names), {
-        "train": (list(train.data[:n_train]), labels[:n_train]),
-        "val": (list(train.data[n_train:]), labels[n_train:]),
-        "test": (list(test.data), [int(y) for y in test.target]),
-    })
+    return RawTexts(
+        list(train.target_names),
+        {
+            "train": (list(train.data[:n_train]), labels[:n_train]),
+            "val": (list(train.data[n_train:]), labels[n_train:]),
+            "test": (list(test.data), [int(y) for y in test.target]),
+        },
+    )

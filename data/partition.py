@@ -10,6 +10,7 @@ Empty or tiny clients: with small alpha some clients may receive (almost) nothin
 number of clients stays as configured (it enters sampling and privacy accounting) and every client
 can train. With min_size=0 empty clients are kept; they train on nothing and send a zero update.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,8 +27,9 @@ def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
     return counts
 
 
-def dirichlet(labels: np.ndarray, n_clients: int, alpha: float, rng: np.random.Generator,
-              min_size: int = 1) -> list[np.ndarray]:
+def dirichlet(
+    labels: np.ndarray, n_clients: int, alpha: float, rng: np.random.Generator, min_size: int = 1
+) -> list[np.ndarray]:
     labels = np.asarray(labels)
     classes = np.unique(labels)
     q = rng.dirichlet(np.full(len(classes), alpha), size=n_clients)  # (clients, classes)
@@ -50,8 +52,10 @@ def iid(n_examples: int, n_clients: int, rng: np.random.Generator, min_size: int
 def enforce_min_size(clients: list[np.ndarray], min_size: int) -> list[np.ndarray]:
     total = sum(len(c) for c in clients)
     if min_size * len(clients) > total:
-        raise ValueError(f"min_client_size: {min_size} examples for each of {len(clients)} clients "
-                         f"needs {min_size * len(clients)}, but the training split has {total}")
+        raise ValueError(
+            f"min_client_size: {min_size} examples for each of {len(clients)} clients "
+            f"needs {min_size * len(clients)}, but the training split has {total}"
+        )
     clients = [c.copy() for c in clients]
     sizes = np.array([len(c) for c in clients])
     while sizes.min() < min_size:
@@ -70,12 +74,11 @@ def natural(users: np.ndarray, clients: int, min_size: int = 1) -> list[np.ndarr
     users = np.asarray(users)
     n_users = int(users.max()) + 1 if len(users) else 0
     if clients > n_users:
-        raise ValueError(f"clients: the dataset has {n_users} users; expected at most {n_users} "
-                         "(0: all of them)")
+        raise ValueError(f"clients: the dataset has {n_users} users; expected at most {n_users} (0: all of them)")
     n = clients or n_users
     order = np.argsort(users, kind="stable")
     bounds = np.searchsorted(users[order], np.arange(n + 1))
-    return enforce_min_size([np.sort(order[bounds[u]:bounds[u + 1]]).astype(np.int64) for u in range(n)], min_size)
+    return enforce_min_size([np.sort(order[bounds[u] : bounds[u + 1]]).astype(np.int64) for u in range(n)], min_size)
 
 
 def label_histogram(clients: list[np.ndarray], labels: np.ndarray, n_labels: int) -> np.ndarray:
@@ -107,12 +110,20 @@ def report(clients: list[np.ndarray], labels: np.ndarray | None, label_names: li
     task has no labels, as in language modelling). With multi-hot labels the distance compares
     each client's share of label occurrences to the whole's."""
     sizes = np.array([len(c) for c in clients], dtype=np.int64)
-    summary = {"clients": len(clients), "examples": int(sizes.sum()), "min_examples": int(sizes.min()),
-               "median_examples": float(np.median(sizes)), "max_examples": int(sizes.max()),
-               "empty_clients": int((sizes == 0).sum())}
+    summary = {
+        "clients": len(clients),
+        "examples": int(sizes.sum()),
+        "min_examples": int(sizes.min()),
+        "median_examples": float(np.median(sizes)),
+        "max_examples": int(sizes.max()),
+        "empty_clients": int((sizes == 0).sum()),
+    }
     if labels is None:
-        return {"label_names": [], "clients": [{"client": i, "examples": int(s)} for i, s in enumerate(sizes)],
-                "summary": summary}
+        return {
+            "label_names": [],
+            "clients": [{"client": i, "examples": int(s)} for i, s in enumerate(sizes)],
+            "summary": summary,
+        }
     labels = np.asarray(labels)
     hist = label_histogram(clients, labels, len(label_names))
     whole = labels.sum(0) if labels.ndim == 2 else np.bincount(labels, minlength=len(label_names))
@@ -122,6 +133,8 @@ def report(clients: list[np.ndarray], labels: np.ndarray | None, label_names: li
     tv = 0.5 * np.abs(rows - overall).sum(1) if len(rows) else np.zeros(1)
     return {
         "label_names": list(label_names),
-        "clients": [{"client": i, "examples": int(s), "labels": h.tolist()} for i, (s, h) in enumerate(zip(sizes, hist))],
+        "clients": [
+            {"client": i, "examples": int(s), "labels": h.tolist()} for i, (s, h) in enumerate(zip(sizes, hist))
+        ],
         "summary": {**summary, "mean_label_tv_distance": float(tv.mean())},
     }

@@ -7,6 +7,7 @@ user names, as the keys of a mapping or as a list) and cache/<user>.pt, a torch 
 are pooled for testing. Padding is the trailing run of pad tokens of each row, so a pad (= GPT-2's
 end-of-text) token inside a text stays a token.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,14 +41,16 @@ def _tokens(folder: Path, user: str) -> torch.Tensor:
     except FileNotFoundError:
         raise DataUnavailable(f"dataset reddit: user {user} has no token file {path}") from None
     except Exception as e:  # damaged file, not a mapping, no 'X'
-        raise DataUnavailable(f"dataset reddit: {path} is not a torch file with a token tensor 'X' "
-                              f"({type(e).__name__})") from None
+        raise DataUnavailable(
+            f"dataset reddit: {path} is not a torch file with a token tensor 'X' ({type(e).__name__})"
+        ) from None
     x = torch.as_tensor(x)
     if x.dim() == 1:
         x = x.unsqueeze(0)
     if x.dim() != 2 or x.is_floating_point():
-        raise DataUnavailable(f"dataset reddit: {path} 'X' has shape {tuple(x.shape)}; expected integer "
-                              "token ids (sequences, length)")
+        raise DataUnavailable(
+            f"dataset reddit: {path} 'X' has shape {tuple(x.shape)}; expected integer token ids (sequences, length)"
+        )
     return x.long()
 
 
@@ -72,7 +75,8 @@ def find_folder(data_dir: str) -> Path:
     if missing:
         raise DataUnavailable(
             f"dataset reddit: {', '.join(missing)} not found in {folder}/; put the FLASC Reddit data there "
-            f"(train_clients.json, eval_clients.json and cache/<user>.pt token files)")
+            f"(train_clients.json, eval_clients.json and cache/<user>.pt token files)"
+        )
     return folder
 
 
@@ -84,11 +88,15 @@ def load_splits(data_dir: str, tokenizer, max_length: int) -> tuple[dict[str, Sp
     train_users, eval_users = (_users(folder / f) for f in FILES)
     n_clients = int(0.8 * len(train_users))
     if n_clients == 0:
-        raise DataUnavailable(f"dataset reddit: {folder / FILES[0]} lists {len(train_users)} user(s); "
-                              "80% of them train, so at least 2 are needed")
+        raise DataUnavailable(
+            f"dataset reddit: {folder / FILES[0]} lists {len(train_users)} user(s); "
+            "80% of them train, so at least 2 are needed"
+        )
     train_blocks = [_tokens(folder, u) for u in train_users[:n_clients]]
     val_blocks = [_tokens(folder, u) for u in train_users[n_clients:]]  # never empty: int(0.8 n) < n
     users = np.concatenate([np.full(len(b), i, dtype=np.int64) for i, b in enumerate(train_blocks)])
-    return {"train": _split(train_blocks, pad_id, max_length),
-            "val": _split(val_blocks, pad_id, max_length),
-            "test": _split([_tokens(folder, u) for u in eval_users], pad_id, max_length)}, users
+    return {
+        "train": _split(train_blocks, pad_id, max_length),
+        "val": _split(val_blocks, pad_id, max_length),
+        "test": _split([_tokens(folder, u) for u in eval_users], pad_id, max_length),
+    }, users

@@ -1,4 +1,5 @@
 """Text tasks: raw texts -> padded token tensors, cached on disk once per tokenizer and length."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +10,6 @@ from pathlib import Path
 import torch
 
 
-
 @dataclass
 class RawTexts:
     label_names: list[str]
@@ -18,9 +18,9 @@ class RawTexts:
 
 @dataclass
 class Split:
-    input_ids: torch.Tensor              # (N, L) int64, right-padded
-    attention_mask: torch.Tensor         # (N, L) int64
-    labels: torch.Tensor | None = None   # (N,) int64; None for language modelling
+    input_ids: torch.Tensor  # (N, L) int64, right-padded
+    attention_mask: torch.Tensor  # (N, L) int64
+    labels: torch.Tensor | None = None  # (N,) int64; None for language modelling
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -47,13 +47,13 @@ def _fingerprint(raw: RawTexts, tokenizer_tag: str, max_length: int) -> str:
 
 
 def _tokenize(texts: list[str], labels: list[int], tokenizer, max_length: int) -> Split:
-    enc = tokenizer(texts, max_length=max_length, padding="max_length", truncation=True,
-                    return_tensors="pt")
+    enc = tokenizer(texts, max_length=max_length, padding="max_length", truncation=True, return_tensors="pt")
     return Split(enc["input_ids"].long(), enc["attention_mask"].long(), torch.tensor(labels, dtype=torch.long))
 
 
-def tokenize_cached(name: str, raw: RawTexts, data_dir: str, tokenizer, tokenizer_tag: str,
-                    max_length: int) -> dict[str, Split]:
+def tokenize_cached(
+    name: str, raw: RawTexts, data_dir: str, tokenizer, tokenizer_tag: str, max_length: int
+) -> dict[str, Split]:
     key = _fingerprint(raw, tokenizer_tag, max_length)
     path = Path(data_dir) / name / f"tokens-{key}.pt"
     if path.is_file():

@@ -2,6 +2,7 @@
 
 Where peft's definition is the one meant here (peft.utils.merge_utils), peft's function is used.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,8 +56,9 @@ def disjoint_mean(tasks: torch.Tensor, weights: torch.Tensor, sign: torch.Tensor
     return (w * tasks).sum(0) / w.sum(0).clamp_min(torch.finfo(tasks.dtype).tiny)
 
 
-def fisher_weighted_mean(tasks: torch.Tensor, fishers: torch.Tensor, weights: torch.Tensor,
-                         floor: float = 1e-12) -> torch.Tensor:
+def fisher_weighted_mean(
+    tasks: torch.Tensor, fishers: torch.Tensor, weights: torch.Tensor, floor: float = 1e-12
+) -> torch.Tensor:
     """Σ_k w_k F_k τ_k / Σ_k w_k F_k per entry, F_k a diagonal Fisher: Fisher merging (Matena &
     Raffel 2022, "Merging Models with Fisher-Weighted Averaging", eq. 3). The floor keeps entries
     where every Fisher vanishes at the plain weighted mean."""

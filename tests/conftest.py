@@ -1,4 +1,5 @@
 """Shared fixtures: a small synthetic text task and tiny random models, so tests need no network."""
+
 from __future__ import annotations
 
 import sys
@@ -13,8 +14,11 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 from data.text import RawTexts  # noqa: E402
 
-TOPIC_WORDS = [["stock", "market", "profit", "bank"], ["film", "music", "actor", "award"],
-               ["election", "minister", "vote", "party"]]
+TOPIC_WORDS = [
+    ["stock", "market", "profit", "bank"],
+    ["film", "music", "actor", "award"],
+    ["election", "minister", "vote", "party"],
+]
 
 
 def toy_raw(data_dir: str, n_per_class: int = 40) -> RawTexts:
@@ -32,13 +36,15 @@ def toy_raw(data_dir: str, n_per_class: int = 40) -> RawTexts:
                 labels.append(label)
         return texts, labels
 
-    return RawTexts(["business", "entertainment", "politics"],
-                    {"train": make(n_per_class), "val": make(8), "test": make(10)})
+    return RawTexts(
+        ["business", "entertainment", "politics"], {"train": make(n_per_class), "val": make(8), "test": make(10)}
+    )
 
 
 def toy_spec() -> data.DatasetSpec:
-    return data.DatasetSpec(data.text_classification(toy_raw), "text", "single_label", "tiny-bert",
-                            default_max_length=16)
+    return data.DatasetSpec(
+        data.text_classification(toy_raw), "text", "single_label", "tiny-bert", default_max_length=16
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +56,20 @@ def toy_dataset(monkeypatch):
 @pytest.fixture
 def tiny_overrides(tmp_path):
     """Overrides that make a run take a second or two."""
-    return {"dataset": "toy", "model": "tiny-bert", "data_dir": str(tmp_path / "data"),
-            "dir": str(tmp_path / "runs"), "name": "run", "max_length": 16, "clients": 6,
-            "server_batch": 3, "server_rounds": 3, "eval_freq": 2, "lora_rank": 4, "lora_alpha": 8,
-            "client_batch": 8, "client_lr": 0.1, "gpu": "cpu"}
+    return {
+        "dataset": "toy",
+        "model": "tiny-bert",
+        "data_dir": str(tmp_path / "data"),
+        "dir": str(tmp_path / "runs"),
+        "name": "run",
+        "max_length": 16,
+        "clients": 6,
+        "server_batch": 3,
+        "server_rounds": 3,
+        "eval_freq": 2,
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "client_batch": 8,
+        "client_lr": 0.1,
+        "gpu": "cpu",
+    }

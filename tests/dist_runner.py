@@ -5,18 +5,18 @@ tests/test_distributed.py:
 
 SPECS.json: a list of config overrides, one run each, in order.
 """
+
 import json
 import sys
 from pathlib import Path
 
 import torch
-
-from conftest import toy_spec   # also puts the repository on sys.path
+from conftest import toy_spec  # also puts the repository on sys.path
 
 import config  # noqa: E402
 import data  # noqa: E402
-import distributed  # noqa: E402
 import train_lora  # noqa: E402
+from flasc.runtime import distributed  # noqa: E402
 
 if __name__ == "__main__":
     data.DATASETS["toy"] = toy_spec()

@@ -1,4 +1,5 @@
 """Small data sets written in the exact on-disk formats the loaders read (tests only)."""
+
 from __future__ import annotations
 
 import gzip
@@ -46,8 +47,9 @@ def cifar10(data_dir: Path, per_batch: int = 10, n_test: int = 10, seed: int = 0
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = [int(x) for x in rng.integers(0, 10, n)]
         with open(folder / name, "wb") as f:
-            pickle.dump({"batch_label": name, "data": data, "labels": labels,
-                         "filenames": [f"{i}.png" for i in range(n)]}, f)
+            pickle.dump(
+                {"batch_label": name, "data": data, "labels": labels, "filenames": [f"{i}.png" for i in range(n)]}, f
+            )
         out[name] = (data, labels)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072}, f)
@@ -60,6 +62,7 @@ FLAIR_LABELS = ["animal", "equipment", "food", "plant"]
 def flair(data_dir: Path, users: dict[str, str] | None = None, per_user: int = 3, seed: int = 0) -> list[dict]:
     """labels_and_metadata.json + small_images/<image_id>.jpg; users maps user id -> partition."""
     from PIL import Image
+
     rng = np.random.default_rng(seed)
     users = users or {"u1": "train", "u2": "train", "u3": "train", "v1": "val", "t1": "test"}
     folder = data_dir / "flair"
@@ -69,16 +72,24 @@ def flair(data_dir: Path, users: dict[str, str] | None = None, per_user: int = 3
         for k in range(per_user):
             image_id = f"{user}_{k:03d}"
             chosen = [name for name in FLAIR_LABELS if rng.random() < 0.4] or [FLAIR_LABELS[k % 4]]
-            records.append({"user_id": user, "image_id": image_id, "labels": chosen, "partition": part,
-                            "fine_grained_labels": []})
+            records.append(
+                {"user_id": user, "image_id": image_id, "labels": chosen, "partition": part, "fine_grained_labels": []}
+            )
             pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(folder / "small_images" / f"{image_id}.jpg")
     (folder / "labels_and_metadata.json").write_text(json.dumps(records))
     return records
 
 
-def reddit(data_dir: Path, train_users: dict[str, int], eval_users: dict[str, int], length: int = 12,
-           vocab: int = 50, pad: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+def reddit(
+    data_dir: Path,
+    train_users: dict[str, int],
+    eval_users: dict[str, int],
+    length: int = 12,
+    vocab: int = 50,
+    pad: int = 0,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """train_clients.json / eval_clients.json (user -> count, as the seeds' files map names to
     data) and cache/<user>.pt = {'X': LongTensor (sequences, length)}, right-padded with `pad`."""
     g = torch.Generator().manual_seed(seed)
@@ -104,15 +115,22 @@ def newsgroups(data_dir: Path, n_train: int = 30, n_test: int = 9, seed: int = 0
     zlib-compressed pickle of {'train': Bunch, 'test': Bunch}, each with data, target,
     filenames and target_names (what load_files gives and fetch_20newsgroups reads back)."""
     import codecs
+
     from sklearn.utils import Bunch
+
     rng = np.random.default_rng(seed)
     words = [["pixel", "render", "image"], ["engine", "car", "wheel"], ["orbit", "nasa", "launch"]]
     cache = {}
     for part, n in (("train", n_train), ("test", n_test)):
         target = np.arange(n) % len(NEWSGROUPS)
         texts = [" ".join(rng.choice(words[t], 4)) + " said the poster" for t in target]
-        cache[part] = Bunch(data=texts, target=target, target_names=list(NEWSGROUPS), DESCR="",
-                            filenames=np.array([f"{part}/{NEWSGROUPS[t]}/{i}" for i, t in enumerate(target)]))
+        cache[part] = Bunch(
+            data=texts,
+            target=target,
+            target_names=list(NEWSGROUPS),
+            DESCR="",
+            filenames=np.array([f"{part}/{NEWSGROUPS[t]}/{i}" for i, t in enumerate(target)]),
+        )
     folder = data_dir / "20newsgroups"
     folder.mkdir(parents=True)
     (folder / "20news-bydate_py3.pkz").write_bytes(codecs.encode(pickle.dumps(cache), "zlib_codec"))

@@ -1,18 +1,20 @@
 """The federated-LoRA baselines (algorithms.py) against independent computations: clients whose
 trained parameters are set by the test (start + a known offset), so every aggregate can be worked
 out here from the clients' factors with plain matrix algebra."""
+
 import numpy as np
 import pytest
 import torch
-
-import algorithms
-import config
-import tiers
-import train_lora
-from evaluation import logits_of
-from models import training_mode
-from client_state import ClientStateStore
 from conftest import ROOT  # noqa: F401  (sys.path)
+
+import config
+import train_lora
+from flasc import algorithms
+from flasc.algorithms import hetlora
+from flasc.client.state_store import ClientStateStore
+from flasc.federation import tiers
+from flasc.models import training_mode
+from flasc.tasks.evaluation import logits_of
 
 
 def build(tiny_overrides, **extra):
@@ -25,7 +27,7 @@ def fake_clients(fed, monkeypatch, scale=0.05):
     returns what each client started from and ended with."""
     seen = {}
 
-    def fake_train(rnd, client, start, grad_mask, **extras):
+    def fake_train(rnd, client, start, grad_mask, extras=None):
         g = torch.Generator().manual_seed(1000 * rnd + client)
         offset = scale * torch.randn(start.shape, generator=g)
         if grad_mask is not None:
@@ -48,8 +50,11 @@ def weights_of(cfg, fed, ids):
     return sizes / sizes.sum() if cfg.weighting == "num_examples" else np.full(len(ids), 1 / len(ids))
 
 
-def test_algorithm_names_agree_with_the_registry():
-    assert set(config.ALGORITHM_NAMES) == set(algorithms.ALGORITHMS)
+def test_the_algorithm_option_accepts_exactly_the_registry():
+    for name in algorithms.ALGORITHMS:
+        assert config.coerce("algorithm", name) == name
+    with pytest.raises(config.ConfigError, match="algorithm: 'fedavgx' is out of range; expected one of fedavg, "):
+        config.coerce("algorithm", "fedavgx")
 
 
 def test_fedex_aggregate_is_the_mean_of_the_clients_weights(tiny_overrides, monkeypatch):
@@ -57,20 +62,23 @@ def test_fedex_aggregate_is_the_mean_of_the_clients_weights(tiny_overrides, monk
     seen = fake_clients(fed, monkeypatch)
     pairs = fed.aggregator.pairs
     w0 = {p.name: p.module.get_base_layer().weight.detach().double().clone() for p in pairs}
-    for rnd in range(2):   # the second round starts from a changed base: residuals accumulate
+    for rnd in range(2):  # the second round starts from a changed base: residuals accumulate
         before = {p.name: p.module.get_base_layer().weight.detach().double().clone() for p in pairs}
         fed.run_round(rnd)
         ids = sorted(seen)
         w = weights_of(cfg, fed, ids)
         for pair in pairs:
-            mean_weight = sum(wk * (before[pair.name] + pair.scaling * (b @ a))
-                              for wk, (a, b) in zip(w, (factors(fed, pair, seen[c][1]) for c in ids)))
+            mean_weight = sum(
+                wk * (before[pair.name] + pair.scaling * (b @ a))
+                for wk, (a, b) in zip(w, (factors(fed, pair, seen[c][1]) for c in ids))
+            )
             a_new, b_new = factors(fed, pair, fed.server.detach())
             effective = pair.module.get_base_layer().weight.detach().double() + pair.scaling * (b_new @ a_new)
             torch.testing.assert_close(effective, mean_weight, rtol=0, atol=1e-6)
             # and the factors are FedAvg's: the plain means of A_k and B_k
-            torch.testing.assert_close(b_new, sum(wk * factors(fed, pair, seen[c][1])[1] for wk, c in zip(w, ids)),
-                                       rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                b_new, sum(wk * factors(fed, pair, seen[c][1])[1] for wk, c in zip(w, ids)), rtol=0, atol=1e-6
+            )
         seen.clear()
     assert any(not torch.equal(w0[p.name], p.module.get_base_layer().weight.detach().double()) for p in pairs)
 
@@ -85,11 +93,11 @@ def test_flora_folds_the_stacked_module_into_the_base(tiny_overrides, monkeypatc
     ids = sorted(seen)
     p_k = weights_of(cfg, fed, ids)
     starts_a = [factors(fed, pairs[0], seen[c][0])[0] for c in ids]
-    assert not torch.equal(starts_a[0], starts_a[1])                     # fresh, different A per client
-    assert all(float(factors(fed, pairs[0], seen[c][0])[1].abs().max()) == 0 for c in ids)   # B = 0
+    assert not torch.equal(starts_a[0], starts_a[1])  # fresh, different A per client
+    assert all(float(factors(fed, pairs[0], seen[c][0])[1].abs().max()) == 0 for c in ids)  # B = 0
     for pair in pairs:
         fac = [factors(fed, pair, seen[c][1]) for c in ids]
-        a_stacked = torch.cat([pk * a for pk, (a, _) in zip(p_k, fac)], dim=0)   # p_k scales A only
+        a_stacked = torch.cat([pk * a for pk, (a, _) in zip(p_k, fac)], dim=0)  # p_k scales A only
         b_stacked = torch.cat([b for _, b in fac], dim=1)
         change = pair.module.get_base_layer().weight.detach().double() - before[pair.name]
         torch.testing.assert_close(change, pair.scaling * (b_stacked @ a_stacked), rtol=0, atol=1e-6)
@@ -104,28 +112,35 @@ def test_flexlora_factors_are_the_truncated_svd_at_every_tier_rank(tiny_override
     ids = sorted(seen)
     p_k = weights_of(cfg, fed, ids)
     for pair in fed.aggregator.pairs:
-        target = sum(pk * pair.scaling * (b @ a) for pk, (a, b) in
-                     zip(p_k, (factors(fed, pair, seen[c][1]) for c in ids))).numpy()
+        target = sum(
+            pk * pair.scaling * (b @ a) for pk, (a, b) in zip(p_k, (factors(fed, pair, seen[c][1]) for c in ids))
+        ).numpy()
         u, s, vt = np.linalg.svd(target)
-        for rank in (1, 4):   # tier 0 downloads rank 1, tier 1 rank 4
+        for rank in (1, 4):  # tier 0 downloads rank 1, tier 1 rank 4
             a, b = factors(fed, pair, fed.server_state.masked(fed.tier_masks[0 if rank == 1 else 1]))
             best = (u[:, :rank] * s[:rank]) @ vt[:rank]
             np.testing.assert_allclose((pair.scaling * (b @ a)).numpy(), best, atol=1e-6)
         a, _ = factors(fed, pair, fed.server.detach())
-        np.testing.assert_allclose((a @ a.T).numpy(), np.eye(a.shape[0]), atol=1e-5)   # orthonormal rows
-        assert all(float(row[row.abs().argmax()]) > 0 for row in a)   # the sign convention
+        np.testing.assert_allclose((a @ a.T).numpy(), np.eye(a.shape[0]), atol=1e-5)  # orthonormal rows
+        assert all(float(row[row.abs().argmax()]) > 0 for row in a)  # the sign convention
 
 
 def test_flexlora_factors_do_not_depend_on_the_svd_sign_choice(monkeypatch):
     """LAPACK and cuSOLVER may return any sign for each singular pair; the factors are the same."""
-    import algorithms
+    from flasc.algorithms import flexlora
+
     target = torch.randn(6, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    reference = algorithms.svd_factors(target, 3, 0.5)
+    reference = flexlora.svd_factors(target, 3, 0.5)
     svd = torch.linalg.svd
     flips = torch.tensor([-1.0, 1.0, -1.0, -1.0, 1.0], dtype=torch.float64)
-    monkeypatch.setattr(torch.linalg, "svd", lambda m, full_matrices: (lambda u, s, vh: (u * flips, s, vh * flips[:, None]))(
-        *svd(m, full_matrices=full_matrices)))
-    flipped = algorithms.svd_factors(target, 3, 0.5)
+    monkeypatch.setattr(
+        torch.linalg,
+        "svd",
+        lambda m, full_matrices: (lambda u, s, vh: (u * flips, s, vh * flips[:, None]))(
+            *svd(m, full_matrices=full_matrices)
+        ),
+    )
+    flipped = flexlora.svd_factors(target, 3, 0.5)
     assert all(torch.allclose(x, y, atol=1e-12) for x, y in zip(reference, flipped))
     b, a, _ = reference
     u, s, vh = svd(target, full_matrices=False)
@@ -136,19 +151,39 @@ def test_flexlora_components_beyond_the_aggregates_rank_are_fixed_fresh_componen
     """A rank-2 aggregate truncated to rank 4: the SVD leaves components 3 and 4 arbitrary (they
     follow float noise: what made CPU and GPU runs differ). They are B = 0 and seeded orthonormal A
     rows, the same under a perturbation at float32 rounding level."""
-    import algorithms
+    from flasc.algorithms import flexlora
+
     g = torch.Generator().manual_seed(1)
     target = torch.randn(8, 2, generator=g) @ torch.randn(2, 10, generator=g)
     noisy = target + 1e-7 * torch.randn(8, 10, generator=g)
     gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
-    b, a, _ = algorithms.svd_factors(target, 4, 2.0, gen())
-    b2, a2, _ = algorithms.svd_factors(noisy, 4, 2.0, gen())
+    b, a, _ = flexlora.svd_factors(target, 4, 2.0, gen())
+    b2, a2, _ = flexlora.svd_factors(noisy, 4, 2.0, gen())
     assert torch.allclose(a, a2, atol=1e-4) and torch.allclose(b, b2, atol=1e-4)
-    assert float(b[:, 2:].abs().max()) == 0.0                        # fresh components: B = 0
-    assert torch.allclose(a @ a.T, torch.eye(4), atol=1e-6)          # A's rows orthonormal
-    assert torch.allclose(2.0 * b @ a, target, atol=1e-5)            # the product is the target
-    other = algorithms.orthonormal_complement(a[:2], 2, torch.Generator().manual_seed(8))
-    assert not torch.allclose(other.float(), a[2:], atol=1e-3)      # drawn from the generator
+    assert float(b[:, 2:].abs().max()) == 0.0  # fresh components: B = 0
+    assert torch.allclose(a @ a.T, torch.eye(4), atol=1e-6)  # A's rows orthonormal
+    assert torch.allclose(2.0 * b @ a, target, atol=1e-5)  # the product is the target
+    other = flexlora.orthonormal_complement(a[:2], 2, torch.Generator().manual_seed(8))
+    assert not torch.allclose(other.float(), a[2:], atol=1e-3)  # drawn from the generator
+
+
+def test_flexlora_keeps_every_component_above_float_rounding():
+    """A small but real component (σ₂ = 1e-5 σ₁, far above float32 rounding of a 32 × 32 SVD,
+    eps·32·σ₁ ≈ 4e-6 σ₁) is part of the best rank-4 approximation and is kept (a cutoff at
+    1e-4 σ₁ dropped it)."""
+    from flasc.algorithms import flexlora
+
+    g = torch.Generator().manual_seed(3)
+    q1, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
+    sigma = torch.zeros(32, dtype=torch.float64)
+    sigma[:2] = torch.tensor([1.0, 1e-5])
+    target = ((q1 * sigma) @ q2.T).float()
+    b, a, _ = flexlora.svd_factors(target, 4, 0.5, torch.Generator().manual_seed(0))
+    u, s, vt = np.linalg.svd(target.double().numpy())
+    best = (u[:, :4] * s[:4]) @ vt[:4]
+    assert np.abs((0.5 * b @ a).double().numpy() - best).max() < 1e-7  # the 1e-5 component is there
+    assert float(b[:, 1].norm()) > 0 and float(b[:, 2:].abs().max()) == 0.0  # rounding-level ones are fresh
 
 
 def test_hetlora_zero_pads_and_weights_by_the_norm_of_each_product(tiny_overrides, monkeypatch):
@@ -158,7 +193,7 @@ def test_hetlora_zero_pads_and_weights_by_the_norm_of_each_product(tiny_override
     ids = sorted(seen)
     for pair in fed.aggregator.pairs:
         fac = [factors(fed, pair, seen[c][1]) for c in ids]
-        for c, (a, b) in zip(ids, fac):   # a tier-0 client holds rank 1: everything past it is zero
+        for c, (a, b) in zip(ids, fac):  # a tier-0 client holds rank 1: everything past it is zero
             if fed.client_tier[c] == 0:
                 assert float(a[1:].abs().max()) == 0 and float(b[:, 1:].abs().max()) == 0
         norms = np.array([float(torch.linalg.matrix_norm(pair.scaling * (b @ a))) for a, b in fac])
@@ -170,29 +205,30 @@ def test_hetlora_zero_pads_and_weights_by_the_norm_of_each_product(tiny_override
 
 def test_hetlora_weights_sum_to_one_and_fall_back_when_every_norm_is_zero():
     fallback = torch.tensor([0.25, 0.75])
-    p = algorithms.hetlora_weights([torch.ones(2, 2), 3 * torch.ones(2, 2)], fallback)
+    p = hetlora.hetlora_weights([torch.ones(2, 2), 3 * torch.ones(2, 2)], fallback)
     assert torch.allclose(p, torch.tensor([0.25, 0.75])) and float(p.sum()) == pytest.approx(1)
-    assert torch.equal(algorithms.hetlora_weights([torch.zeros(2, 2)] * 2, fallback), fallback)
+    assert torch.equal(hetlora.hetlora_weights([torch.zeros(2, 2)] * 2, fallback), fallback)
 
 
 def test_hetlora_pruning_shrinks_the_rank_of_a_client_whose_tail_shrank(tiny_overrides, monkeypatch):
-    cfg, fed = build(tiny_overrides, algorithm="hetlora", hetlora_prune=True, hetlora_gamma=0.5, server_batch=2,
-                     clients=2)
+    cfg, fed = build(
+        tiny_overrides, algorithm="hetlora", hetlora_prune=True, hetlora_gamma=0.5, server_batch=2, clients=2
+    )
     algo = fed.algorithm
 
-    def shrinking(rnd, client, start, grad_mask, penalty=None, **extras):
-        assert penalty is not None
+    def shrinking(rnd, client, start, grad_mask, extras):
+        assert extras.penalty is not None
         end = start.clone()
-        for pair in fed.aggregator.pairs:   # client 0 shrinks its tail, client 1 grows it
+        for pair in fed.aggregator.pairs:  # client 0 shrinks its tail, client 1 grows it
             named = fed.flat.named(end)
             named[pair.b][:, 2:] = (0.5 if client == 0 else 2.0) * named[pair.b][:, 2:] + 0.01
         return end, {"loss_sum": 0.0, "correct": 0, "count": 1, "epochs": 1, "steps": 1}
 
     with torch.no_grad():
-        fed.server.add_(0.1)   # a non-zero tail to start from
+        fed.server.add_(0.1)  # a non-zero tail to start from
     monkeypatch.setattr(fed.worker, "train_client", shrinking)
     fed.run_round(0)
-    assert algo.rank_of(0, 0) == 2 and algo.rank_of(1, 0) == cfg.lora_rank   # floor(0.5 * 4) = 2
+    assert algo.rank_of(0, 0) == 2 and algo.rank_of(1, 0) == cfg.lora_rank  # floor(0.5 * 4) = 2
     plan = tiers.plans(cfg, fed.server_state, fed.flat, fed.aggregator.pairs, 1, 1.0, 1.0)[0]
     job = algo.prepare(1, train_lora.ClientJob(0, 0, fed.server.detach().clone(), plan), None)
     a, b = factors(fed, fed.aggregator.pairs[0], job.start)
@@ -227,8 +263,16 @@ def test_fedsa_keeps_each_clients_b_and_head_and_averages_a(tiny_overrides, monk
 def test_scaffold_first_two_rounds_by_hand(tiny_overrides):
     """Algorithm 1 of the paper (option II) written out here on the real tiny model: local steps
     y <- y - lr (g - c_i + c) with the same momentum SGD, then the server's updates of x and c."""
-    cfg, fed = build(tiny_overrides, algorithm="scaffold", server_lr=0.8, clients=4, server_batch=2, lora_dropout=0.0,
-                     base_dropout=False, client_epochs=1)
+    cfg, fed = build(
+        tiny_overrides,
+        algorithm="scaffold",
+        server_lr=0.8,
+        clients=4,
+        server_batch=2,
+        lora_dropout=0.0,
+        base_dropout=False,
+        client_epochs=1,
+    )
     n_clients, lr = cfg.clients, cfg.client_lr
     x = fed.server.detach().clone()
     c = torch.zeros_like(x)
@@ -248,7 +292,7 @@ def test_scaffold_first_two_rounds_by_hand(tiny_overrides):
             with torch.no_grad():
                 for p, g, o, m in zip(flat.params, grads, offset, buf):
                     g = (torch.zeros_like(p) if g is None else g) + o
-                    m.mul_(0.9).add_(g)      # torch SGD momentum 0.9, dampening 0
+                    m.mul_(0.9).add_(g)  # torch SGD momentum 0.9, dampening 0
                     p.sub_(lr * m)
             steps += 1
         return flat.read(), steps
@@ -279,7 +323,7 @@ def test_client_state_store_is_lazy_and_protects_the_checkpointed_states(tmp_pat
     saved = store.state_dict()
     store.flush()
     store.committed()
-    store.put(4999, torch.ones(8))      # after the checkpoint: a new state, twice
+    store.put(4999, torch.ones(8))  # after the checkpoint: a new state, twice
     store.put(4999, 2 * torch.ones(8))
     assert torch.equal(store.get(4999), 2 * torch.ones(8))
     # a crash now: the resumed run reads the checkpoint's view, which was never overwritten
@@ -308,9 +352,9 @@ def test_personalised_accuracy_of_fedsa_scores_each_clients_own_model(tiny_overr
     fed.attach_store(tmp_path)
     fake_clients(fed, monkeypatch, scale=0.5)
     fed.run_round(0)
-    metrics = fed.personalized_metrics()
+    metrics = fed.evaluation.personal(fed.server_state)
     own, glob = [], []
-    for c, idx in enumerate(fed.local_tests):   # by hand: each client's model on its examples
+    for c, idx in enumerate(fed.local_tests):  # by hand: each client's model on its examples
         state = fed.store.get(c)
         vector = fed.server.detach().clone()
         vector[fed.algorithm.local] = fed.algorithm.initial_local if state is None else state
@@ -329,27 +373,102 @@ def test_personalised_accuracy_of_fedsa_scores_each_clients_own_model(tiny_overr
 
 def test_stateless_personal_model_is_the_global_model(tiny_overrides):
     cfg, fed = build(tiny_overrides, eval_personalized=True)
-    metrics = fed.personalized_metrics()
+    metrics = fed.evaluation.personal(fed.server_state)
     assert metrics["personal_accuracy_mean"] == metrics["personal_global_accuracy_mean"]
 
 
-@pytest.mark.parametrize("extra, key", [
-    ({"algorithm": "fedsa", "merging_strategy": "ties"}, "merging_strategy"),
-    ({"algorithm": "fedex", "dl_density": 0.5}, "dl_density"),
-    ({"algorithm": "scaffold", "ul_density": 0.5}, "ul_density"),
-    ({"algorithm": "flora", "noise_multiplier": 1.0, "l2_clip_norm": 1.0}, "noise_multiplier"),
-    ({"algorithm": "flexlora", "server_opt": "adam"}, "server_opt"),
-    ({"algorithm": "fedsa", "freeze_a": True}, "freeze_a"),
-    ({"algorithm": "fedex", "tiers": 2}, "tiers"),
-    ({"algorithm": "hetlora", "tiers": 2, "syshet": "density"}, "syshet"),
-    ({"algorithm": "fedsa", "lora_rank": 0}, "algorithm"),
-    ({"algorithm": "fedex", "shadow_strategies": ["ties"]}, "shadow_strategies"),
-    ({"hetlora_prune": True}, "hetlora_prune"),
-])
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ({"algorithm": "fedsa", "merging_strategy": "ties"}, "merging_strategy"),
+        ({"algorithm": "fedex", "dl_density": 0.5}, "dl_density"),
+        ({"algorithm": "scaffold", "ul_density": 0.5}, "ul_density"),
+        ({"algorithm": "flora", "noise_multiplier": 1.0, "l2_clip_norm": 1.0}, "noise_multiplier"),
+        ({"algorithm": "flexlora", "server_opt": "adam"}, "server_opt"),
+        ({"algorithm": "fedsa", "freeze_a": True}, "freeze_a"),
+        ({"algorithm": "fedex", "tiers": 2}, "tiers"),
+        ({"algorithm": "hetlora", "tiers": 2, "syshet": "density"}, "syshet"),
+        ({"algorithm": "fedsa", "lora_rank": 0}, "algorithm"),
+        ({"algorithm": "fedex", "shadow_strategies": ["ties"]}, "shadow_strategies"),
+        ({"hetlora_prune": True}, "hetlora_prune"),
+        ({"algorithm": "scaffold", "l2_clip_norm": 1.0}, "l2_clip_norm"),
+        *[
+            ({"algorithm": a, "dp_divide_by_clip": True, "l2_clip_norm": 1.0}, "dp_divide_by_clip")
+            for a in ("scaffold", "fedex", "flora", "flexlora", "hetlora")
+        ],
+    ],
+)
 def test_meaningless_combinations_are_refused_naming_the_key(tiny_overrides, extra, key):
     with pytest.raises(config.ConfigError) as e:
         config.load_config(overrides={**tiny_overrides, **extra})
     assert str(e.value).startswith(f"{key}:")
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedsa"])
+def test_dp_divide_by_clip_runs_where_the_aggregate_is_a_mean_of_clipped_updates(tiny_overrides, algorithm):
+    """fedavg and fedsa: the pseudo-gradient is the mean of the clipped updates, so dividing it by C
+    only scales the server step: with sgd at server_lr C it is the step without dp_divide_by_clip."""
+    import copy
+
+    clip = 0.5
+    runs = {}
+    for divide in (False, True):
+        cfg, fed = build(
+            tiny_overrides,
+            algorithm=algorithm,
+            l2_clip_norm=clip,
+            dp_divide_by_clip=divide,
+            server_lr=clip if divide else 1.0,
+        )
+        fed.run_round(0)
+        runs[divide] = copy.deepcopy(fed.server.detach())
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-7)
+
+
+def test_planning_a_round_leaves_no_trace(tiny_overrides, monkeypatch):
+    """plan_round is pure: planning a round (and abandoning it, as an interrupt during local training
+    does) changes nothing a checkpoint saves, so a resumed run counts what an uninterrupted one does."""
+    for extra in ({"algorithm": "fedex"}, {"algorithm": "flora"}, {"server_freeze": True, "dl_density": 0.5}):
+        cfg, fed = build(tiny_overrides, **extra)
+        fake_clients(fed, monkeypatch)
+        fed.run_round(0)
+        before = fed.state()
+        for rnd in (1, 1, 2):
+            fed.plan_round(rnd)
+        after = fed.state()
+        assert repr(after) == repr(before), extra
+
+
+def test_an_interrupted_fedex_round_resumes_with_the_bytes_of_an_uninterrupted_run(tiny_overrides, monkeypatch):
+    """An interrupt during local training (ckpt_freq 0: the last completed round is checkpointed then):
+    the resumed run's catch-up downloads are those of the uninterrupted run."""
+    import json
+    import signal
+
+    from flasc.client.worker import ClientWorker
+    from flasc.runtime.interrupts import Interrupted
+
+    overrides = {**tiny_overrides, "algorithm": "fedex", "server_rounds": 4, "ckpt_freq": 0, "server_batch": 2}
+    reference = train_lora.train(config.load_config(overrides={**overrides, "name": "ref"}))
+    real = ClientWorker.train_client
+    fired = []
+
+    def interrupted_in_round_3(self, rnd, *args):
+        if rnd == 2 and not fired:
+            fired.append(rnd)
+            raise Interrupted(signal.SIGTERM)
+        return real(self, rnd, *args)
+
+    monkeypatch.setattr(ClientWorker, "train_client", interrupted_in_round_3)
+    cfg = config.load_config(overrides={**overrides, "name": "run"})
+    with pytest.raises(Interrupted):
+        train_lora.train(cfg)
+    run_dir = reference.parent / "run"
+    assert fired and (run_dir / "checkpoint.pt").is_file() and not (run_dir / "summary.json").exists()
+    train_lora.train(cfg, resume_dir=run_dir)
+    ref, got = (json.loads((d / "summary.json").read_text()) for d in (reference, run_dir))
+    assert got["bytes_down"] == ref["bytes_down"] and got["bytes_up"] == ref["bytes_up"]
+    assert got["test_accuracy"] == ref["test_accuracy"]
 
 
 def test_fedsa_upload_sparsified_over_the_a_entries_only(tiny_overrides, monkeypatch, tmp_path):
@@ -359,7 +478,8 @@ def test_fedsa_upload_sparsified_over_the_a_entries_only(tiny_overrides, monkeyp
     stats = fed.run_round(0)
     n_a = int(fed.algorithm.shared.sum())
     k = int(n_a * 0.5)
-    from communication import message_bytes
+    from flasc.federation.communication import message_bytes
+
     assert stats["bytes_up"] == 2 * message_bytes(n_a, k)
     assert stats["bytes_down"] == 2 * 4 * n_a
 
@@ -368,11 +488,11 @@ def test_fedsa_upload_sparsified_over_the_a_entries_only(tiny_overrides, monkeyp
 def test_saved_model_with_its_base_delta_reproduces_the_final_evaluation(tiny_overrides, algorithm):
     import json
 
-    import models
     from data import load_task
-    from evaluation import evaluate
-    cfg = config.load_config(overrides={**tiny_overrides, "algorithm": algorithm, "server_rounds": 2,
-                                        "client_lr": 0.5})
+    from flasc import models
+    from flasc.tasks.evaluation import evaluate
+
+    cfg = config.load_config(overrides={**tiny_overrides, "algorithm": algorithm, "server_rounds": 2, "client_lr": 0.5})
     run_dir = train_lora.train(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (run_dir / "adapter" / "base_delta.pt").is_file()
@@ -388,8 +508,7 @@ def test_saved_model_with_its_base_delta_reproduces_the_final_evaluation(tiny_ov
     assert delta and all(float(d.abs().max()) > 0 for d in delta.values())
     for name, d in delta.items():
         loaded = modules[name].get_base_layer().weight.detach()
-        torch.testing.assert_close(loaded - fresh_modules[name].get_base_layer().weight.detach(), d,
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded - fresh_modules[name].get_base_layer().weight.detach(), d, rtol=0, atol=1e-6)
 
 
 def test_fedsa_local_head_false_shares_the_head_with_a(tiny_overrides):
@@ -407,6 +526,7 @@ def test_hetlora_penalty_is_lambda_times_the_tail_norms_by_hand(tiny_overrides):
         for p in fed.flat.params:
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
     rank, cut = 4, 2
-    expected = 0.25 * sum(float(named[p.b][:, 2:4].norm()) * float(named[p.a][2:4].norm())
-                          for p in fed.aggregator.pairs)
+    expected = 0.25 * sum(
+        float(named[p.b][:, 2:4].norm()) * float(named[p.a][2:4].norm()) for p in fed.aggregator.pairs
+    )
     assert float(fed.algorithm.penalty(rank, cut)(named)) == pytest.approx(expected, rel=1e-6)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from communication import density_at, message_bytes, topk_mask
+from flasc.federation.communication import density_at, message_bytes, topk_mask
 
 
 @pytest.mark.parametrize("n, density", [(1000, 0.25), (1000, 0.1), (37, 0.5), (12345, 0.013), (10, 1.0)])
@@ -41,10 +41,10 @@ def test_density_schedule():
 
 def test_message_bytes_formula():
     n = 10_000
-    assert message_bytes(n, n) == 4 * n                      # dense fp32
-    k = 100                                                  # very sparse: indices are cheaper
+    assert message_bytes(n, n) == 4 * n  # dense fp32
+    k = 100  # very sparse: indices are cheaper
     assert message_bytes(n, k) == 4 * k + 4 * k
-    k = 2500                                                 # 25%: the bitmap is cheaper
+    k = 2500  # 25%: the bitmap is cheaper
     assert message_bytes(n, k) == 4 * k + math.ceil(n / 8)
-    assert message_bytes(n, 9999) == 4 * n                   # never more than sending it dense
-    assert message_bytes(9, 4) == 16 + 2                     # bitmap rounds up to whole bytes
+    assert message_bytes(n, 9999) == 4 * n  # never more than sending it dense
+    assert message_bytes(9, 4) == 16 + 2  # bitmap rounds up to whole bytes

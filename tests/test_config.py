@@ -3,10 +3,10 @@ import sys
 
 import pytest
 import yaml
+from conftest import ROOT
 
 import config
 from config import ConfigError, load_config, parse_overrides
-from conftest import ROOT
 
 
 def test_basic_config_documents_every_option():
@@ -33,49 +33,68 @@ def test_layers_override_in_order():
 
 
 def test_values_are_typed():
-    cfg = load_config(overrides=parse_overrides(["--server-rounds", "7", "--server-lr", "1", "--gpu", "0",
-                                                 "--server-freeze", "true", "--model-path", "null"]))
+    cfg = load_config(
+        overrides=parse_overrides(
+            [
+                "--server-rounds",
+                "7",
+                "--server-lr",
+                "1",
+                "--gpu",
+                "0",
+                "--server-freeze",
+                "true",
+                "--model-path",
+                "null",
+            ]
+        )
+    )
     assert cfg.server_rounds == 7 and isinstance(cfg.server_lr, float) and cfg.gpu == "0"
     assert cfg.server_freeze is True and cfg.model_path is None
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--no-such-option", "1"], ["no_such_option", "basic_config.yaml"]),
-    (["--dl-densty", "0.5"], ["dl_densty", "did you mean dl_density"]),
-    (["--dl-density", "1.5"], ["dl_density", "(0, 1]"]),
-    (["--ul-density", "0"], ["ul_density", "(0, 1]"]),
-    (["--client-lr", "-0.1"], ["client_lr", "> 0"]),
-    (["--server-lr", "abc"], ["server_lr", "a number > 0"]),
-    (["--server-rounds", "2.5"], ["server_rounds", "integer"]),
-    (["--server-batch", "50", "--clients", "10"], ["server_batch", "at most 10"]),
-    (["--server-opt", "adamax"], ["server_opt", "one of", "sgd"]),
-    (["--client-opt", "rmsprop"], ["client_opt", "one of", "adam"]),
-    (["--dataset", "mnist"], ["dataset", "bbcnews"]),
-    (["--model", "bert-huge"], ["model", "minilm"]),
-    (["--partition", "shards"], ["partition", "dirichlet"]),
-    (["--lora-rank", "-2"], ["lora_rank", ">= -1"]),
-    (["--freeze-a", "true", "--lora-rank", "0"], ["freeze_a", "lora_rank"]),
-    (["--eval-masked", "maybe"], ["eval_masked", "true or false"]),
-    (["--gpu", "cuda9"], ["gpu", "auto"]),
-    (["--decay-freq", "0"], ["decay_freq", ">= 1"]),
-    (["--iid-alpha", "0"], ["iid_alpha", "> 0"]),
-    (["--name", "a/b"], ["name", "without '/'"]),
-    (["--seed"], ["--seed needs a value"]),
-    (["stray"], ["unexpected argument 'stray'"]),
-    # what fits which task
-    (["--dataset", "fashion_mnist", "--model", "minilm"], ["model", "minilm", "image input", "efficientnet-lite0"]),
-    (["--dataset", "bbcnews", "--model", "vit"], ["model", "vit", "text input"]),
-    (["--dataset", "reddit", "--model", "minilm"], ["model", "language model", "gpt2"]),
-    (["--partition", "natural"], ["partition", "natural", "bbcnews has no users"]),
-    (["--dataset", "flair", "--partition", "dirichlet"], ["partition", "dirichlet", "multi-label"]),
-    (["--clients", "0"], ["clients", "0", "natural partition"]),
-    (["--dataset", "cifar10", "--max-length", "64"], ["max_length", "images"]),
-    (["--dataset", "reddit", "--lora-rank", "0"], ["lora_rank", "language modelling"]),
-    (["--dataset", "reddit", "--merging-strategy", "fisher"], ["merging_strategy", "fisher", "vocabulary"]),
-    (["--dataset", "fashion_mnist", "--merge-space", "product"], ["merge_space", "product", "convolutions"]),
-    (["--dataset", "fashion_mnist", "--merging-strategy", "regmean"], ["merging_strategy", "regmean",
-                                                                        "convolutions"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--no-such-option", "1"], ["no_such_option", "basic_config.yaml"]),
+        (["--dl-densty", "0.5"], ["dl_densty", "did you mean dl_density"]),
+        (["--dl-density", "1.5"], ["dl_density", "(0, 1]"]),
+        (["--ul-density", "0"], ["ul_density", "(0, 1]"]),
+        (["--client-lr", "-0.1"], ["client_lr", "> 0"]),
+        (["--server-lr", "abc"], ["server_lr", "a number > 0"]),
+        (["--server-rounds", "2.5"], ["server_rounds", "integer"]),
+        (["--server-batch", "50", "--clients", "10"], ["server_batch", "at most 10"]),
+        (["--server-opt", "adamax"], ["server_opt", "one of", "sgd"]),
+        (["--client-opt", "rmsprop"], ["client_opt", "one of", "adam"]),
+        (["--dataset", "mnist"], ["dataset", "bbcnews"]),
+        (["--model", "bert-huge"], ["model", "minilm"]),
+        (["--partition", "shards"], ["partition", "dirichlet"]),
+        (["--lora-rank", "-2"], ["lora_rank", ">= -1"]),
+        (["--freeze-a", "true", "--lora-rank", "0"], ["freeze_a", "lora_rank"]),
+        (["--eval-masked", "maybe"], ["eval_masked", "true or false"]),
+        (["--gpu", "cuda9"], ["gpu", "auto"]),
+        (["--decay-freq", "0"], ["decay_freq", ">= 1"]),
+        (["--iid-alpha", "0"], ["iid_alpha", "> 0"]),
+        (["--name", "a/b"], ["name", "without '/'"]),
+        (["--seed"], ["--seed needs a value"]),
+        (["stray"], ["unexpected argument 'stray'"]),
+        # what fits which task
+        (["--dataset", "fashion_mnist", "--model", "minilm"], ["model", "minilm", "image input", "efficientnet-lite0"]),
+        (["--dataset", "bbcnews", "--model", "vit"], ["model", "vit", "text input"]),
+        (["--dataset", "reddit", "--model", "minilm"], ["model", "language model", "gpt2"]),
+        (["--partition", "natural"], ["partition", "natural", "bbcnews has no users"]),
+        (["--dataset", "flair", "--partition", "dirichlet"], ["partition", "dirichlet", "multi-label"]),
+        (["--clients", "0"], ["clients", "0", "natural partition"]),
+        (["--dataset", "cifar10", "--max-length", "64"], ["max_length", "images"]),
+        (["--dataset", "reddit", "--lora-rank", "0"], ["lora_rank", "language modelling"]),
+        (["--dataset", "reddit", "--merging-strategy", "fisher"], ["merging_strategy", "fisher", "vocabulary"]),
+        (["--dataset", "fashion_mnist", "--merge-space", "product"], ["merge_space", "product", "convolutions"]),
+        (
+            ["--dataset", "fashion_mnist", "--merging-strategy", "regmean"],
+            ["merging_strategy", "regmean", "convolutions"],
+        ),
+    ],
+)
 def test_rejections_name_the_key(args, words):
     with pytest.raises(ConfigError) as e:
         load_config(overrides=parse_overrides(args))
@@ -97,12 +116,15 @@ def test_unknown_config_name_lists_the_available_ones():
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "train_lora.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train_lora.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
-@pytest.mark.parametrize("args", [["--dl-density", "1.5"], ["--config", "nope"],
-                                  ["--server-batch", "30"], ["--bogus", "1"]])
+@pytest.mark.parametrize(
+    "args", [["--dl-density", "1.5"], ["--config", "nope"], ["--server-batch", "30"], ["--bogus", "1"]]
+)
+@pytest.mark.slow
 def test_cli_bad_input_is_one_clear_line(args, tmp_path):
     proc = run_cli(*args, "--dir", str(tmp_path / "runs"), cwd=tmp_path)
     assert proc.returncode == 2
@@ -112,6 +134,7 @@ def test_cli_bad_input_is_one_clear_line(args, tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_cli_lists_configs(tmp_path):
     proc = run_cli("--list-configs", cwd=tmp_path)
     assert proc.returncode == 0 and "fedavg" in proc.stdout.split() and "flasc" in proc.stdout.split()

@@ -1,5 +1,6 @@
 """The image and language-modelling tasks: each loader on a fixture in the exact on-disk format,
 short federated runs with tiny random models, and the one-line errors for missing data."""
+
 import json
 import os
 import subprocess
@@ -7,29 +8,33 @@ import sys
 
 import numpy as np
 import pytest
+import task_fixtures
 import torch
+from conftest import ROOT
 
 import config
 import train_lora
-from conftest import ROOT
 from data import DataUnavailable, fashion_mnist, load_task, partition
 from data.images import CIFAR_MEAN, CIFAR_STD, read_idx
-import task_fixtures
 
 
 # ---------------------------------------------------------------- Fashion-MNIST (IDX)
 def test_idx_reader_agrees_with_torchvision(tmp_path):
     from torchvision.datasets.mnist import read_image_file, read_label_file
+
     written = task_fixtures.fashion_mnist(tmp_path)
     images, labels = written["train"]
     raw = tmp_path / "raw-images-idx3-ubyte"
-    raw.write_bytes(__import__("gzip").decompress((tmp_path / "fashion_mnist" / "train-images-idx3-ubyte.gz").read_bytes()))
+    raw.write_bytes(
+        __import__("gzip").decompress((tmp_path / "fashion_mnist" / "train-images-idx3-ubyte.gz").read_bytes())
+    )
     assert np.array_equal(read_idx(raw), read_image_file(str(raw)).numpy())
     assert np.array_equal(read_idx(raw), images)
     assert np.array_equal(read_idx(tmp_path / "fashion_mnist" / "train-labels-idx1-ubyte.gz"), labels)
     raw_labels = tmp_path / "raw-labels-idx1-ubyte"
-    raw_labels.write_bytes(__import__("gzip").decompress(
-        (tmp_path / "fashion_mnist" / "train-labels-idx1-ubyte.gz").read_bytes()))
+    raw_labels.write_bytes(
+        __import__("gzip").decompress((tmp_path / "fashion_mnist" / "train-labels-idx1-ubyte.gz").read_bytes())
+    )
     assert np.array_equal(read_idx(raw_labels), read_label_file(str(raw_labels)).numpy())
 
 
@@ -129,7 +134,9 @@ def test_flair_trains_on_resized_images_unless_augment(tmp_path):
 def flair_eval_transform(images):
     """Resize the shorter side to 224, centre crop, ImageNet mean/std, with torchvision directly."""
     from torchvision.transforms import v2
+
     from data.images import IMAGENET_MEAN, IMAGENET_STD
+
     steps = v2.Compose([v2.Resize(224, antialias=True), v2.CenterCrop(224)])
     x = torch.stack([steps(im) for im in images]).float() / 255
     return v2.functional.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
@@ -181,9 +188,19 @@ def test_natural_partition_takes_the_first_users():
 
 # ---------------------------------------------------------------- short federated runs
 def _run(tmp_path, **overrides):
-    base = {"data_dir": str(tmp_path), "dir": str(tmp_path / "runs"), "name": "run", "server_rounds": 2,
-            "eval_freq": 1, "lora_rank": 4, "lora_alpha": 8, "client_batch": 4, "eval_batch": 8,
-            "gpu": "cpu", "ckpt_freq": 0}
+    base = {
+        "data_dir": str(tmp_path),
+        "dir": str(tmp_path / "runs"),
+        "name": "run",
+        "server_rounds": 2,
+        "eval_freq": 1,
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "client_batch": 4,
+        "eval_batch": 8,
+        "gpu": "cpu",
+        "ckpt_freq": 0,
+    }
     cfg = config.load_config(overrides=base | overrides)
     run_dir = train_lora.train(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -194,21 +211,25 @@ def _run(tmp_path, **overrides):
 def _reloaded_test_metrics(run_dir):
     """The saved adapter, loaded into a fresh base model, scored on the test split."""
     import yaml
-    import models
-    from evaluation import evaluate
+
+    from flasc import models
+    from flasc.tasks.evaluation import evaluate
+
     cfg = config.from_mapping(yaml.safe_load((run_dir / "config.yaml").read_text()))
     tokenizer = lambda: models.load_tokenizer(cfg)  # noqa: E731
     task = load_task(cfg.dataset, cfg.data_dir, tokenizer, cfg.max_length)
     tok = tokenizer()[0]
-    model = models.load_trained(cfg, run_dir / "adapter", task.num_labels, None if tok is None else tok.pad_token_id,
-                                task.objective.lm_head)
+    model = models.load_trained(
+        cfg, run_dir / "adapter", task.num_labels, None if tok is None else tok.pad_token_id, task.objective.lm_head
+    )
     return evaluate(model, task.test, task.objective, 8, torch.device("cpu"), False)
 
 
 def test_fashion_mnist_run_with_tiny_efficientnet(tmp_path):
     task_fixtures.fashion_mnist(tmp_path, n_train=60, n_test=16)
-    run_dir, summary, metrics = _run(tmp_path, dataset="fashion_mnist", model="tiny-efficientnet", clients=4,
-                                     server_batch=2, client_lr=0.01)
+    run_dir, summary, metrics = _run(
+        tmp_path, dataset="fashion_mnist", model="tiny-efficientnet", clients=4, server_batch=2, client_lr=0.01
+    )
     assert summary["primary_metric"] == "accuracy"
     assert 0 <= summary["test_accuracy"] <= 1 and "test_macro_f1" in summary
     assert metrics[-1]["bytes_up"] > 0
@@ -217,20 +238,44 @@ def test_fashion_mnist_run_with_tiny_efficientnet(tmp_path):
 
 def test_cifar10_run_with_tiny_vit_and_regmean(tmp_path):
     task_fixtures.cifar10(tmp_path, per_batch=6, n_test=6)
-    _, summary, _ = _run(tmp_path, dataset="cifar10", model="tiny-vit", clients=3, server_batch=2,
-                         server_rounds=1, merging_strategy="regmean", regmean_examples=4)
+    _, summary, _ = _run(
+        tmp_path,
+        dataset="cifar10",
+        model="tiny-vit",
+        clients=3,
+        server_batch=2,
+        server_rounds=1,
+        merging_strategy="regmean",
+        regmean_examples=4,
+    )
     assert 0 <= summary["test_accuracy"] <= 1
 
 
 def test_flair_run_is_multilabel_with_natural_clients(tmp_path):
     task_fixtures.flair(tmp_path, per_user=4)
-    run_dir, summary, metrics = _run(tmp_path, dataset="flair", model="tiny-vit", clients=0, server_batch=2,
-                                     merging_strategy="fisher", merge_space="product", fisher_examples=2)
+    run_dir, summary, metrics = _run(
+        tmp_path,
+        dataset="flair",
+        model="tiny-vit",
+        clients=0,
+        server_batch=2,
+        merging_strategy="fisher",
+        merge_space="product",
+        fisher_examples=2,
+    )
     saved = config.from_mapping(__import__("yaml").safe_load((run_dir / "config.yaml").read_text()))
     assert saved.clients == 3  # clients 0 = every training user, recorded resolved
     assert summary["primary_metric"] == "micro_f1"
-    for key in ("test_micro_f1", "test_macro_f1", "test_micro_precision", "test_micro_recall",
-                "test_macro_precision", "test_macro_recall", "best_test_micro_f1", "test_micro_f1_at_best_val"):
+    for key in (
+        "test_micro_f1",
+        "test_macro_f1",
+        "test_micro_precision",
+        "test_micro_recall",
+        "test_macro_precision",
+        "test_macro_recall",
+        "best_test_micro_f1",
+        "test_micro_f1_at_best_val",
+    ):
         assert key in summary
     report = json.loads((run_dir / "partition.json").read_text())
     assert [c["examples"] for c in report["clients"]] == [4, 4, 4]
@@ -239,8 +284,9 @@ def test_flair_run_is_multilabel_with_natural_clients(tmp_path):
 
 def test_reddit_run_is_next_token_prediction(tmp_path):
     task_fixtures.reddit(tmp_path, {f"u{i}": 3 for i in range(5)}, {"e": 3}, vocab=60)
-    run_dir, summary, metrics = _run(tmp_path, dataset="reddit", model="tiny-gpt2", clients=0, server_batch=2,
-                               iid_mix=0.5)
+    run_dir, summary, metrics = _run(
+        tmp_path, dataset="reddit", model="tiny-gpt2", clients=0, server_batch=2, iid_mix=0.5
+    )
     assert summary["primary_metric"] == "accuracy"
     assert summary["test_perplexity"] == pytest.approx(np.exp(summary["test_loss"]), rel=1e-6)
     assert metrics[0]["train_loss"] > 0
@@ -248,13 +294,30 @@ def test_reddit_run_is_next_token_prediction(tmp_path):
 
 
 # ---------------------------------------------------------------- missing data: one line, exit 2
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["cifar10", "reddit", "flair"])
 def test_missing_data_fails_with_one_clear_line(tmp_path, dataset):
     empty = tmp_path / "empty"
     env = {**os.environ, "FLASC_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "train_lora.py", "--config", "fedavg", "--dataset", dataset,
-                           "--data-dir", str(empty), "--dir", str(tmp_path / "runs")],
-                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train_lora.py",
+            "--config",
+            "fedavg",
+            "--dataset",
+            dataset,
+            "--data-dir",
+            str(empty),
+            "--dir",
+            str(tmp_path / "runs"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: dataset {dataset}"), proc.stderr

@@ -1,4 +1,5 @@
 """train_lora.py end to end on a tiny model and the toy task."""
+
 import json
 
 import pytest
@@ -6,10 +7,10 @@ import torch
 import yaml
 
 import config
-import models
 import train_lora
 from data import load_task
-from evaluation import evaluate
+from flasc import models
+from flasc.tasks.evaluation import evaluate
 
 
 def argv_of(overrides):
@@ -30,8 +31,14 @@ def read_metrics(run_dir):
 def test_run_folder_contents_and_saved_adapter_reproduces_final_eval(tiny_overrides, tmp_path):
     run(tiny_overrides, dl_density=0.5, ul_density=0.5)
     run_dir = tmp_path / "runs" / "run"
-    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "metrics.jsonl", "summary.json",
-                                                   "train.log", "tb", "adapter"}
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "train.log",
+        "tb",
+        "adapter",
+    }
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["dl_density"] == 0.5 and set(saved) == set(config.SCHEMA)
@@ -39,8 +46,18 @@ def test_run_folder_contents_and_saved_adapter_reproduces_final_eval(tiny_overri
     metrics = read_metrics(run_dir)
     assert [m["round"] for m in metrics] == [1, 2, 3]
     assert "test_accuracy" in metrics[1] and "test_accuracy" not in metrics[0]  # eval_freq 2 + last
-    for key in ("train_loss", "train_accuracy", "update_norm", "dl_density", "ul_density", "bytes_up",
-                "bytes_down", "bytes_up_total", "bytes_down_total", "seconds"):
+    for key in (
+        "train_loss",
+        "train_accuracy",
+        "update_norm",
+        "dl_density",
+        "ul_density",
+        "bytes_up",
+        "bytes_down",
+        "bytes_up_total",
+        "bytes_down_total",
+        "seconds",
+    ):
         assert key in metrics[0]
     for key in ("val_loss", "val_accuracy", "val_macro_f1", "test_loss", "test_accuracy", "test_macro_f1"):
         assert key in metrics[-1]
@@ -105,8 +122,16 @@ def test_gpt2_family_runs(tiny_overrides, tmp_path):
 
 
 def test_training_learns_the_toy_task(tiny_overrides, tmp_path):
-    run(tiny_overrides, server_rounds=8, clients=4, server_batch=4, client_epochs=2, partition="iid",
-        client_lr=0.2, eval_freq=8)
+    run(
+        tiny_overrides,
+        server_rounds=8,
+        clients=4,
+        server_batch=4,
+        client_epochs=2,
+        partition="iid",
+        client_lr=0.2,
+        eval_freq=8,
+    )
     summary = json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())
     assert summary["test_accuracy"] >= 0.9
 

@@ -1,4 +1,5 @@
 """run_experiments.py: grid expansion, skip / resume / failure isolation, tables; plot.py."""
+
 import json
 import sys
 
@@ -11,32 +12,44 @@ import run_experiments as rx
 
 
 def study(**extra):
-    return {"seeds": [0, 1], "defaults": {"server_rounds": 3},
-            "experiments": [{"config": "fedavg", "overrides": {"merging_strategy": ["average", "ties"],
-                                                               "client_lr": 0.1}},
-                            {"config": "flasc", "seeds": [5]}], **extra}
+    return {
+        "seeds": [0, 1],
+        "defaults": {"server_rounds": 3},
+        "experiments": [
+            {"config": "fedavg", "overrides": {"merging_strategy": ["average", "ties"], "client_lr": 0.1}},
+            {"config": "flasc", "seeds": [5]},
+        ],
+        **extra,
+    }
 
 
 def test_grid_expands_as_a_cartesian_product_with_seeds(tmp_path):
     specs = rx.expand(study(), str(tmp_path))
     assert [s.name for s in specs] == [
-        "fedavg-merging_strategy=average-seed0", "fedavg-merging_strategy=average-seed1",
-        "fedavg-merging_strategy=ties-seed0", "fedavg-merging_strategy=ties-seed1", "flasc-seed5"]
+        "fedavg-merging_strategy=average-seed0",
+        "fedavg-merging_strategy=average-seed1",
+        "fedavg-merging_strategy=ties-seed0",
+        "fedavg-merging_strategy=ties-seed1",
+        "flasc-seed5",
+    ]
     ties = specs[2]
     assert ties.resolved["merging_strategy"] == "ties" and ties.resolved["client_lr"] == 0.1
     assert ties.resolved["server_rounds"] == 3 and ties.resolved["seed"] == 0
     assert specs[4].resolved["dl_density"] == 0.25 and specs[4].group == "flasc"
 
 
-@pytest.mark.parametrize("bad, words", [
-    ({"experiments": []}, ["non-empty"]),
-    ({"experiments": [{"overrides": {}}]}, ["experiments[0]", "config"]),
-    ({"experiments": [{"config": "fedavg", "overrides": {"client_lr": -1}}]}, ["experiments[0]", "client_lr"]),
-    ({"experiments": [{"config": "fedavg", "overrides": {"seed": 3}}]}, ["seed", "set by the study"]),
-    ({"experiments": [{"config": "nope"}]}, ["no config named"]),
-    ({"experiments": [{"config": "fedavg"}, {"config": "fedavg"}]}, ["same run name"]),
-    ({"experiment": []}, ["experiments"]),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ({"experiments": []}, ["non-empty"]),
+        ({"experiments": [{"overrides": {}}]}, ["experiments[0]", "config"]),
+        ({"experiments": [{"config": "fedavg", "overrides": {"client_lr": -1}}]}, ["experiments[0]", "client_lr"]),
+        ({"experiments": [{"config": "fedavg", "overrides": {"seed": 3}}]}, ["seed", "set by the study"]),
+        ({"experiments": [{"config": "nope"}]}, ["no config named"]),
+        ({"experiments": [{"config": "fedavg"}, {"config": "fedavg"}]}, ["same run name"]),
+        ({"experiment": []}, ["experiments"]),
+    ],
+)
 def test_bad_studies_are_refused_clearly(bad, words, tmp_path):
     with pytest.raises(rx.StudyError) as e:
         rx.expand(bad, str(tmp_path))
@@ -49,8 +62,10 @@ def fake_run(folder, resolved, acc, finished=True, checkpoint=False, epsilon=Non
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(resolved))
     key = metric or "accuracy"
-    evals = [{"round": r, f"test_{key}": acc * r / 3, "bytes_up_total": 1e6 * r, "bytes_down_total": 1e6 * r}
-             for r in (1, 2, 3)]
+    evals = [
+        {"round": r, f"test_{key}": acc * r / 3, "bytes_up_total": 1e6 * r, "bytes_down_total": 1e6 * r}
+        for r in (1, 2, 3)
+    ]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
     if checkpoint:
         (folder / "checkpoint.pt").write_bytes(b"x")
@@ -86,15 +101,17 @@ def test_runs_made_before_an_option_existed_still_count(tmp_path):
     assert [rx.state_of(s, tmp_path) for s in specs[:3]] == ["done", "conflict", "conflict"]
 
 
+@pytest.mark.slow
 def test_failures_are_isolated_and_reported(tmp_path, monkeypatch):
-    specs = rx.expand({"experiments": [{"config": "fedavg", "overrides": {"client_lr": [0.1, 0.2]}}]},
-                      str(tmp_path))
+    specs = rx.expand({"experiments": [{"config": "fedavg", "overrides": {"client_lr": [0.1, 0.2]}}]}, str(tmp_path))
 
     def fake_command(spec, state, out_dir):  # the first run fails, the second "trains"
         if "0.1" in spec.name:
             return [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]
-        code = (f"import json, pathlib; p = pathlib.Path({str(out_dir / spec.name)!r}); p.mkdir(parents=True); "
-                f"p.joinpath('summary.json').write_text('{{}}')")
+        code = (
+            f"import json, pathlib; p = pathlib.Path({str(out_dir / spec.name)!r}); p.mkdir(parents=True); "
+            f"p.joinpath('summary.json').write_text('{{}}')"
+        )
         return [sys.executable, "-c", code]
 
     monkeypatch.setattr(rx, "command", fake_command)
@@ -111,7 +128,7 @@ def test_results_table_mean_and_std_over_seeds(tmp_path):
     rows = rx.results_table(specs, tmp_path)
     assert len(rows) == 3 and rows[0]["seeds"] == 2
     mean, std = rows[0]["test acc"]
-    assert mean == pytest.approx(0.85) and std == pytest.approx(0.0707107, rel=1e-4)   # sample std
+    assert mean == pytest.approx(0.85) and std == pytest.approx(0.0707107, rel=1e-4)  # sample std
     assert rows[1]["test acc"] == (pytest.approx(0.7), 0.0)
     md = rx.write_tables(rows, tmp_path)
     assert "0.8500 ± 0.0707" in md and (tmp_path / "results.csv").read_text().count("\n") == 4
@@ -150,6 +167,7 @@ def test_bad_experiments_file_is_one_line(tmp_path, capsys):
 
 def test_shipped_experiments_file_expands():
     from conftest import ROOT
+
     specs = rx.expand(yaml.safe_load((ROOT / "experiments.yaml").read_text()), "runs/x")
     assert len(specs) >= 4 and len({s.resolved["merging_strategy"] for s in specs}) >= 3
 
@@ -191,19 +209,20 @@ def test_plot_draws_shadow_gains_drift_and_time_curves(tmp_path):
         (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
         dirs.append(str(d))
     runs = [plot.load_run(plot.Path(d)) for d in dirs]
-    assert [e["elapsed_seconds"] for e in runs[0]["evals"]] == [2.0, 4.0, 6.0]   # cumulative from "seconds"
+    assert [e["elapsed_seconds"] for e in runs[0]["evals"]] == [2.0, 4.0, 6.0]  # cumulative from "seconds"
     assert plot.shadow_names(runs) == ["ties"]
 
-    class Axes:   # records what _band draws
+    class Axes:  # records what _band draws
         def plot(self, x, y, **kw):
             self.line = (x, y)
             return [type("Line", (), {"get_color": lambda self: "k"})()]
 
         def fill_between(self, x, lo, hi, **kw):
             self.band = (lo, hi)
+
     ax = Axes()
     assert plot._band(ax, runs, "shadow_ties_gain", "ties")
-    assert ax.line[0] == [1, 2, 3] and ax.line[1] == pytest.approx([0.02, 0.04, 0.06])   # mean of the seeds
+    assert ax.line[0] == [1, 2, 3] and ax.line[1] == pytest.approx([0.02, 0.04, 0.06])  # mean of the seeds
     assert ax.band == (pytest.approx([0.01, 0.02, 0.03]), pytest.approx([0.03, 0.06, 0.09]))
     assert plot.ema([1.0, 0.0, 0.0], 0.5) == [1.0, 0.5, 0.25]
 
@@ -214,34 +233,47 @@ def test_plot_draws_shadow_gains_drift_and_time_curves(tmp_path):
 
 
 def test_a_list_valued_option_is_a_value_and_a_list_of_lists_its_axis(tmp_path):
-    specs = rx.expand({"defaults": {"shadow_strategies": ["ties", "fisher"]},
-                       "experiments": [{"config": "fedavg", "overrides": {"iid_alpha": [0.1, 1.0]}},
-                                       {"config": "flasc", "overrides": {"shadow_strategies": [["ties"], ["dare"]]}}]},
-                      str(tmp_path))
+    specs = rx.expand(
+        {
+            "defaults": {"shadow_strategies": ["ties", "fisher"]},
+            "experiments": [
+                {"config": "fedavg", "overrides": {"iid_alpha": [0.1, 1.0]}},
+                {"config": "flasc", "overrides": {"shadow_strategies": [["ties"], ["dare"]]}},
+            ],
+        },
+        str(tmp_path),
+    )
     assert [s.resolved["shadow_strategies"] for s in specs] == [["ties", "fisher"]] * 2 + [["ties"], ["dare"]]
     assert [s.resolved["iid_alpha"] for s in specs[:2]] == [0.1, 1.0]
     cmd = rx.command(specs[0], "fresh", tmp_path)
-    assert cmd[cmd.index("--shadow_strategies") + 1] == "[ties, fisher]"   # read back as the same list
+    assert cmd[cmd.index("--shadow_strategies") + 1] == "[ties, fisher]"  # read back as the same list
 
 
 def test_study_tables_of_shadow_gains_and_drift_by_hand(tmp_path):
-    import study_tables
-    specs = rx.expand({"seeds": [0, 1], "experiments": [{"config": "fedavg", "overrides": {"iid_alpha": [0.1, 100.0]}}]},
-                      str(tmp_path))
+    from flasc.studies import tables as study_tables
+
+    specs = rx.expand(
+        {"seeds": [0, 1], "experiments": [{"config": "fedavg", "overrides": {"iid_alpha": [0.1, 100.0]}}]},
+        str(tmp_path),
+    )
     gains = {0.1: [[0.02, 0.04, 0.0, 0.02], [0.0, 0.02, -0.02, 0.0]], 100.0: [[0.0] * 4, [-0.01] * 4]}
     for spec in specs:
         fake_run(tmp_path / spec.name, spec.resolved, 0.8)
         g = gains[spec.resolved["iid_alpha"]][spec.resolved["seed"]]
-        lines = [{"round": r + 1, "shadow_ties_gain": g[r], "drift_cosine_mean": 0.5 + spec.resolved["seed"] / 10}
-                 for r in range(4)]
+        lines = [
+            {"round": r + 1, "shadow_ties_gain": g[r], "drift_cosine_mean": 0.5 + spec.resolved["seed"] / 10}
+            for r in range(4)
+        ]
         (tmp_path / spec.name / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
     md = study_tables.shadow_table(specs, tmp_path)
     rows = [x for x in md.splitlines() if x.startswith("| iid_alpha")]
     # alpha 0.1: seed means 0.02 and 0.0 -> +0.0100 ± 0.0141; first half (rounds 1-2): 0.03, 0.01; second: 0.01, -0.01
     assert rows[0] == "| iid_alpha=0.1 | 2 | +0.0100 ± 0.0141 |"
-    assert rows[2] == "| iid_alpha=0.1 | 2 | +0.0200 ± 0.0141 |" and rows[4] == "| iid_alpha=0.1 | 2 | +0.0000 ± 0.0141 |"
+    assert (
+        rows[2] == "| iid_alpha=0.1 | 2 | +0.0200 ± 0.0141 |" and rows[4] == "| iid_alpha=0.1 | 2 | +0.0000 ± 0.0141 |"
+    )
     assert rows[1] == "| iid_alpha=100.0 | 2 | -0.0050 ± 0.0071 |"
-    assert rows[6] == "| iid_alpha=0.1 | 0.50 |" and rows[7] == "| iid_alpha=100.0 | 0.00 |"   # 4 of 8 rounds won
+    assert rows[6] == "| iid_alpha=0.1 | 0.50 |" and rows[7] == "| iid_alpha=100.0 | 0.00 |"  # 4 of 8 rounds won
     drift = study_tables.drift_table(specs, tmp_path)
     assert "| iid_alpha=0.1 | 2 | 0.5500 ± 0.0707 |" in drift
     assert (tmp_path / "shadows.md").read_text() == md and (tmp_path / "drift.md").is_file()
@@ -249,6 +281,7 @@ def test_study_tables_of_shadow_gains_and_drift_by_hand(tmp_path):
 
 def test_the_merging_study_files_expand():
     from conftest import ROOT
+
     shadows = rx.expand(yaml.safe_load((ROOT / "experiments" / "merging_study.yaml").read_text()), "runs/x")
     assert len(shadows) == 18 and {s.resolved["client_epochs"] for s in shadows} == {1, 5}
     assert {s.resolved["iid_alpha"] for s in shadows} == {0.1, 1.0, 100.0}
@@ -261,35 +294,48 @@ def test_the_merging_study_files_expand():
 
 def test_results_table_has_personal_tier_and_seconds_per_round_columns(tmp_path):
     specs = rx.expand({"seeds": [0, 1], "experiments": [{"config": "fedsa"}]}, str(tmp_path))
-    for spec, (personal, glob, tier0, secs) in zip(specs, ((0.9, 0.6, 0.5, [1.0, 9.0, 3.0]),
-                                                           (0.8, 0.4, 0.7, [2.0, 2.0, 4.0]))):
+    for spec, (personal, glob, tier0, secs) in zip(
+        specs, ((0.9, 0.6, 0.5, [1.0, 9.0, 3.0]), (0.8, 0.4, 0.7, [2.0, 2.0, 4.0]))
+    ):
         folder = tmp_path / spec.name
         fake_run(folder, spec.resolved, 0.7)
         summary = json.loads((folder / "summary.json").read_text())
-        summary.update(personal_accuracy_mean=personal, personal_global_accuracy_mean=glob,
-                       tier0_test_accuracy=tier0)
+        summary.update(personal_accuracy_mean=personal, personal_global_accuracy_mean=glob, tier0_test_accuracy=tier0)
         (folder / "summary.json").write_text(json.dumps(summary))
         lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-        (folder / "metrics.jsonl").write_text("".join(json.dumps({**m, "train_seconds": s}) + "\n"
-                                                      for m, s in zip(lines, secs)))
+        (folder / "metrics.jsonl").write_text(
+            "".join(json.dumps({**m, "train_seconds": s}) + "\n" for m, s in zip(lines, secs))
+        )
     row = rx.results_table(specs, tmp_path)[0]
     assert row["algorithm"] == "fedsa"
     assert row["personal acc"] == (pytest.approx(0.85), pytest.approx(0.0707107, rel=1e-4))
     assert row["global acc on local tests"][0] == pytest.approx(0.5)
     assert row["tier0 test acc"][0] == pytest.approx(0.6)
-    assert row["s/round"][0] == pytest.approx(2.5)   # medians 3.0 and 2.0 of each run's rounds
+    assert row["s/round"][0] == pytest.approx(2.5)  # medians 3.0 and 2.0 of each run's rounds
     header = rx.write_tables([row], tmp_path).splitlines()[0]
     assert header.index("test acc") < header.index("personal acc") < header.index("MB") < header.index("s/round")
 
 
 def test_the_baselines_study_compares_every_method_on_the_same_clients():
     from conftest import ROOT
+
     specs = rx.expand(yaml.safe_load((ROOT / "experiments" / "baselines.yaml").read_text()), "runs/z")
-    algos = {(s.resolved["algorithm"], s.resolved["freeze_a"], s.resolved["merging_strategy"], s.resolved["tiers"])
-             for s in specs}
+    algos = {
+        (s.resolved["algorithm"], s.resolved["freeze_a"], s.resolved["merging_strategy"], s.resolved["tiers"])
+        for s in specs
+    }
     assert {a for a, _, _, t in algos if t == 1} == {"fedavg", "fedsa", "flora", "fedex", "scaffold"}
     assert {a for a, _, _, t in algos if t == 3} == {"fedavg", "flexlora", "hetlora", "flora"}
-    same = ("iid_alpha", "clients", "server_batch", "server_rounds", "max_length", "eval_personalized",
-            "local_test_fraction", "client_lr", "lora_rank")
+    same = (
+        "iid_alpha",
+        "clients",
+        "server_batch",
+        "server_rounds",
+        "max_length",
+        "eval_personalized",
+        "local_test_fraction",
+        "client_lr",
+        "lora_rank",
+    )
     assert all(s.resolved[k] == specs[0].resolved[k] for s in specs for k in same)
     assert specs[0].resolved["iid_alpha"] == 0.1 and len({s.resolved["seed"] for s in specs}) >= 2

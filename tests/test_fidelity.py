@@ -1,4 +1,5 @@
 """Bugs found in review (each failed before its fix) and the options that reproduce the FLASC code."""
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -29,7 +30,7 @@ def test_parameters_without_a_gradient_are_neither_trained_nor_exchanged(tiny_ov
     names = set(fed.flat.names)
     assert not any("pooler" in n for n in names)
     every = {n for n, _ in fed.model.named_parameters()}
-    assert {n for n in every if "pooler" not in n} == names   # everything else trains
+    assert {n for n in every if "pooler" not in n} == names  # everything else trains
     batch = fed.task.train.batch(torch.arange(8))
     loss = fed.task.objective.loss(fed.model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch)
     loss.backward()
@@ -39,7 +40,8 @@ def test_parameters_without_a_gradient_are_neither_trained_nor_exchanged(tiny_ov
 def test_fedprox_term_reaches_a_parameter_the_data_loss_does_not(tiny_overrides):
     # FedProx's (mu/2)||w - w0||^2 covers every trained tensor: one with no data gradient still
     # gets mu (w - w0)
-    from optimizers import proximal_grad_
+    from flasc.client.optimizers import proximal_grad_
+
     used, unused = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.tensor([3.0, -1.0]))
     (used * 2).sum().backward()
     anchors = [torch.zeros(2), torch.tensor([1.0, 1.0])]
@@ -61,8 +63,9 @@ class GeneratorDeviceCheck(TorchFunctionMode):
             if kwargs.get("device") is not None:
                 devices.add(torch.device(kwargs["device"]).type)
             if devices - {gen.device.type}:
-                raise RuntimeError(f"Expected a '{devices.pop()}' device type for generator but found "
-                                   f"'{gen.device.type}'")
+                raise RuntimeError(
+                    f"Expected a '{devices.pop()}' device type for generator but found '{gen.device.type}'"
+                )
         return func(*args, **kwargs)
 
 
@@ -80,7 +83,8 @@ def test_dare_masks_are_drawn_on_the_generators_device_and_moved():
 
 
 def test_dp_noise_is_drawn_on_the_cpu_and_moved():
-    import privacy
+    from flasc.federation import privacy
+
     with GeneratorDeviceCheck():
         out = privacy.noisy_mean(torch.zeros(4, device="meta"), 2, 1.0, 0.5, torch.Generator().manual_seed(0))
     assert out.device.type == "meta"
@@ -88,7 +92,8 @@ def test_dp_noise_is_drawn_on_the_cpu_and_moved():
 
 # ---------------------------------------------------------------- server adamw
 def test_adamw_is_torch_adamw_with_torch_defaults_and_matches_the_formula(tiny_overrides):
-    from optimizers import SERVER_OPTIMIZERS
+    from flasc.federation.optimizers import SERVER_OPTIMIZERS
+
     cfg = config.load_config(overrides={**tiny_overrides, "server_opt": "adamw", "server_lr": 0.1})
     assert (cfg.beta1, cfg.beta2, cfg.tau, cfg.weight_decay) == (0.9, 0.999, 1e-8, 0.01)
     x0, grads = [1.0, -2.0, 0.0], [[0.5, 0.1, -0.2], [-0.3, 0.4, 0.0]]
@@ -107,7 +112,7 @@ def test_adamw_is_torch_adamw_with_torch_defaults_and_matches_the_formula(tiny_o
         for t, g in enumerate((gr[i] for gr in grads), start=1):
             x -= 0.1 * 0.01 * x
             m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
-            x -= 0.1 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)) ** 0.5 + 1e-8)
+            x -= 0.1 * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)) ** 0.5 + 1e-8)
         want.append(x)
     assert ours.detach().tolist() == pytest.approx(want, rel=1e-12, abs=1e-15)
 
@@ -115,8 +120,7 @@ def test_adamw_is_torch_adamw_with_torch_defaults_and_matches_the_formula(tiny_o
 def test_server_defaults_resolve_into_the_saved_config(tiny_overrides):
     fedadam = config.load_config("fedadam", {**tiny_overrides})
     assert (fedadam.beta2, fedadam.tau, fedadam.weight_decay) == (0.99, 1e-3, None)
-    tuned = config.load_config(overrides={**tiny_overrides, "server_opt": "adamw", "beta2": 0.98,
-                                          "weight_decay": 0.0})
+    tuned = config.load_config(overrides={**tiny_overrides, "server_opt": "adamw", "beta2": 0.98, "weight_decay": 0.0})
     assert (tuned.beta2, tuned.tau, tuned.weight_decay) == (0.98, 1e-8, 0.0)
     assert config.from_mapping(dict(tuned)) == tuned
     with pytest.raises(config.ConfigError, match="weight_decay: .*adamw"):
@@ -126,6 +130,7 @@ def test_server_defaults_resolve_into_the_saved_config(tiny_overrides):
 # ---------------------------------------------------------------- base_dropout
 def test_base_dropout_false_leaves_only_the_lora_dropout_active(tiny_overrides, monkeypatch):
     from peft.tuners.lora import LoraLayer
+
     cfg, fed = build(tiny_overrides, base_dropout=False, lora_dropout=0.5)
     seen = {}
     lora_dropouts = {id(d) for m in fed.model.modules() if isinstance(m, LoraLayer) for d in m.lora_dropout.values()}
@@ -136,14 +141,16 @@ def test_base_dropout_false_leaves_only_the_lora_dropout_active(tiny_overrides, 
                 seen.setdefault("lora" if id(m) in lora_dropouts else "base", set()).add(m.training)
         return real(model, *args)
 
-    import clients
+    from flasc.client import worker as clients
+
     real = clients.logits_of
     monkeypatch.setattr(clients, "logits_of", spy)
     fed.run_round(0)
     assert seen["lora"] == {True} and seen["base"] == {False}
     # with the LoRA dropout at 0 the training forward pass is then deterministic
     cfg, fed = build(tiny_overrides, base_dropout=False, lora_dropout=0.0)
-    from models import training_mode
+    from flasc.models import training_mode
+
     training_mode(fed.model, cfg.base_dropout)
     batch = {k: v for k, v in fed.task.train.batch(torch.arange(4)).items() if k != "labels"}
     assert torch.equal(fed.model(**batch).logits, fed.model(**batch).logits)
@@ -154,16 +161,19 @@ def test_base_dropout_false_leaves_only_the_lora_dropout_active(tiny_overrides, 
 # ---------------------------------------------------------------- dp_divide_by_clip
 def test_dp_divide_by_clip_is_the_originals_aggregate(tiny_overrides, monkeypatch):
     import numpy as np
-    import seeding
+
+    from flasc.runtime import seeding
+
     clip, sigma, lr = 0.5, 0.3, 2.0
-    cfg, fed = build(tiny_overrides, server_batch=2, l2_clip_norm=clip, noise_multiplier=sigma,
-                     dp_divide_by_clip=True, server_lr=lr)
+    cfg, fed = build(
+        tiny_overrides, server_batch=2, l2_clip_norm=clip, noise_multiplier=sigma, dp_divide_by_clip=True, server_lr=lr
+    )
     n = fed.flat.numel
     s0 = fed.server.detach().numpy().copy()
     rng = np.random.default_rng(5)
     deltas = {c: rng.normal(size=n).astype(np.float32) * (0.1 if c % 2 else 3.0) for c in range(cfg.clients)}
 
-    def fake_train(rnd, client, start, grad_mask):
+    def fake_train(rnd, client, start, grad_mask, extras=None):
         return start - torch.from_numpy(deltas[client]), {"loss_sum": 0.0, "correct": 0, "count": 1, "epochs": 1}
 
     monkeypatch.setattr(fed.worker, "train_client", fake_train)
@@ -187,31 +197,47 @@ def test_augment_is_refused_for_text(tiny_overrides):
 def test_deterministic_turns_on_torchs_deterministic_mode_for_the_run_only(tiny_overrides, monkeypatch):
     import json
     import os
+
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     seen = []
     real = train_lora.Federation.run_round
 
     def spy(self, rnd):
-        seen.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-                     torch.backends.cudnn.benchmark, torch.backends.cuda.flash_sdp_enabled(),
-                     torch.backends.cuda.mem_efficient_sdp_enabled()))
+        seen.append(
+            (
+                torch.are_deterministic_algorithms_enabled(),
+                os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                torch.backends.cudnn.benchmark,
+                torch.backends.cuda.flash_sdp_enabled(),
+                torch.backends.cuda.mem_efficient_sdp_enabled(),
+            )
+        )
         return real(self, rnd)
 
     monkeypatch.setattr(train_lora.Federation, "run_round", spy)
-    runs = [train_lora.train(config.load_config(overrides={**tiny_overrides, "deterministic": True, "name": n}))
-            for n in ("a", "b")]
-    assert set(seen) == {(True, ":4096:8", False, False, False)}   # attention on the math kernel
-    assert not torch.are_deterministic_algorithms_enabled()   # restored after the run
+    runs = [
+        train_lora.train(config.load_config(overrides={**tiny_overrides, "deterministic": True, "name": n}))
+        for n in ("a", "b")
+    ]
+    assert set(seen) == {(True, ":4096:8", False, False, False)}  # attention on the math kernel
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
-    metrics = [[{k: v for k, v in json.loads(line).items() if "seconds" not in k}
-                for line in (r / "metrics.jsonl").read_text().splitlines()] for r in runs]
+    metrics = [
+        [
+            {k: v for k, v in json.loads(line).items() if "seconds" not in k}
+            for line in (r / "metrics.jsonl").read_text().splitlines()
+        ]
+        for r in runs
+    ]
     assert metrics[0] == metrics[1]
 
 
 def test_an_op_without_deterministic_kernel_is_one_clear_error(tiny_overrides, monkeypatch):
     def fail(*args):
-        raise RuntimeError("adaptive_avg_pool2d_backward_cuda does not have a deterministic implementation, "
-                           "but you set 'torch.use_deterministic_algorithms(True)'")
+        raise RuntimeError(
+            "adaptive_avg_pool2d_backward_cuda does not have a deterministic implementation, "
+            "but you set 'torch.use_deterministic_algorithms(True)'"
+        )
 
     monkeypatch.setattr(train_lora, "_train", fail)
     cfg = config.load_config(overrides={**tiny_overrides, "deterministic": True})
@@ -221,11 +247,14 @@ def test_an_op_without_deterministic_kernel_is_one_clear_error(tiny_overrides, m
 
 
 def test_efficientnet_pools_by_mean_with_the_values_of_adaptive_pooling():
-    from models import GlobalMeanPool
+    from flasc.models.build import GlobalMeanPool
+
     x = torch.randn(3, 16, 2, 2, requires_grad=True)
     y = torch.randn(3, 16, 5, 7)
     for t in (x, y):
-        torch.testing.assert_close(GlobalMeanPool()(t), torch.nn.functional.adaptive_avg_pool2d(t, 1), rtol=0, atol=1e-7)
+        torch.testing.assert_close(
+            GlobalMeanPool()(t), torch.nn.functional.adaptive_avg_pool2d(t, 1), rtol=0, atol=1e-7
+        )
 
 
 @pytest.mark.parametrize("space", ["factors", "product"])
@@ -234,20 +263,26 @@ def test_regmean_under_bf16_keeps_fp32_gram_matrices(tiny_overrides, space):
     cfg, fed = build(tiny_overrides, merging_strategy="regmean", merge_space=space, bf16=True)
     fed.run_round(0)
     assert torch.isfinite(fed.server.detach()).all()
-    import merge_statistics
+    from flasc.client import statistics as merge_statistics
+
     batch = fed.task.train.batch(torch.arange(6))
     grams = merge_statistics.input_grams(fed.resident, batch, fed.aggregator.pairs)
     assert all(g.dtype == torch.float32 for g in grams.values())
 
 
 # ---------------------------------------------------------------- one description of each optimizer
-def test_readme_describes_each_server_optimizer_once_and_truly():
+def test_the_docs_describe_each_server_optimizer_once_and_truly():
     import re
     from pathlib import Path
-    from optimizers import SERVER_OPTIMIZERS
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    rules = {name: [line for line in readme.splitlines() if re.match(rf"^ {{4}}{name}\s+\(", line)]
-             for name in SERVER_OPTIMIZERS}
+
+    from flasc.federation.optimizers import SERVER_OPTIMIZERS
+
+    root = Path(__file__).resolve().parents[1]
+    readme = "\n".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
+    rules = {
+        name: [line for line in readme.splitlines() if re.match(rf"^ {{4}}{name}\s+\(", line)]
+        for name in SERVER_OPTIMIZERS
+    }
     assert all(len(lines) == 1 for lines in rules.values()), rules
     # FedAdam has no bias correction (test_optimizers checks the code); AdamW has it
     assert "1−β1^t" not in rules["adam"][0] and "1−β1^t" in rules["adamw"][0]

@@ -1,4 +1,5 @@
 """The FLASC update rule against hand computations on a tiny model."""
+
 import math
 
 import numpy as np
@@ -8,7 +9,6 @@ import torch.nn.functional as F
 
 import config
 import train_lora
-from communication import message_bytes
 
 
 def build(tiny_overrides, **extra):
@@ -39,7 +39,7 @@ def test_round_masked_download_topk_upload_mean_and_server_step(tiny_overrides, 
     offsets = {c: torch.randn(n, generator=torch.Generator().manual_seed(100 + c)) for c in range(cfg.clients)}
     received = {}
 
-    def fake_train(rnd, client, start, grad_mask):
+    def fake_train(rnd, client, start, grad_mask, extras=None):
         received[client] = start.clone()
         return start + offsets[client], {"loss_sum": 0.0, "correct": 0, "count": 1, "epochs": 1}
 
@@ -54,7 +54,7 @@ def test_round_masked_download_topk_upload_mean_and_server_step(tiny_overrides, 
         np.testing.assert_array_equal(received[c].numpy(), start)
     uploads = []
     for c in sampled:
-        delta = start - (start + offsets[c].numpy())          # update = server ⊙ mask − client
+        delta = start - (start + offsets[c].numpy())  # update = server ⊙ mask − client
         uploads.append(delta * topk_by_sorting(delta, 0.2))
     expected = s0 - 0.7 * np.mean(uploads, axis=0)
     np.testing.assert_allclose(fed.server.detach().numpy(), expected, rtol=1e-6, atol=1e-6)
@@ -71,7 +71,7 @@ def test_dense_round_is_fedavg_of_client_models(tiny_overrides, monkeypatch):
     n = fed.flat.numel
     clients_after = {}
 
-    def fake_train(rnd, client, start, grad_mask):
+    def fake_train(rnd, client, start, grad_mask, extras=None):
         assert torch.equal(start, s0)
         clients_after[client] = start + torch.randn(n, generator=torch.Generator().manual_seed(client))
         return clients_after[client], {"loss_sum": 0.0, "correct": 0, "count": 1, "epochs": 1}
@@ -86,8 +86,7 @@ def test_dense_round_is_fedavg_of_client_models(tiny_overrides, monkeypatch):
 @pytest.mark.parametrize("client_freeze", [False, True])
 def test_local_step_is_minus_lr_times_gradient(tiny_overrides, client_freeze):
     """One local SGD step from the masked download: update = lr · ∇loss (⊙ mask if client_freeze)."""
-    cfg, fed = build(tiny_overrides, client_batch=10_000, client_lr=0.3, dl_density=0.5,
-                     client_freeze=client_freeze)
+    cfg, fed = build(tiny_overrides, client_batch=10_000, client_lr=0.3, dl_density=0.5, client_freeze=client_freeze)
     no_dropout(fed.model)
     mask = fed.server_state.download_mask(0, 0.5, cfg.server_freeze)
     start = fed.server_state.masked(mask)
@@ -110,12 +109,15 @@ def test_local_step_is_minus_lr_times_gradient(tiny_overrides, client_freeze):
 
 def test_server_freeze_keeps_the_round_one_mask(tiny_overrides):
     cfg, fed = build(tiny_overrides, dl_density=0.4, server_freeze=True)
-    assert fed.server_state.download_mask(0, 0.4, cfg.server_freeze) is None  # first round dense
-    m1 = fed.server_state.download_mask(1, 0.4, cfg.server_freeze)
-    assert int(m1.sum()) == int(fed.flat.numel * 0.4)
+    assert fed.plan_round(0).plans[0].download is None  # first round dense
+    fed.run_round(0)
+    s1 = fed.server.detach().clone()
+    m1 = fed.plan_round(1).plans[0].download
+    assert np.array_equal(m1.numpy(), topk_by_sorting(s1.numpy(), 0.4)) and int(m1.sum()) == int(fed.flat.numel * 0.4)
+    fed.run_round(1)
     with torch.no_grad():
-        fed.server.mul_(-3).add_(torch.randn_like(fed.server))     # server changes...
-    assert torch.equal(fed.server_state.download_mask(5, 0.1, cfg.server_freeze), m1)  # ...the mask does not
+        fed.server.mul_(-3).add_(torch.randn_like(fed.server))  # server changes...
+    assert torch.equal(fed.plan_round(5).plans[0].download, m1)  # ...the mask does not
 
 
 def test_sampling_and_local_order_do_not_depend_on_visit_order(tiny_overrides):

@@ -1,5 +1,6 @@
 """bench/gpu_check.py on the CPU (CI has no GPU): the script runs end to end, and its comparison
 flags what it must flag."""
+
 import json
 import math
 import os
@@ -16,12 +17,31 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_check  # noqa: E402
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
     out = tmp_path / "report.json"
     env = {**os.environ, "FLASC_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--shapes", "tiny",
-                           "--configs", "fedavg,paper/cifar10_flasc_d64", "--timing-rounds", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--shapes",
+            "tiny",
+            "--configs",
+            "fedavg,paper/cifar10_flasc_d64",
+            "--timing-rounds",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON report"))["rows"]
     correctness = {r["name"]: r for r in rows if r["check"] == "correctness"}
@@ -39,7 +59,7 @@ def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
     # 2 layers x 2 modules x (16x32 + 32x16) + (32x5 + 5)
     assert speed["tiny-bert, fp32"]["trainable"] == 2 * 2 * (16 * 32 + 32 * 16) + 32 * 5 + 5
     for r in speed.values():
-        assert r["client_updates_per_s"] > 0 and r["peak_gpu_gib"] is None   # no GPU memory on the CPU
+        assert r["client_updates_per_s"] > 0 and r["peak_gpu_gib"] is None  # no GPU memory on the CPU
         assert math.isclose(r["examples_per_s"], 80 * r["client_updates_per_s"])
         assert math.isclose(r["client_updates_per_s"] * r["round_s"], 10)
     assert "| correctness | paper/cifar10_flasc_d64 | ok |" in proc.stdout
@@ -55,4 +75,6 @@ def test_comparison_flags_losses_and_servers_beyond_the_tolerance():
     worst, problems = gpu_check.compare(ref, far, server, server * 1.01)
     assert len(problems) == 3  # train_loss off by 5%, val_loss NaN, the server 1% away
     assert any("val_loss" in p for p in problems) and any("server" in p for p in problems)
-    assert gpu_check.finite([{"round": 2, "test_loss": float("inf"), "seconds": float("nan")}]) == ["round 2 test_loss=inf"]
+    assert gpu_check.finite([{"round": 2, "test_loss": float("inf"), "seconds": float("nan")}]) == [
+        "round 2 test_loss=inf"
+    ]

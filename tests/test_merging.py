@@ -1,5 +1,6 @@
 """Merging strategies and merge spaces against hand computations, peft's reference functions and
 the properties they must have."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -10,13 +11,19 @@ import config
 import merging
 import train_lora
 from merging import STRATEGIES, ClientUpdate
-from model_merging_methods import (dare_drop, disjoint_mean, elect_sign, fisher_weighted_mean,
-                                   regmean_merge, shrink_gram, weighted_sum)
+from model_merging_methods import (
+    dare_drop,
+    disjoint_mean,
+    elect_sign,
+    fisher_weighted_mean,
+    regmean_merge,
+    shrink_gram,
+    weighted_sum,
+)
 
 
 def opts(**kw):
-    base = dict(density=1.0, ties_scope="tensor", drop_rate=0.0, scaling_coefficient=1.0, seed=0,
-                regmean_alpha=1.0)
+    base = dict(density=1.0, ties_scope="tensor", drop_rate=0.0, scaling_coefficient=1.0, seed=0, regmean_alpha=1.0)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -51,8 +58,9 @@ def test_sign_election_and_disjoint_mean_match_peft():
     tasks[tasks.abs() < 0.3] = 0.0
     sign = elect_sign(tasks)
     assert torch.equal(tasks.sign() == sign, merge_utils.calculate_majority_sign_mask(tasks, "total"))
-    torch.testing.assert_close(disjoint_mean(tasks, torch.full((5,), 0.2), sign),
-                               merge_utils.disjoint_merge(tasks, tasks.sign() == sign))
+    torch.testing.assert_close(
+        disjoint_mean(tasks, torch.full((5,), 0.2), sign), merge_utils.disjoint_merge(tasks, tasks.sign() == sign)
+    )
 
 
 def test_task_arithmetic_and_magnitude_prune_match_peft():
@@ -66,7 +74,7 @@ def test_task_arithmetic_and_magnitude_prune_match_peft():
 
 def test_global_trim_scope_keeps_top_fraction_over_all_tensors():
     blocks = {"a": torch.tensor([[10.0, 9.0, 8.0]]), "b": torch.tensor([[0.1, 0.2, 7.0]])}
-    per_tensor = merge_blocks("magnitude_prune", blocks, density=0.34)   # 1 of 3 in each tensor
+    per_tensor = merge_blocks("magnitude_prune", blocks, density=0.34)  # 1 of 3 in each tensor
     assert per_tensor["a"].tolist() == [10.0, 0.0, 0.0] and per_tensor["b"].tolist() == [0.0, 0.0, 7.0]
     glob = merge_blocks("magnitude_prune", blocks, density=0.34, ties_scope="global")  # 2 of 6 overall
     assert glob["a"].tolist() == [10.0, 9.0, 0.0] and glob["b"].tolist() == [0.0, 0.0, 0.0]
@@ -106,7 +114,7 @@ def test_regmean_with_identity_grams_is_the_average():
 def test_regmean_solves_its_least_squares_problem():
     g = torch.Generator().manual_seed(8)
     xs = [torch.randn(n, 5, generator=g, dtype=torch.float64) for n in (30, 12, 50)]
-    ws = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)            # W_k: (out, in)
+    ws = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)  # W_k: (out, in)
     grams = torch.stack([x.T @ x for x in xs])
     merged = regmean_merge(ws, grams, torch.ones(3, dtype=torch.float64))
     # min_W Σ_k ||X_k Wᵀ − X_k W_kᵀ||²: one stacked least-squares problem
@@ -134,8 +142,7 @@ def client_statistics(fed, rnd, client):
     """The strategy's statistic of the model loaded in fed.model, as a client computes it."""
     stat = fed.aggregator.statistic
     batch = fed.worker.client_examples(rnd, client, getattr(fed.cfg, stat.examples_option))
-    return stat.compute(fed.resident, fed.task.objective, batch, fed.aggregator.pairs,
-                        fed.cfg.merge_space == "product")
+    return stat.compute(fed.resident, fed.task.objective, batch, fed.aggregator.pairs, fed.cfg.merge_space == "product")
 
 
 def updates_for(fed, deltas, with_stats=True):
@@ -151,9 +158,14 @@ def updates_for(fed, deltas, with_stats=True):
 
 
 SAME_UPDATE_SETTINGS = [
-    ("average", {}), ("task_arithmetic", {"scaling_coefficient": 1.0}), ("ties", {"density": 1.0}),
-    ("dare", {"drop_rate": 0.0}), ("dare_ties", {"drop_rate": 0.0}), ("magnitude_prune", {"density": 1.0}),
-    ("fisher", {}), ("regmean", {"regmean_alpha": 0.5}),
+    ("average", {}),
+    ("task_arithmetic", {"scaling_coefficient": 1.0}),
+    ("ties", {"density": 1.0}),
+    ("dare", {"drop_rate": 0.0}),
+    ("dare_ties", {"drop_rate": 0.0}),
+    ("magnitude_prune", {"density": 1.0}),
+    ("fisher", {}),
+    ("regmean", {"regmean_alpha": 0.5}),
 ]
 
 
@@ -161,8 +173,9 @@ SAME_UPDATE_SETTINGS = [
 @pytest.mark.parametrize("strategy, extra", SAME_UPDATE_SETTINGS)
 @pytest.mark.parametrize("n_clients", [1, 3])
 def test_identical_updates_come_back_unchanged(tiny_overrides, strategy, extra, space, n_clients):
-    cfg, fed = federation(tiny_overrides, merging_strategy=strategy, merge_space=space,
-                          weighting="num_examples", **extra)
+    cfg, fed = federation(
+        tiny_overrides, merging_strategy=strategy, merge_space=space, weighting="num_examples", **extra
+    )
     delta = torch.randn(fed.flat.numel, generator=torch.Generator().manual_seed(10)) * 0.1
     start, updates = updates_for(fed, [delta] * n_clients)
     merged, _ = fed.aggregator.aggregate(updates, start, 0)
@@ -175,8 +188,9 @@ def test_identical_updates_come_back_unchanged(tiny_overrides, strategy, extra, 
         if name not in lora:
             torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-4)
     for pair in fed.aggregator.pairs:
-        torch.testing.assert_close(pair_product(fed, pair, start - merged), pair_product(fed, pair, start - delta),
-                                   rtol=1e-3, atol=2e-4)
+        torch.testing.assert_close(
+            pair_product(fed, pair, start - merged), pair_product(fed, pair, start - delta), rtol=1e-3, atol=2e-4
+        )
 
 
 def test_aggregation_does_not_depend_on_client_order(tiny_overrides):
@@ -219,8 +233,10 @@ def test_product_averaging_is_exact_when_the_mean_product_has_rank_r(tiny_overri
         client_vecs = [start.clone() for _ in range(3)]
         for pair in fed.aggregator.pairs:
             d_out, d_in = named_start[pair.b].shape[0], named_start[pair.a].shape[1]
-            shared[pair.name] = (torch.linalg.qr(torch.randn(d_out, r, generator=g))[0],
-                                 torch.linalg.qr(torch.randn(d_in, r, generator=g))[0])
+            shared[pair.name] = (
+                torch.linalg.qr(torch.randn(d_out, r, generator=g))[0],
+                torch.linalg.qr(torch.randn(d_in, r, generator=g))[0],
+            )
             u, v = shared[pair.name]
             for vec in client_vecs:
                 named = fed.flat.named(vec)
@@ -260,12 +276,13 @@ def test_fisher_statistics_are_per_example_not_batch_squared(tiny_overrides):
     param = dict(zip(fed.flat.names, fed.flat.params))[name]
     ref = torch.zeros_like(param)
     for i in range(4):
-        logits = fed.model(input_ids=batch["input_ids"][i:i + 1],
-                           attention_mask=batch["attention_mask"][i:i + 1]).logits[0]
+        logits = fed.model(
+            input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["attention_mask"][i : i + 1]
+        ).logits[0]
         logp = torch.log_softmax(logits, -1)
         for y in range(len(logp)):
             (g,) = torch.autograd.grad(logp[y], param, retain_graph=True)
-            ref += logp[y].exp().detach() * g ** 2
+            ref += logp[y].exp().detach() * g**2
     torch.testing.assert_close(stats[name], ref / 4, rtol=1e-4, atol=1e-8)
 
 
@@ -307,9 +324,9 @@ def test_refactorized_factors_stay_well_conditioned():
     g = torch.Generator().manual_seed(12)
     target = torch.randn(20, 4, generator=g) @ torch.randn(4, 30, generator=g)
     a_ref = torch.randn(4, 30, generator=g)
-    a_ref[3] = a_ref[2] + 1e-7 * torch.randn(30, generator=g)          # two almost equal rows
+    a_ref[3] = a_ref[2] + 1e-7 * torch.randn(30, generator=g)  # two almost equal rows
     b, a = merging.refactorize(target, a_ref, 4)
     torch.testing.assert_close(b @ a, target, rtol=1e-4, atol=1e-4)
-    assert float(torch.linalg.cond(a)) < 1.0001                          # orthogonal rows, equal norms
+    assert float(torch.linalg.cond(a)) < 1.0001  # orthogonal rows, equal norms
     assert float(a.norm()) == pytest.approx(float(a_ref.norm()), rel=1e-5)
-    assert float(b.norm()) < 10 * float(target.norm()) / float(a.norm()) * 4 ** 0.5
+    assert float(b.norm()) < 10 * float(target.norm()) / float(a.norm()) * 4**0.5

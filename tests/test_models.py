@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import config
-import models
+from flasc import models
+from flasc.models import build, catalog
 
 
 def trainable_names(model):
@@ -62,7 +63,8 @@ def test_missing_hub_model_is_a_clear_error(tmp_path):
 
 
 def test_bf16_option_runs_the_forward_in_bfloat16():
-    from evaluation import logits_of
+    from flasc.tasks.evaluation import logits_of
+
     cfg = cfg_with()
     model = models.build_model(cfg, 3, 0)
     seen = []
@@ -79,13 +81,17 @@ def _efficientnet(**kw):
 
 def test_plain_pointwise_convs_compute_the_same_function():
     from efficientnet_lite_pytorch import EfficientNet
+
     torch.manual_seed(0)
-    net = EfficientNet.from_name("efficientnet-lite0", num_classes=4, image_size=64, width_coefficient=0.25,
-                                 depth_coefficient=0.2).eval()
+    net = EfficientNet.from_name(
+        "efficientnet-lite0", num_classes=4, image_size=64, width_coefficient=0.25, depth_coefficient=0.2
+    ).eval()
     x = torch.randn(2, 3, 64, 64)
     before = net(x)
-    models._plain_pointwise_convs(net)
-    assert all(type(m) is torch.nn.Conv2d for n, m in net.named_modules() if n.endswith(("_expand_conv", "_project_conv")))
+    build._plain_pointwise_convs(net)
+    assert all(
+        type(m) is torch.nn.Conv2d for n, m in net.named_modules() if n.endswith(("_expand_conv", "_project_conv"))
+    )
     assert torch.allclose(net(x), before, atol=1e-6)
 
 
@@ -114,7 +120,7 @@ def test_efficientnet_batchnorm_statistics_stay_fixed_in_training():
 def test_pretrained_efficientnet_loads_the_shipped_imagenet_weights():
     cfg = cfg_with(dataset="fashion_mnist", model="efficientnet-lite0", lora_rank=0)
     model = models.build_model(cfg, 10, None)
-    state = torch.load(models.efficientnet_weights(), weights_only=True)
+    state = torch.load(catalog.efficientnet_weights(), weights_only=True)
     net = model.net
     assert torch.equal(net._conv_stem.weight, state["_conv_stem.weight"])
     assert torch.equal(net._blocks[3]._project_conv.weight, state["_blocks.3._project_conv.weight"])

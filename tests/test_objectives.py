@@ -1,4 +1,5 @@
 """Objectives and metric functions against hand-computed values."""
+
 import math
 
 import numpy as np
@@ -6,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import objectives
 from data.reddit import trailing_padding_mask
+from flasc.tasks import objectives
 
 
 def test_multilabel_scores_by_hand():
@@ -86,13 +87,20 @@ def test_multilabel_loss_hits_and_tally():
     target = torch.tensor([[1, 0, 0], [0, 1, 1]])
     obj = objectives.MultiLabel(3)
     batch = {"labels": target}
-    expected = sum(-math.log(torch.sigmoid(torch.tensor(z if t else -z)).item())
-                   for row_z, row_t in zip(logits.tolist(), target.tolist()) for z, t in zip(row_z, row_t)) / 6
+    expected = (
+        sum(
+            -math.log(torch.sigmoid(torch.tensor(z if t else -z)).item())
+            for row_z, row_t in zip(logits.tolist(), target.tolist())
+            for z, t in zip(row_z, row_t)
+        )
+        / 6
+    )
     # the mean over examples x labels, as transformers' multi_label_classification loss (and the
     # FLASC code) computes it: torch's BCEWithLogitsLoss with its default reduction
     assert obj.loss(logits, batch).item() == pytest.approx(expected, rel=1e-6)
     assert obj.loss(logits, batch).item() == pytest.approx(
-        torch.nn.BCEWithLogitsLoss()(logits, target.float()).item(), rel=1e-6)
+        torch.nn.BCEWithLogitsLoss()(logits, target.float()).item(), rel=1e-6
+    )
     assert obj.hits(logits, batch) == (4, 6)  # decisions: 1 0 1 vs 1 0 0; 0 1 0 vs 0 1 1
     tally = obj.tally()
     tally.add(logits, batch)

@@ -1,4 +1,5 @@
 """Server optimizers' first two steps, the schedule, FedProx and early stopping, by hand."""
+
 import math
 from types import SimpleNamespace
 
@@ -7,7 +8,8 @@ import torch
 
 import config
 import train_lora
-from optimizers import SERVER_OPTIMIZERS, proximal_grad_, server_schedule
+from flasc.client.optimizers import proximal_grad_
+from flasc.federation.optimizers import SERVER_OPTIMIZERS, server_schedule
 
 LR, B1, B2, TAU = 0.1, 0.9, 0.99, 1e-3
 X0 = [1.0, -2.0]
@@ -19,7 +21,7 @@ def expected(name):
     xs = []
     for i, x in enumerate(X0):
         m = v = 0.0
-        for t, g in enumerate(gr[i] for gr in GRADS):
+        for g in (gr[i] for gr in GRADS):
             if name == "sgd":
                 x -= LR * g
                 continue
@@ -83,7 +85,7 @@ def test_fedprox_gradient_is_mu_times_distance_to_global():
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0, -1.0]))
     anchor = torch.tensor([0.5, 2.5, 0.0])
     mu = 0.3
-    loss = (w ** 2).sum()
+    loss = (w**2).sum()
     loss.backward()
     data_grad = w.grad.clone()
     proximal_grad_([w], [anchor], mu)
@@ -100,10 +102,11 @@ def test_fedprox_changes_local_training_but_not_its_first_step(tiny_overrides):
         fed = train_lora.build(cfg, torch.device("cpu"))
         start = fed.server.detach().clone()
         return fed.worker.train_client(0, 0, start, None)[0] - start
+
     one_step = [train(mu, 10_000) for mu in (0.0, 5.0)]
-    torch.testing.assert_close(one_step[0], one_step[1])        # w = w_global: no pull yet
+    torch.testing.assert_close(one_step[0], one_step[1])  # w = w_global: no pull yet
     many = [train(mu, 2) for mu in (0.0, 5.0)]
-    assert many[1].norm() < many[0].norm()                        # the pull keeps clients closer
+    assert many[1].norm() < many[0].norm()  # the pull keeps clients closer
 
 
 def test_early_stopping_stops_after_an_accurate_epoch(tiny_overrides):
@@ -111,6 +114,7 @@ def test_early_stopping_stops_after_an_accurate_epoch(tiny_overrides):
         cfg = config.load_config(overrides={**tiny_overrides, "client_epochs": 3, "early_stopping": threshold})
         fed = train_lora.build(cfg, torch.device("cpu"))
         return fed.worker.train_client(0, 0, fed.server.detach().clone(), None)[1]["epochs"]
+
     assert epochs(0.0) == 3
     assert epochs(1e-9) == 1
 

@@ -100,8 +100,7 @@ def test_iid_mix_half_keeps_half_of_each_client():
 
 def test_partition_report():
     y = np.array([0, 0, 1, 1, 1, 2])
-    rep = partition.report([np.array([0, 1, 2]), np.array([3, 4, 5]), np.array([], dtype=np.int64)], y,
-                           ["a", "b", "c"])
+    rep = partition.report([np.array([0, 1, 2]), np.array([3, 4, 5]), np.array([], dtype=np.int64)], y, ["a", "b", "c"])
     assert rep["clients"][0] == {"client": 0, "examples": 3, "labels": [2, 1, 0]}
     assert rep["summary"]["empty_clients"] == 1 and rep["summary"]["examples"] == 6
 

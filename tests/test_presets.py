@@ -1,27 +1,72 @@
 """configs/paper/: the FLASC code's settings (../shared/SEED-REFERENCE.md), each validated and run
 for one round with a tiny model on fixture data in the loaders' own formats."""
+
 import pytest
+import task_fixtures
 import torch
 
 import config
-import task_fixtures
 import train_lora
 
-PRESETS = ["paper/cifar10_lora", "paper/cifar10_flasc_d4", "paper/cifar10_flasc_d16", "paper/cifar10_flasc_d64",
-           "paper/20newsgroups_rank", "paper/20newsgroups_rankl1", "paper/20newsgroups_density",
-           "paper/reddit", "paper/flair"]
+PRESETS = [
+    "paper/cifar10_lora",
+    "paper/cifar10_flasc_d4",
+    "paper/cifar10_flasc_d16",
+    "paper/cifar10_flasc_d64",
+    "paper/20newsgroups_rank",
+    "paper/20newsgroups_rankl1",
+    "paper/20newsgroups_density",
+    "paper/reddit",
+    "paper/flair",
+]
 
 # The original's values, written out from the reference (not read from our files).
-MAIN_SCRIPT = dict(server_batch=10, server_rounds=200, eval_freq=10, eval_masked=True, server_opt="adamw",
-                   server_lr=1e-3, beta1=0.9, beta2=0.999, tau=1e-8, weight_decay=0.01, client_opt="sgd",
-                   client_lr=1e-3, client_batch=16, client_epochs=1, lora_rank=16, lora_alpha=16.0,
-                   lora_dropout=0.1, base_dropout=False)
-CIFAR = dict(MAIN_SCRIPT, dataset="cifar10", model="vit", clients=500, partition="dirichlet", iid_alpha=0.1,
-             augment=True)
-HET = dict(dataset="20newsgroups", model="gpt2", clients=350, partition="dirichlet", iid_alpha=0.1, server_batch=10,
-           server_rounds=200, eval_freq=20, server_opt="adamw", server_lr=5e-3, beta2=0.999, tau=1e-8,
-           weight_decay=0.01, client_opt="sgd", client_lr=5e-4, client_batch=16, client_epochs=1, tiers=3,
-           tier_assignment="mod", lora_rank=16, base_dropout=False)
+MAIN_SCRIPT = dict(
+    server_batch=10,
+    server_rounds=200,
+    eval_freq=10,
+    eval_masked=True,
+    server_opt="adamw",
+    server_lr=1e-3,
+    beta1=0.9,
+    beta2=0.999,
+    tau=1e-8,
+    weight_decay=0.01,
+    client_opt="sgd",
+    client_lr=1e-3,
+    client_batch=16,
+    client_epochs=1,
+    lora_rank=16,
+    lora_alpha=16.0,
+    lora_dropout=0.1,
+    base_dropout=False,
+)
+CIFAR = dict(
+    MAIN_SCRIPT, dataset="cifar10", model="vit", clients=500, partition="dirichlet", iid_alpha=0.1, augment=True
+)
+HET = dict(
+    dataset="20newsgroups",
+    model="gpt2",
+    clients=350,
+    partition="dirichlet",
+    iid_alpha=0.1,
+    server_batch=10,
+    server_rounds=200,
+    eval_freq=20,
+    server_opt="adamw",
+    server_lr=5e-3,
+    beta2=0.999,
+    tau=1e-8,
+    weight_decay=0.01,
+    client_opt="sgd",
+    client_lr=5e-4,
+    client_batch=16,
+    client_epochs=1,
+    tiers=3,
+    tier_assignment="mod",
+    lora_rank=16,
+    base_dropout=False,
+)
 EXPECTED = {
     "paper/cifar10_lora": dict(CIFAR, dl_density=1.0, ul_density=1.0),
     "paper/cifar10_flasc_d4": dict(CIFAR, dl_density=1 / 4, ul_density=1 / 4),
@@ -62,14 +107,23 @@ def _fixture(dataset: str, data_dir):
 def test_each_preset_runs_a_round_with_a_tiny_model_on_fixture_data(name, tmp_path, monkeypatch):
     monkeypatch.setenv("FLASC_OFFLINE", "1")
     small = _fixture(EXPECTED[name]["dataset"], tmp_path / "data")
-    cfg = config.load_config(name, {**small, "data_dir": str(tmp_path / "data"), "dir": str(tmp_path / "runs"),
-                                    "server_rounds": 1, "eval_batch": 8, "gpu": "cpu"})
+    cfg = config.load_config(
+        name,
+        {
+            **small,
+            "data_dir": str(tmp_path / "data"),
+            "dir": str(tmp_path / "runs"),
+            "server_rounds": 1,
+            "eval_batch": 8,
+            "gpu": "cpu",
+        },
+    )
     assert cfg.server_opt == "adamw" and not cfg.base_dropout
     fed = train_lora.build(cfg, torch.device("cpu"))
     before = fed.server.detach().clone()
     record = fed.run_round(0)
     assert not torch.equal(before, fed.server.detach()) and torch.isfinite(fed.server.detach()).all()
-    scores = fed.evaluate()
+    scores = fed.evaluation(fed.server_state)
     assert all(torch.isfinite(torch.tensor(float(v))) for v in scores.values())
     if cfg.dl_density < 1:  # sparse downloads cost less than dense ones
         assert record["bytes_down"] < 4 * fed.flat.numel * cfg.server_batch
@@ -78,11 +132,12 @@ def test_each_preset_runs_a_round_with_a_tiny_model_on_fixture_data(name, tmp_pa
 def test_newsgroups_reads_scikit_learns_cache_with_the_seeds_split(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASC_OFFLINE", "1")
     from data import newsgroups
+
     cache = task_fixtures.newsgroups(tmp_path, n_train=30, n_test=9)
     raw = newsgroups.load_raw(str(tmp_path))
     train, val, test = (raw.splits[s] for s in ("train", "val", "test"))
     assert raw.label_names == task_fixtures.NEWSGROUPS
-    assert (len(train[0]), len(val[0]), len(test[0])) == (24, 6, 9)   # first 80% train, last 20% validate
+    assert (len(train[0]), len(val[0]), len(test[0])) == (24, 6, 9)  # first 80% train, last 20% validate
     assert sorted(train[0] + val[0]) == sorted(cache["train"].data)
     for (texts, labels), part in ((train, "train"), (val, "train"), (test, "test")):
         label_of = dict(zip(cache[part].data, cache[part].target.tolist()))

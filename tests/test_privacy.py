@@ -1,15 +1,16 @@
 """Clipping, the Gaussian mechanism and the accountant."""
+
 import json
 
 import pytest
 import torch
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
+from test_end_to_end import read_metrics, run
 
 import config
-import privacy
 import train_lora
-from test_end_to_end import read_metrics, run
+from flasc.federation import privacy
 
 
 def test_clipping_bounds_the_norm_and_leaves_small_updates_alone():
@@ -24,7 +25,7 @@ def test_clipping_bounds_the_norm_and_leaves_small_updates_alone():
         else:
             torch.testing.assert_close(clipped / clipped.norm(), u / u.norm())  # direction kept
     same, _ = privacy.clip_update(torch.ones(4) * 100, 0.0)
-    assert torch.equal(same, torch.ones(4) * 100)                             # 0: no clipping
+    assert torch.equal(same, torch.ones(4) * 100)  # 0: no clipping
 
 
 def test_noise_has_the_stated_standard_deviation():
@@ -34,7 +35,7 @@ def test_noise_has_the_stated_standard_deviation():
     std = float(noisy.std())
     # noise on the sum has std σC; on the mean σC/m. 200k samples: relative error of std ≈ 0.2%
     assert std == pytest.approx(sigma * clip / m, rel=0.01)
-    assert abs(float(noisy.mean())) < 5 * sigma * clip / m / 200_000 ** 0.5
+    assert abs(float(noisy.mean())) < 5 * sigma * clip / m / 200_000**0.5
 
 
 def accountant_epsilon(sigma, q, rounds, delta):
@@ -81,12 +82,15 @@ def test_clipped_updates_reach_the_server_with_norm_at_most_c(tiny_overrides, mo
     assert all(int((u.delta != 0).sum()) <= fed.flat.numel // 2 for u in seen)  # sparsified, then clipped
 
 
-@pytest.mark.parametrize("overrides, words", [
-    ({"noise_multiplier": 1.0}, ["noise_multiplier", "l2_clip_norm"]),
-    ({"noise_multiplier": 1.0, "l2_clip_norm": 1.0, "merging_strategy": "ties"}, ["merging_strategy: average"]),
-    ({"noise_multiplier": 1.0, "l2_clip_norm": 1.0, "weighting": "num_examples"}, ["weighting: uniform"]),
-    ({"dp_delta": 1.0}, ["dp_delta"]),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"noise_multiplier": 1.0}, ["noise_multiplier", "l2_clip_norm"]),
+        ({"noise_multiplier": 1.0, "l2_clip_norm": 1.0, "merging_strategy": "ties"}, ["merging_strategy: average"]),
+        ({"noise_multiplier": 1.0, "l2_clip_norm": 1.0, "weighting": "num_examples"}, ["weighting: uniform"]),
+        ({"dp_delta": 1.0}, ["dp_delta"]),
+    ],
+)
 def test_dp_rejections(overrides, words):
     with pytest.raises(config.ConfigError) as e:
         config.load_config(overrides=overrides)

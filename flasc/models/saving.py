@@ -1,0 +1,54 @@
+"""Saving the trained global model (peft's adapter format, or the trainable tensors) and loading it back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flasc.federation import base_weights
+from flasc.models.build import build_base
+
+FULL_STATE = "trainable.pt"
+
+
+def save_trained(model, folder: Path) -> None:
+    """LoRA: peft's save_pretrained (adapter + head); otherwise the trainable tensors."""
+    from peft import PeftModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(str(folder))
+        _canonical_adapter_config(folder / "adapter_config.json")
+    else:
+        state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        torch.save(state, folder / FULL_STATE)
+
+
+def _canonical_adapter_config(path: Path) -> None:
+    """peft writes target_modules from a set, in an order that changes with Python's hash seed;
+    sorted lists and keys make the file byte-identical across runs of one config."""
+    import json
+
+    values = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(values.get(key), list):
+            values[key] = sorted(values[key])
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+def load_trained(cfg, folder: Path, num_labels: int, pad_token_id: int | None, lm_head: bool = False):
+    """Rebuild the base model and load the saved global adapter (for evaluation)."""
+    base = build_base(cfg, num_labels, pad_token_id, lm_head)
+    if cfg.lora_rank > 0:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, str(folder))
+        base_weights.load_into(model, folder)  # FedEx-LoRA / FLoRA runs changed the base weights too
+        return model
+    state = torch.load(folder / FULL_STATE, weights_only=True)
+    missing = set(state) - {n for n, _ in base.named_parameters()}
+    if missing:
+        raise ValueError(f"saved tensors not in the model: {sorted(missing)[:3]}")
+    base.load_state_dict(state, strict=False)
+    return base

@@ -1,0 +1,117 @@
+"""Checkpoints of a run, written atomically, and the resume that continues them exactly.
+
+A checkpoint holds everything that carries over from one round to the next: the server's trainable
+vector, the server optimizer and schedule states, the download masks, the round index, the running
+totals and evaluations, and how far metrics.jsonl had been written. Every random choice is drawn
+from a generator seeded by (seed, purpose, round, client) and needs no saved state;
+the privacy accountant is a function of the rounds done. The algorithm's server-side extras
+(SCAFFOLD's c, the base-weight delta, per-client ranks) are in it too; per-client states live in
+client_state.bin, and the checkpoint records which of each client's two slots is current
+(client_state.py), written to disk before the checkpoint that refers to it. Local optimizers start
+fresh every round, so they have nothing to save.
+
+Writes go to a temporary file in the run folder, are flushed to disk, then renamed over the old
+checkpoint: a crash at any moment leaves the previous checkpoint or the new one, never half of one.
+The file is MAGIC, the SHA-256 of the payload, then the payload (torch.save's bytes): a resume
+verifies the digest, so a flipped bit on disk is refused instead of silently changing the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import torch
+
+from flasc import options as config_mod
+
+FILE = "checkpoint.pt"
+FORMAT = 2
+MAGIC = b"FLASCCK2"
+DIGEST_BYTES = 32
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def config_fingerprint(cfg, keys=None) -> str:
+    """Identifies what a checkpoint was made under: every option (or those of `keys`) except where
+    runs are written."""
+    keys = sorted(k for k in (cfg if keys is None else keys) if k not in ("dir", "name"))
+    return hashlib.sha1(repr([(k, cfg[k]) for k in keys]).encode()).hexdigest()[:16]
+
+
+def made_under(state: dict, cfg, run_dir: Path) -> bool:
+    """Whether a checkpoint was written under cfg. A run started before an option existed saved a
+    config.yaml without it, and its checkpoints fingerprint the options it had: the option takes its
+    default (which is how flasc behaved before it), so those options are compared."""
+    if state.get("config_fingerprint") == config_fingerprint(cfg):
+        return True
+    saved = config_mod.yaml_load((run_dir / "config.yaml").read_text())
+    older = [k for k in saved if k in cfg]
+    return len(older) < len(cfg) and state.get("config_fingerprint") == config_fingerprint(cfg, older)
+
+
+def encode(state: dict) -> bytes:
+    """The checkpoint file's bytes: MAGIC, the SHA-256 of the payload, the payload."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
+    payload = buf.getvalue()
+    return MAGIC + hashlib.sha256(payload).digest() + payload
+
+
+def save(run_dir: Path, state: dict) -> None:
+    """Write the checkpoint atomically: a temporary file, flushed to disk, renamed over the old one."""
+    tmp = run_dir / (FILE + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(encode(state))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / FILE)
+
+
+def read(path: Path) -> dict:
+    """The state saved in a checkpoint file, its checksum verified (CheckpointError otherwise)."""
+    blob = path.read_bytes()
+    head = len(MAGIC) + DIGEST_BYTES
+    if not blob.startswith(MAGIC):
+        raise CheckpointError(
+            f"--resume: {path} is damaged or not a checkpoint of this flasc version "
+            "(no checkpoint header); start the run again"
+        )
+    if hashlib.sha256(blob[head:]).digest() != blob[len(MAGIC) : head]:
+        raise CheckpointError(
+            f"--resume: {path} is damaged (its content does not match its checksum); start the run again"
+        )
+    try:
+        state = torch.load(io.BytesIO(blob[head:]), map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(
+            f"--resume: {path} is damaged and cannot be read ({type(e).__name__}); start the run again"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"--resume: {path} has an unknown format; it was written by another version of flasc")
+    return state
+
+
+def load(run_dir: Path, cfg, numel: int) -> dict:
+    path = run_dir / FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"--resume: {run_dir} has no {FILE}; it was stopped before its first checkpoint, start it again instead"
+        )
+    state = read(path)
+    if not made_under(state, cfg, run_dir):
+        raise CheckpointError(
+            f"--resume: {path} was written under another configuration than "
+            f"{run_dir / 'config.yaml'}; it cannot continue this run"
+        )
+    if state["federation"]["server"].numel() != numel:
+        raise CheckpointError(
+            f"--resume: {path} holds {state['federation']['server'].numel()} trainable values but the "
+            f"model has {numel}; the model or its adapters changed"
+        )
+    return state

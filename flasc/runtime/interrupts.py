@@ -1,0 +1,79 @@
+"""Ctrl-C (SIGINT) and SIGTERM as an exception the run can end on cleanly.
+
+A signal raises Interrupted at once while clients train (abandoning local training loses nothing:
+the server is still that of the last completed round), but waits inside `deferred()` sections,
+which train_lora.py puts around everything from the server step to the round's checkpoint, so the
+run never stops with the server of one round and the records of another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal number, as shells report it
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.signum]
+
+
+class Interrupts:
+    def __init__(self):
+        self.depth = 0  # > 0: inside a deferred section
+        self.pending: int | None = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        """Route SIGINT and SIGTERM here (main thread only; elsewhere signals stay as they were)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in EXIT_CODES:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+        self.depth, self.pending = 0, None
+
+    def _handle(self, signum, frame) -> None:
+        if self.depth:
+            self.pending = signum
+        else:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A signal arriving inside waits for the end of the section, then raises."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        self._raise_pending()
+
+    @contextlib.contextmanager
+    def allowed(self):
+        """Inside a deferred section: a part that may be abandoned at once (local training)."""
+        saved, self.depth = self.depth, 0
+        self._raise_pending()
+        try:
+            yield
+        finally:
+            self.depth = saved
+
+    def _raise_pending(self) -> None:
+        if self.pending is not None and not self.depth:
+            signum, self.pending = self.pending, None
+            raise Interrupted(signum)
+
+
+INTERRUPTS = Interrupts()

@@ -1,0 +1,1 @@
+"""Studies of many runs: what a run is, the cluster launchers (SLURM, Ray) and the study tables."""

@@ -1,0 +1,62 @@
+"""The forward pass shared by training, evaluation and merge statistics, and the evaluation loop.
+
+What is scored is the task's objective (objectives.py); this module only feeds batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def autocast(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    """Everything in a batch except the labels, on the device (input_ids + attention_mask for
+    text, pixel_values for images)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
+
+
+def logits_of(model, batch: dict, device: torch.device, bf16: bool) -> torch.Tensor:
+    with autocast(device, bf16):
+        out = model(**model_inputs(batch, device))
+    return out.logits.float()
+
+
+class Subset:
+    """Some examples of a split, in the split's interface (len, batch of positions)."""
+
+    def __init__(self, split, idx: torch.Tensor):
+        self.split, self.idx = split, idx
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def batch(self, positions: torch.Tensor) -> dict:
+        return self.split.batch(self.idx[positions])
+
+
+@torch.no_grad()
+def evaluate(model, split, objective, batch_size: int, device: torch.device, bf16: bool, world=None) -> dict:
+    """The objective's metrics of the model on a whole split (model left in its previous mode).
+    With a world of N ranks (distributed.World), rank r scores batches r, r + N, ... and the
+    tallies are combined: the batches are those of one process, and tallies are order-free (exact
+    sums, counts), so the metrics are those of world size 1."""
+    was_training = model.training
+    model.eval()
+    tally = objective.tally()
+    starts = range(0, len(split), batch_size)
+    if world is not None:
+        starts = starts[world.rank :: world.size]
+    for start in starts:
+        batch = split.batch(torch.arange(start, min(start + batch_size, len(split))))
+        tally.add(logits_of(model, batch, device, bf16), batch)
+    model.train(was_training)
+    if world is not None:
+        tally = world.combine(tally)
+    return tally.result()

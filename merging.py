@@ -55,6 +55,13 @@ def client_weights(updates: list[ClientUpdate], weighting: str) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ merge spaces
+# product space and RegMean on LoRA of convolutions: one message naming both ways out
+_CONV = (
+    "works on LoRA of linear layers; model {model} adapts convolutions; expected merge_space: factors and a "
+    "strategy other than regmean"
+)
+
+
 def _linear_lora(cfg) -> tuple[bool, str]:
     """Whether the run's model puts LoRA on linear layers (not convolutions), and its name."""
     from flasc.models import MODELS, resolve_name
@@ -103,10 +110,7 @@ class ProductSpace(FactorSpace):
     def check(cfg) -> None:
         linear, model = _linear_lora(cfg)
         if not linear:
-            raise ConfigError(
-                f"merge_space: product works on LoRA of linear layers; model {model} adapts "
-                "convolutions; expected merge_space: factors"
-            )
+            raise ConfigError(f"merge_space: product {_CONV}".format(model=model))
         if cfg.lora_rank <= 0:
             raise ConfigError(
                 f"merge_space: product merges LoRA products B·A; expected lora_rank >= 1 "
@@ -272,10 +276,7 @@ class RegMean(Strategy):
     def check(self, cfg) -> None:
         linear, model = _linear_lora(cfg)
         if not linear:
-            raise ConfigError(
-                f"merging_strategy: regmean works on LoRA of linear layers; model {model} adapts "
-                "convolutions; expected a strategy other than regmean"
-            )
+            raise ConfigError(f"merging_strategy: regmean {_CONV}".format(model=model))
         if cfg.lora_rank <= 0:
             raise ConfigError(
                 f"merging_strategy: regmean merges LoRA layers; expected lora_rank >= 1 (got {cfg.lora_rank})"

@@ -161,7 +161,7 @@ def _gpu_count() -> int:
 
 def run_all(specs: list[RunSpec], out_dir: Path, jobs: int, launcher=None) -> dict[str, str]:
     """Runs what is not done, `jobs` at a time here, or as cluster jobs through `launcher`
-    (cluster.py); returns name -> outcome (ok / skipped / failed: ...)."""
+    (flasc/studies/launchers.py); returns name -> outcome (ok / skipped / failed: ...)."""
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     outcome: dict[str, str] = {}

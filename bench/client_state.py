@@ -1,4 +1,4 @@
-"""Memory of per-client state (client_state.py): peak RSS with 5,000 clients against 50 (target:
+"""Memory of per-client state (flasc/client/state_store.py): peak RSS with 5,000 clients against 50 (target:
 at most 1.10x).
 
     python bench/client_state.py                  # 50 and 5,000 clients

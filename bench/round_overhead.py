@@ -2,7 +2,7 @@
 
 Times Federation.run_round (download mask, in-place state swaps, local training, top-k upload,
 aggregation, server step) against a bare training loop doing the same optimizer steps on the same
-model and the same batches, and prints the ratio. Target on the embedded default: <= 1.10.
+model and the same batches, and prints the ratio. Target on the embedded default: <= 1.05.
 
     python bench/round_overhead.py                    # fedavg on bbcnews / MiniLM
     python bench/round_overhead.py --config flasc --rounds 4

@@ -42,20 +42,20 @@ def install(spec: str) -> None:
 
         def finish_then_fail(self, r, *args, **kwargs):
             result = finish_job(self, r, *args, **kwargs)
-            if r + 1 == rnd:
+            if r + 1 == rnd and not result.diverged:
                 fail(point, rnd, mode)
             return result
 
         ClientWorker.finish_job = finish_then_fail
     elif point == "after_log":
-        log_round = tracking.RunLog.log_round
+        for log in (tracking.RunLog, tracking.NoRunLog):  # rank 0's run folder, or another rank's none
 
-        def log_then_fail(self, record):
-            log_round(self, record)
-            if record["round"] == rnd:
-                fail(point, rnd, mode)
+            def log_then_fail(self, record, log_round=log.log_round):
+                log_round(self, record)
+                if record["round"] == rnd:
+                    fail(point, rnd, mode)
 
-        tracking.RunLog.log_round = log_then_fail
+            log.log_round = log_then_fail
     elif point == "checkpoint_write":
         save = checkpoint.save
 

@@ -1,4 +1,4 @@
-"""The federated-LoRA baselines (algorithms.py) against independent computations: clients whose
+"""The federated-LoRA baselines (flasc/algorithms/) against independent computations: clients whose
 trained parameters are set by the test (start + a known offset), so every aggregate can be worked
 out here from the clients' factors with plain matrix algebra."""
 

@@ -236,6 +236,37 @@ def test_fashion_mnist_run_with_tiny_efficientnet(tmp_path):
     assert _reloaded_test_metrics(run_dir)["accuracy"] == summary["test_accuracy"]
 
 
+def test_augmented_statistics_examples_draw_from_the_clients_own_stream(tmp_path):
+    """The examples a client computes Fisher / Gram statistics on are augmented from a stream seeded
+    by (seed, round, client), whatever state the process's generator is in (the group, K), and
+    leave that state as they found it."""
+    task_fixtures.cifar10(tmp_path, per_batch=6, n_test=6)
+    cfg = config.load_config(
+        overrides={
+            "dataset": "cifar10",
+            "model": "tiny-vit",
+            "data_dir": str(tmp_path),
+            "clients": 3,
+            "server_batch": 2,
+            "lora_rank": 2,
+            "gpu": "cpu",
+            "merging_strategy": "fisher",
+            "fisher_examples": 3,
+        }
+    )
+    worker = train_lora.build(cfg, torch.device("cpu")).worker
+    assert cfg.augment  # configs/datasets/cifar10.yaml
+    torch.manual_seed(1)
+    a = worker.client_examples(0, 1, 3)["pixel_values"]
+    after = torch.get_rng_state()
+    torch.manual_seed(1)
+    assert torch.equal(torch.get_rng_state(), after)  # the call left the generator alone
+    torch.manual_seed(2)
+    b = worker.client_examples(0, 1, 3)["pixel_values"]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, worker.client_examples(1, 1, 3)["pixel_values"])  # another round, other crops
+
+
 def test_cifar10_run_with_tiny_vit_and_regmean(tmp_path):
     task_fixtures.cifar10(tmp_path, per_batch=6, n_test=6)
     _, summary, _ = _run(

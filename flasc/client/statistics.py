@@ -1,6 +1,6 @@
 """Client-side statistics that Fisher merging and RegMean need, computed on the client's own data
 with the client's uploaded model loaded in the resident model. A strategy declares the statistic it
-needs (merging.py: `Strategy.statistic`); the client work computes it (clients.py) and sends it
+needs (merging.py: `Strategy.statistic`); the client work computes it (worker.py) and sends it
 with the update.
 
 Diagonal Fisher (Matena & Raffel 2022): F = E_x Σ_y p(y|x) (∂ log p(y|x) / ∂θ)², the exact expectation

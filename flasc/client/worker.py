@@ -39,7 +39,7 @@ from flasc.tasks.evaluation import logits_of
 class ClientJob:
     client_id: int
     tier: int
-    start: torch.Tensor  # where the client starts: its download (and its own state, algorithms.py)
+    start: torch.Tensor  # where the client starts: its download (and its own state: flasc/algorithms/)
     plan: Plan
     state: object = None  # what the algorithm needs again after training (e.g. SCAFFOLD's c_i)
     extras: TrainingExtras = NO_EXTRAS  # what its algorithm adds to local training
@@ -113,10 +113,15 @@ class ClientWorker:
             yield from epoch
 
     def client_examples(self, rnd: int, client: int, count: int) -> dict:
-        """Up to `count` of the client's examples in a seeded order, for merge statistics."""
+        """Up to `count` of the client's examples in a seeded order, for merge statistics. Their
+        augmentation (images) draws from the client's own stream, seeded per (seed, round, client),
+        and leaves the process's generators as it found them, so it does not depend on the group."""
         g = seeding.torch_generator(self.cfg.seed, "stats", rnd, client)
         idx = self.clients[client]
-        return self.task.train.batch(idx[torch.randperm(len(idx), generator=g)[:count]])
+        chosen = idx[torch.randperm(len(idx), generator=g)[:count]]
+        with torch.random.fork_rng(devices=[]):  # the CPU generator, where transforms draw
+            torch.default_generator.manual_seed(seeding.derive_seed(self.cfg.seed, "stats", rnd, client, 1))
+            return self.task.train.batch(chosen)
 
     # -- local training
     def local_client(

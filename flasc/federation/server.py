@@ -65,7 +65,7 @@ class ServerState:
         self.schedule.step()
 
     def copy(self) -> ServerState:
-        """An independent copy, optimizer moments and schedule included (shadows.py steps copies)."""
+        """An independent copy, optimizer moments and schedule included (the shadow strategies step copies)."""
         other = ServerState(self.params.detach().clone(), self.cfg)
         other.load_state_dict(copy.deepcopy(self.state_dict()))
         return other

@@ -7,7 +7,7 @@ from a generator seeded by (seed, purpose, round, client) and needs no saved sta
 the privacy accountant is a function of the rounds done. The algorithm's server-side extras
 (SCAFFOLD's c, the base-weight delta, per-client ranks) are in it too; per-client states live in
 client_state.bin, and the checkpoint records which of each client's two slots is current
-(client_state.py), written to disk before the checkpoint that refers to it. Local optimizers start
+(flasc/client/state_store.py), written to disk before the checkpoint that refers to it. Local optimizers start
 fresh every round, so they have nothing to save.
 
 Writes go to a temporary file in the run folder, are flushed to disk, then renamed over the old

@@ -6,7 +6,7 @@ run's shadowed rounds, then mean ± sample std over the seeds; the same over the
 half of the rounds (does the gain shrink as training goes on); and the share of (seed, round) pairs
 where the shadow scored higher than the run.
 
-drift.md, per group: each client-drift statistic (diagnostics.py) averaged over the rounds, then
+drift.md, per group: each client-drift statistic (flasc/diagnostics/drift.py) averaged over the rounds, then
 mean ± sample std over the seeds.
 """
 

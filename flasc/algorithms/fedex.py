@@ -12,8 +12,7 @@ class FedEx(FedAvg):
     Fine-Tuning of Foundation Models", ACL 2025. A, B and the head are averaged as in FedAvg; the
     residual s·(Σ p_k B_k A_k − B̄ Ā) of each layer is folded into its frozen base weight W0 (as
     out × in, without the original code's transpose), so that W0 + s·B̄Ā is exactly the mean of
-    the clients' effective weights. Down: the factors and head, plus the base increments the
-    client missed (base_weights.py); up: the factors and head."""
+    the clients' effective weights. docs/algorithms.md ("What is sent") gives its bytes each way."""
 
     name = "fedex"
     rank_tiers = False

@@ -11,14 +11,14 @@ from flasc.federation.communication import VALUE_BYTES
 
 
 class FedSA(FedAvg):
-    """FedSA-LoRA: Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated
-    Learning", ICLR 2025. The A matrices learn what clients share and are averaged; each client's
-    B matrices (and, with local_head, as in the paper's GLUE setup, its classifier head) stay on
-    the client across rounds. A client taking part for the first time starts from the common
-    initialisation (B = 0, the initial head). Down: the A entries (and the head without
-    local_head); up: the same entries' update. The global model the run evaluates is Ā with the
-    mean of the round's local parts, which no party holds (bookkeeping, not sent); the method's own
-    figure is the personalised accuracy (eval_personalized)."""
+    """FedSA-LoRA: Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated Learning",
+    ICLR 2025. The A matrices learn what clients share and are averaged; each client's B matrices
+    (and, with local_head, as in the paper's GLUE setup, its classifier head) stay on the client
+    across rounds. A client taking part for the first time starts from the common initialisation (B
+    = 0, the initial head); it sends the A entries (and the head without local_head).
+    docs/algorithms.md ("What is sent") gives its bytes each way. The global model the run evaluates
+    is Ā with the mean of the round's local parts, which no party holds (bookkeeping, not sent); the
+    method's own figure is the personalised accuracy (eval_personalized)."""
 
     name = "fedsa"
     options = (*FedAvg.options, "local_head")

@@ -15,7 +15,7 @@ class FlexLoRA(FedAvg):
     decreasing σ. A client of rank r_k (a rank tier) downloads the first r_k components, so its
     adapter is exactly the best rank-r_k approximation of ΔW_g; the base is never modified; the
     head is averaged. All tiers use the adapter's scaling s = lora_alpha / lora_rank, so s·B·A
-    means the same at every rank. Down and up: r_k (in + out) a layer, and the head."""
+    means the same at every rank. docs/algorithms.md ("What is sent") gives its bytes each way."""
 
     name = "flexlora"
     options = (*FedAvg.options, "seed")

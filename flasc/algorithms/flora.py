@@ -15,11 +15,11 @@ from flasc.runtime import seeding
 class FLoRA(FedAvg):
     """FLoRA: Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous
     Low-Rank Adaptations", NeurIPS 2024. Every round each client trains a fresh adapter (A drawn as
-    peft draws it, from a generator seeded by (seed, round, client) that the server can replay;
-    B = 0) at its tier's rank; the server stacks the adapters, which is exactly Σ p_k s B_k A_k,
-    and folds that into W0; the head is averaged. The server's factors stay at B = 0, so the global
-    model is W0 + delta with the averaged head. Down: the head and the stacks the client missed
-    (base_weights.py; the seed of A costs nothing); up: A_k, B_k at its rank and the head."""
+    peft draws it, from a generator seeded by (seed, round, client) that the server can replay; B =
+    0) at its tier's rank; the server stacks the adapters, which is exactly Σ p_k s B_k A_k, and
+    folds that into W0; the head is averaged. The server's factors stay at B = 0, so the global
+    model is W0 + delta with the averaged head (the seed of A costs nothing to send).
+    docs/algorithms.md ("What is sent") gives its bytes each way."""
 
     name = "flora"
     options = (*FedAvg.options, "seed")

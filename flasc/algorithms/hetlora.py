@@ -22,7 +22,7 @@ class HetLoRA(FedAvg):
     S_k is 0, and for the head). With hetlora_prune, local training adds
     λ·||B[:, t:r]||_F·||A[t:r, :]||_F (t = ⌊γ r⌋) per layer, and a client whose tail product
     shrank during training keeps rank max(1, t) from its next round on (this round it sends its
-    rank r). Down and up: r_k (in + out) a layer, and the head."""
+    rank r). docs/algorithms.md ("What is sent") gives its bytes each way."""
 
     name = "hetlora"
     options = (*FedAvg.options, "hetlora_prune", "hetlora_gamma", "hetlora_lambda", "tiers", "lora_rank")

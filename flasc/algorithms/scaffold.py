@@ -15,12 +15,12 @@ from flasc.options import ConfigError
 class Scaffold(FedAvg):
     """SCAFFOLD: Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated
     Learning", ICML 2020, Algorithm 1 with option II, on every trainable tensor (LoRA factors and
-    head). Each local gradient g becomes g − c_i + c; after K local steps at client_lr η,
-    c_i⁺ = c_i − c + (x − y)/(K η); the client sends Δy and Δc_i = c_i⁺ − c_i; the server steps
-    on the mean Δy (server_lr is η_g) and sets c ← c + (|S|/N)·mean Δc_i. Down x and c, up Δy and
-    Δc: twice FedAvg's bytes each way. With client_opt sgd (momentum 0.9) or an adaptive local
-    optimizer the correction is added to the gradient before the optimizer, as the paper's
-    derivation assumes plain SGD (approximate, as it is everywhere it is used so)."""
+    head). Each local gradient g becomes g − c_i + c; after K local steps at client_lr η, c_i⁺ = c_i
+    − c + (x − y)/(K η); the client sends Δy and Δc_i = c_i⁺ − c_i; the server steps on the mean Δy
+    (server_lr is η_g) and sets c ← c + (|S|/N)·mean Δc_i; x and c go down, Δy and Δc up.
+    docs/algorithms.md ("What is sent") gives its bytes each way. With client_opt sgd (momentum 0.9)
+    or an adaptive local optimizer the correction is added to the gradient before the optimizer, as
+    the paper's derivation assumes plain SGD (approximate, as it is everywhere it is used so)."""
 
     name = "scaffold"
     options = (*FedAvg.options, "client_lr")

@@ -1,16 +1,13 @@
 """Client-side statistics that Fisher merging and RegMean need, computed on the client's own data
 with the client's uploaded model loaded in the resident model. A strategy declares the statistic it
 needs (merging.py: `Strategy.statistic`); the client work computes it (worker.py) and sends it
-with the update.
+with the update. docs/aggregation.md defines both statistics, in each merge space.
 
-Diagonal Fisher (Matena & Raffel 2022): F = E_x Σ_y p(y|x) (∂ log p(y|x) / ∂θ)², the exact expectation
-over labels under the model (the objective lists the (log p, p) terms: every class, or both values
-of every label), from per-example gradients (never the square of a batch-summed gradient). In
-product space the LoRA layers' Fisher is taken over the effective weight W of the layer: per
-example ∂/∂W = Σ_tokens (∂L/∂out_t) x_tᵀ (tokens: non-padding text tokens, or every image patch).
-
-Input Gram matrices (RegMean, Jin et al. 2023): G = mean over tokens of x xᵀ, for the input x of
-every LoRA layer (that is A's input) and for B's input A x.
+How they are computed: the diagonal Fisher is the exact expectation over labels (the objective
+lists the (log p, p) terms: every class, or both values of every label) of squared per-example
+gradients, never the square of a batch-summed gradient; in product space the gradient of a LoRA
+layer's effective weight comes from forward hooks on the layer, Σ_tokens (∂L/∂out_t) x_tᵀ over its
+non-padding tokens. The Gram matrices are sums over tokens in fp32, whatever the autocast.
 """
 
 from __future__ import annotations

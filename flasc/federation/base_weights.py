@@ -6,10 +6,8 @@ incremented in place, so a resumed run holds bit for bit the weights of an unint
 The delta is part of the server state (checkpointed) and is saved next to the adapter
 (`base_delta.pt`, read back by models.load_trained), so the saved model is the evaluated one.
 
-Bytes. Each round's increment is known in factored form (FedEx-LoRA: the K clients' factors,
-K·r(in + out) values a layer; FLoRA: the stack, Σ r_k (in + out)). A client that takes part
-downloads what it has missed since it last took part, per layer in the cheaper of two forms:
-those increments' factors, or the dense out × in sum of them (`catch_up_values`).
+What a client downloads to catch up on increments it missed is counted by `catch_up_values`
+(docs/algorithms.md, "What is sent", gives the rule).
 """
 
 from __future__ import annotations

@@ -1,26 +1,12 @@
-"""One run over several processes: `torchrun --nproc-per-node N train_lora.py ...` (docs/scaling.md).
+"""One run over several processes: `torchrun --nproc-per-node N train_lora.py ...`.
 
-Every rank builds the same model and data and runs the same plan (client sampling, download masks
-and tiers are functions of the seed and of the server, which every rank holds identically). Then:
-- client work: rank r trains its share of the round's clients, the shares balanced by client size
-  (`balanced_shares`); every rank receives every result (`World.gather`): TIES, Fisher and RegMean
-  need each update and its statistic, not their sum;
-- reduce and server step: computed on every rank from the same results in client-id order, so
-  every rank takes the same path (a diverged round stops all of them) without a second exchange;
-  `World.check_same` compares a checksum of the server after each step and stops the run if the
-  ranks ever disagree (different GPU models can round differently) instead of drifting silently;
-- evaluation: rank r scores batches r, r + N, r + 2N, ...; the tallies are combined (`World.combine`);
-- only rank 0 writes the run folder, logs, the progress bar, TensorBoard, checkpoints and the adapter.
-
-A rank whose client work raises sends its error with its results: every rank then ends, rank 0
-printing the error in one line (RankFailed). A rank that dies breaks the exchange: the others end
-with RankLost (at once with gloo; torchrun also stops every rank when one exits non-zero), or after
-`dist_timeout` seconds when a rank hangs. The run resumes from its last checkpoint.
-
-Backend: NCCL with one GPU per rank (cuda:LOCAL_RANK) when CUDA is present and there are at least as
-many GPUs as ranks on the node; gloo otherwise (CPU, or several ranks sharing a GPU). What is
-exchanged is small and on the CPU (client results, tallies, a checksum), so gloo costs little.
-Plain `python train_lora.py` is world size 1: no process group, no exchange.
+docs/scaling.md ("Scaling out") says what each rank does, what is exchanged and what stays
+bit-identical across world sizes. This module is the exchange: `World` gathers the round's client
+results (every rank needs every update: TIES, Fisher and RegMean merge them one by one), sends
+rank 0's values (client states, read from rank 0's file), combines evaluation tallies, and compares
+a checksum of the server after each step so that ranks which round differently stop the run
+instead of drifting apart. A rank whose work raises sends its error with its results and every rank
+ends (RankFailed); a rank that dies breaks the exchange and the others end with RankLost.
 """
 
 from __future__ import annotations

@@ -1,21 +1,14 @@
 """Per-client state that persists across rounds (FedSA-LoRA's local B, SCAFFOLD's control variate),
-kept in one file so that memory does not grow with the number of clients.
+kept in one file so that memory does not grow with the number of clients; docs/algorithms.md
+("Client state") says what users see of it and measures it.
 
-A client's state is one flat fp32 vector of fixed length, created the first time the client takes
-part. Vectors live in `client_state.bin` in the run folder, read and written with pread/pwrite:
-they pass through the page cache, never through this process's memory, so 5,000 clients cost
-what 50 do (bench/client_state.py). In memory there is one byte per client saying which slot
-holds its state.
-
-Exact resume. Every client has two slots in the file. A new state is always written to the slot
-the last checkpoint does *not* refer to, so the states a checkpoint refers to are never
-overwritten until the next checkpoint is safely on disk (`flush` before the checkpoint is written,
-`committed` after). A run killed at any moment resumes from its checkpoint with the states that
-checkpoint saw.
-
-The file is rank 0's alone; under torchrun each rank receives from rank 0 the states of the clients
-it trains that round (train_lora.Federation.plan_round). Small per-client facts (a HetLoRA client's pruned
-rank) are arrays held by the algorithm on every rank and saved in the checkpoint itself.
+How it stays exact under a kill: every client has two slots in `client_state.bin`, read and
+written with pread/pwrite (through the page cache, never held in this process). A new state always
+goes to the slot the last checkpoint does *not* refer to, so the states a checkpoint refers to are
+never overwritten until the next checkpoint is safely on disk (`flush` before the checkpoint is
+written, `committed` after). In memory there is one byte per client saying which slot is current.
+Small per-client facts (a HetLoRA client's pruned rank) are arrays held by the algorithm and saved
+in the checkpoint itself.
 """
 
 from __future__ import annotations

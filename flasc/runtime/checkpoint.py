@@ -1,19 +1,11 @@
-"""Checkpoints of a run, written atomically, and the resume that continues them exactly.
+"""Checkpoints of a run, written atomically, and the resume that continues them exactly; what a
+checkpoint holds and how a resume behaves is in docs/studies.md ("Checkpoints and resume").
 
-A checkpoint holds everything that carries over from one round to the next: the server's trainable
-vector, the server optimizer and schedule states, the download masks, the round index, the running
-totals and evaluations, and how far metrics.jsonl had been written. Every random choice is drawn
-from a generator seeded by (seed, purpose, round, client) and needs no saved state;
-the privacy accountant is a function of the rounds done. The algorithm's server-side extras
-(SCAFFOLD's c, the base-weight delta, per-client ranks) are in it too; per-client states live in
-client_state.bin, and the checkpoint records which of each client's two slots is current
-(flasc/client/state_store.py), written to disk before the checkpoint that refers to it. Local optimizers start
-fresh every round, so they have nothing to save.
-
-Writes go to a temporary file in the run folder, are flushed to disk, then renamed over the old
-checkpoint: a crash at any moment leaves the previous checkpoint or the new one, never half of one.
-The file is MAGIC, the SHA-256 of the payload, then the payload (torch.save's bytes): a resume
-verifies the digest, so a flipped bit on disk is refused instead of silently changing the run.
+The file is MAGIC, the SHA-256 of the payload, then the payload (torch.save's bytes), written to a
+temporary file, flushed to disk and renamed over the old one: a crash at any moment leaves the
+previous checkpoint or the new one, and a resume verifies the digest, so a flipped bit is refused
+instead of silently changing the run. Client states are in client_state.bin
+(flasc/client/state_store.py), flushed before the checkpoint that names their slots.
 """
 
 from __future__ import annotations

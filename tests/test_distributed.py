@@ -111,32 +111,11 @@ def test_world_size_two_equals_one_for_every_strategy(tiny_overrides, tmp_path):
 
 # The remaining tests run train_lora.py itself (the toy task exists only inside pytest): the embedded
 # corpus with a tiny model, as tests/test_resume.py does.
-BASE = [
-    "--model",
-    "tiny-bert",
-    "--max-length",
-    "16",
-    "--clients",
-    "6",
-    "--server-batch",
-    "4",
-    "--server-rounds",
-    "3",
-    "--eval-freq",
-    "3",
-    "--lora-rank",
-    "4",
-    "--client-batch",
-    "32",
-    "--gpu",
-    "cpu",
-    "--dl-density",
-    "0.5",
-    "--ul-density",
-    "0.5",
-    "--dist-timeout",
-    "60",
-]
+BASE = (
+    "--model tiny-bert --max-length 16 --clients 6 --server-batch 4 --server-rounds 3 "
+    "--eval-freq 3 --lora-rank 4 --client-batch 32 --gpu cpu --dl-density 0.5 --ul-density 0.5 "
+    "--dist-timeout 60"
+).split()
 
 
 def launch(tmp_path, args, launcher, **env):

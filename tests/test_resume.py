@@ -17,34 +17,11 @@ pytestmark = pytest.mark.slow  # every test here runs train_lora.py in subproces
 
 # The toy task exists only inside pytest; subprocesses use the real embedded corpus with a tiny
 # model and short texts, which is still only a few seconds a run.
-BASE = [
-    "--model",
-    "tiny-bert",
-    "--max-length",
-    "16",
-    "--clients",
-    "6",
-    "--server-batch",
-    "2",
-    "--server-rounds",
-    "4",
-    "--eval-freq",
-    "2",
-    "--lora-rank",
-    "4",
-    "--client-batch",
-    "32",
-    "--gpu",
-    "cpu",
-    "--dl-density",
-    "0.5",
-    "--ul-density",
-    "0.5",
-    "--server-opt",
-    "adam",
-    "--server-lr",
-    "0.01",
-]
+BASE = (
+    "--model tiny-bert --max-length 16 --clients 6 --server-batch 2 --server-rounds 4 "
+    "--eval-freq 2 --lora-rank 4 --client-batch 32 --gpu cpu --dl-density 0.5 --ul-density 0.5 "
+    "--server-opt adam --server-lr 0.01"
+).split()
 
 
 def train(tmp_path, name, *extra, crash=None, resume=None, base=BASE):
@@ -167,28 +144,10 @@ def test_augmented_image_run_resumes_exactly(tmp_path):
     import task_fixtures
 
     task_fixtures.cifar10(tmp_path / "data", per_batch=4, n_test=4)
-    extra = [
-        "--dataset",
-        "cifar10",
-        "--model",
-        "tiny-vit",
-        "--clients",
-        "3",
-        "--server-batch",
-        "2",
-        "--server-rounds",
-        "3",
-        "--eval-freq",
-        "1",
-        "--lora-rank",
-        "2",
-        "--client-batch",
-        "4",
-        "--eval-batch",
-        "8",
-        "--gpu",
-        "cpu",
-    ]
+    extra = (
+        "--dataset cifar10 --model tiny-vit --clients 3 --server-batch 2 --server-rounds 3 "
+        "--eval-freq 1 --lora-rank 2 --client-batch 4 --eval-batch 8 --gpu cpu"
+    ).split()
 
     def image_run(name, crash=None, resume=None):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLASC_OFFLINE": "1"}
@@ -273,28 +232,10 @@ def test_interrupted_run_saves_its_last_round_and_says_how_to_resume(tmp_path, r
     assert without_timing(run_dir) == without_timing(reference)
 
 
-STATEFUL = [
-    "--model",
-    "tiny-bert",
-    "--max-length",
-    "16",
-    "--clients",
-    "3",
-    "--server-batch",
-    "2",
-    "--server-rounds",
-    "4",
-    "--eval-freq",
-    "2",
-    "--lora-rank",
-    "4",
-    "--client-batch",
-    "32",
-    "--gpu",
-    "cpu",
-    "--eval-personalized",
-    "true",
-]
+STATEFUL = (
+    "--model tiny-bert --max-length 16 --clients 3 --server-batch 2 --server-rounds 4 "
+    "--eval-freq 2 --lora-rank 4 --client-batch 32 --gpu cpu --eval-personalized true"
+).split()
 
 
 @pytest.mark.parametrize(

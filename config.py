@@ -361,20 +361,28 @@ def split_config_arg(argv: list[str]) -> tuple[str | None, list[str]]:
     name, rest, i = None, [], 0
     while i < len(argv):
         if argv[i] == "--config" or argv[i].startswith("--config="):
+            previous = name
             if "=" in argv[i]:
                 name = argv[i].split("=", 1)[1]
             elif i + 1 < len(argv):
                 name, i = argv[i + 1], i + 1
             else:
                 raise ConfigError("--config needs a name; see --list-configs")
+            if previous is not None:  # configs do not combine on the command line: say so
+                raise ConfigError(
+                    f"--config: given twice ({previous}, then {name}); expected one config (a config "
+                    "file can build on another with extends: NAME)"
+                )
         else:
             rest.append(argv[i])
         i += 1
     return name, rest
 
 
-def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    """'--client-lr 0.1' / '--client_lr=0.1' -> {'client_lr': 0.1}; values parsed as YAML scalars."""
+def parse_overrides(argv: list[str], repeated: list[str] | None = None) -> dict[str, Any]:
+    """'--client-lr 0.1' / '--client_lr=0.1' -> {'client_lr': 0.1}; values parsed as YAML scalars.
+    An option given twice takes its last value, as command lines built by appending overrides
+    expect; `repeated` (when given) collects a line saying so for each, for the caller to print."""
     overrides: dict[str, Any] = {}
     i = 0
     while i < len(argv):
@@ -394,6 +402,11 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
             value = yaml_load(raw) if raw.strip() else raw
         except yaml.YAMLError:
             value = raw
+        if key in overrides and repeated is not None:
+            repeated.append(
+                f"--{key.replace('_', '-')} is given more than once ({yaml_value(overrides[key])}, then "
+                f"{yaml_value(value)}); the last value is used"
+            )
         overrides[key] = value
         i += 1
     return overrides

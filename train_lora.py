@@ -541,6 +541,7 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None, world
             else f"interrupted ({e}) before the first round ended; nothing to resume: start {run.dir.name} again"
         )
         logger.warning(e.message)
+        e.shown = console is not None  # the console showed the line: main does not repeat it
         raise
     except Diverged as e:
         saved = checkpoints.saved_round
@@ -623,7 +624,12 @@ def parse_cli(argv: list[str]) -> config_mod.Config | None:
         print("\n".join(f"{n:{width}s}  {config_mod.describe_config(n)}" for n in names))
         return None
     name, rest = config_mod.split_config_arg(argv)
-    return config_mod.load_config(name, config_mod.parse_overrides(rest))
+    repeated: list[str] = []
+    cfg = config_mod.load_config(name, config_mod.parse_overrides(rest, repeated))
+    if distributed.launched_ranks()[0] == 0:  # said once, by rank 0 of a torchrun launch
+        for line in repeated:
+            print(f"warning: {line}", file=sys.stderr)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -672,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CODE["failed"]
     except Interrupted as e:
-        say(getattr(e, "message", f"interrupted ({e}) before the run started; nothing was written"))
+        if not getattr(e, "shown", False):
+            say(getattr(e, "message", f"interrupted ({e}) before the run started; nothing was written"))
         return e.exit_code
     finally:
         INTERRUPTS.uninstall()

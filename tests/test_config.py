@@ -166,3 +166,26 @@ def test_partition_auto_is_natural_only_where_the_dataset_has_users():
     assert config.resolved_partition(load_config(overrides={"dataset": "reddit", "clients": 0})) == "natural"
     assert config.resolved_partition(load_config(overrides={"dataset": "cifar10"})) == "dirichlet"
     assert config.resolved_partition(load_config(overrides={"dataset": "flair", "partition": "iid"})) == "iid"
+
+
+def test_an_option_given_twice_takes_its_last_value_with_a_warning(capsys):
+    """Command lines built by appending overrides (scripts, studies) expect the last value to win;
+    the run says so in one line per repeated option."""
+    import train_lora
+
+    repeated = []
+    assert parse_overrides(["--client-lr", "0.1", "--seed", "3", "--client_lr=0.2"], repeated) == {
+        "client_lr": 0.2,
+        "seed": 3,
+    }
+    assert repeated == ["--client-lr is given more than once (0.1, then 0.2); the last value is used"]
+    cfg = train_lora.parse_cli(["--client-lr", "0.1", "--client-lr", "0.2"])
+    assert cfg.client_lr == 0.2
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --client-lr is given more than once (0.1, then 0.2); the last value is used"
+    ]
+
+
+def test_two_configs_are_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"^--config: given twice \(fedavg, then flasc\); expected one config"):
+        config.split_config_arg(["--config", "fedavg", "--seed", "1", "--config=flasc"])

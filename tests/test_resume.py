@@ -218,6 +218,7 @@ def test_interrupted_run_saves_its_last_round_and_says_how_to_resume(tmp_path, r
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == code, err[-2000:]
     last = err.strip().splitlines()[-1]
+    assert sum(line.startswith("interrupted (") for line in err.splitlines()) == 1, err[-2000:]  # said once
     match = re.fullmatch(
         rf"interrupted \(SIG(INT|TERM)\) after round (\d) of 4; resume with: "
         rf"python train_lora.py --resume {re.escape(str(run_dir))}",

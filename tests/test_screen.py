@@ -33,7 +33,7 @@ def test_progress_moves_within_a_round(tiny_overrides, monkeypatch):
 
 
 def test_the_start_is_a_short_header_and_the_full_config_goes_to_the_files(tiny_overrides, capsys):
-    argv = [f"--{k}={config.yaml_value(v)}" for k, v in tiny_overrides.items()] + ["--server-rounds", "1"]
+    argv = [f"--{k}={config.yaml_value(v)}" for k, v in {**tiny_overrides, "server_rounds": 1}.items()]
     assert train_lora.main(["--config", "flasc", *argv]) == 0
     err = capsys.readouterr().err
     run_dir = config.Path(tiny_overrides["dir"]) / "run"

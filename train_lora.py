@@ -161,14 +161,15 @@ class Federation:
             for c in self.sample_clients(rnd)
         ]
         # a client's state goes only to the rank that trains it; other ranks plan that job without it
-        states = self.states_of_shares(self.shares(jobs))
+        shares = self.shares(jobs)
+        states = self.states_of_shares(shares)
         jobs = [self.algorithm.prepare(rnd, j, states.get(j.client_id)) for j in jobs]
-        return RoundPlan(rnd, dl_density, ul_density, plans, starts, jobs)
+        return RoundPlan(rnd, dl_density, ul_density, plans, starts, jobs, shares)
 
     # -- 2. client work
     def client_work(self, plan: RoundPlan) -> list:
         """This rank's share of the clients trained, then every rank's results, in client order."""
-        mine = set(self.shares(plan.jobs)[self.world.rank])
+        mine = set(plan.shares[self.world.rank])
         own = [j for j in plan.jobs if j.client_id in mine]
         results = self.world.gather(lambda: self.worker.train_group(plan.rnd, own, self.on_client), self.device)
         return sorted(results, key=lambda r: r.client_id)  # sums and merges in client order, whoever trained them

@@ -34,6 +34,7 @@ class RoundPlan:
     plans: list[Plan]  # one per tier (one without tiers)
     starts: list[torch.Tensor]  # each tier's download
     jobs: list[ClientJob]  # the sampled clients, in client order, prepared by the algorithm
+    shares: list[list[int]]  # the clients each rank trains (balanced by size; the same on every rank)
 
     @property
     def by_id(self) -> dict[int, ClientJob]:

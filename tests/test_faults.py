@@ -1,0 +1,117 @@
+"""Nothing lost, nothing silent (issue 23): damaged client states, full and read-only disks,
+undecodable files, dead launchers; each fault ends with one line, a non-zero exit and no
+traceback, and the run's last good files are kept."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+import config
+import train_lora
+from flasc.client.state_store import FILE as STATE_FILE
+from flasc.client.worker import ClientWorker
+from flasc.runtime import checkpoint
+from flasc.runtime.interrupts import Interrupted
+
+
+def argv_of(overrides: dict) -> list[str]:
+    return [f"--{k.replace('_', '-')}={config.yaml_value(v)}" for k, v in overrides.items()]
+
+
+def one_error_line(err: str, *needles: str) -> str:
+    """stderr holds exactly one error line, no traceback, and it says each of `needles`."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and "Logging error" not in err, err
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, err
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture
+def stateful(tiny_overrides):
+    """FedSA-LoRA on 4 clients, 2 a round, personal evaluation (which reads every client's state)."""
+    return {
+        **tiny_overrides,
+        "algorithm": "fedsa",
+        "clients": 4,
+        "server_batch": 2,
+        "server_rounds": 3,
+        "eval_freq": 1,
+        "ckpt_freq": 1,
+        "eval_personalized": True,
+    }
+
+
+def stopped_in_round(argv: list[str], monkeypatch, rnd: int) -> None:
+    """Run train_lora.py with a SIGTERM while round `rnd` (1-based) trains: it checkpoints round
+    rnd - 1 and ends."""
+    real = ClientWorker.train_client
+
+    def interrupted(self, r, *args):
+        if r + 1 == rnd:
+            raise Interrupted(signal.SIGTERM)
+        return real(self, r, *args)
+
+    monkeypatch.setattr(ClientWorker, "train_client", interrupted)
+    assert train_lora.main(argv) == 143
+    monkeypatch.setattr(ClientWorker, "train_client", real)
+
+
+def live_slots(run_dir) -> tuple[list[tuple[int, int]], int]:
+    """(client, byte offset) of every state the checkpoint refers to, and a slot's size in bytes."""
+    states = checkpoint.read(run_dir / checkpoint.FILE)["federation"]["client_states"]
+    slot_bytes = 4 * states["numel"]
+    return [(c, (2 * c + int(s)) * slot_bytes) for c, s in enumerate(states["current"]) if s >= 0], slot_bytes
+
+
+@pytest.mark.parametrize("fault", ["flip", "truncate", "delete"])
+def test_a_damaged_client_state_stops_the_resume_naming_the_client_and_file(
+    stateful, monkeypatch, capsys, tmp_path, fault
+):
+    stopped_in_round(argv_of(stateful), monkeypatch, 3)
+    run_dir = tmp_path / "runs" / "run"
+    (client, offset), slot_bytes = live_slots(run_dir)[0][0], live_slots(run_dir)[1]
+    path = run_dir / STATE_FILE
+    saved_checkpoint = (run_dir / checkpoint.FILE).read_bytes()
+    if fault == "flip":
+        with open(path, "r+b") as f:
+            f.seek(offset + slot_bytes // 2)
+            byte = f.read(1)
+            f.seek(offset + slot_bytes // 2)
+            f.write(bytes([byte[0] ^ 0x10]))
+    elif fault == "truncate":
+        last = max(o for _, o in live_slots(run_dir)[0])
+        client = next(c for c, o in live_slots(run_dir)[0] if o == last)
+        with open(path, "r+b") as f:
+            f.truncate(last + slot_bytes - 1)
+    else:
+        path.unlink()
+    capsys.readouterr()
+    assert train_lora.main(["--resume", str(run_dir)]) == 2
+    what = {"flip": "does not match the checksum", "truncate": "is cut short", "delete": "is missing"}[fault]
+    one_error_line(capsys.readouterr().err, str(path), f"client {client}", what, "earlier copy", "start the run again")
+    assert (run_dir / checkpoint.FILE).read_bytes() == saved_checkpoint  # the last good checkpoint is kept
+    assert not (run_dir / "summary.json").exists()
+    assert path.exists() == (fault != "delete")  # a missing file is not replaced by an empty one
+
+
+def test_a_state_damaged_during_the_run_is_caught_on_its_next_read(stateful, tmp_path):
+    """A flipped byte in a slot written this session (not yet checkpointed) is caught too."""
+    cfg = config.load_config(overrides=stateful)
+    fed = train_lora.build(cfg, train_lora.pick_device("cpu"))
+    fed.attach_store(tmp_path)
+    fed.run_round(0)
+    client = next(c for c in range(cfg.clients) if fed.store.has(c))
+    offset = (2 * client + int(fed.store.current[client])) * fed.store.slot_bytes
+    with open(tmp_path / STATE_FILE, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(checkpoint.CheckpointError, match=f"client {client}'s stored state does not match"):
+        fed.client_states([client])
+    fed.store.close()

@@ -13,12 +13,12 @@ curves (each point A · the previous smoothed point + (1 − A) · its own value
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import config as config_mod
+from flasc.runtime import tracking
 from flasc.runtime.tracking import config_name_of
 
 
@@ -35,8 +35,8 @@ def load_run(folder: Path) -> dict:
         raise PlotError(
             f"{folder} is unfinished (no summary.json); resume it with python train_lora.py --resume {folder}"
         )
-    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
-    summary = json.loads((folder / "summary.json").read_text())
+    metrics = tracking.read_jsonl(folder / "metrics.jsonl")
+    summary = tracking.read_json(folder / "summary.json")
     metric = summary.get("primary_metric", "accuracy")
     evals = [m for m in metrics if f"test_{metric}" in m]
     if not evals:
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         if not folders:
             raise PlotError("no run folders among the arguments")
         runs = [load_run(f) for f in folders]
-    except PlotError as e:
+    except (PlotError, tracking.DamagedRecord) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not 0 <= args.ema < 1:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import json
 import os
 import shlex
 import shutil
@@ -42,6 +41,7 @@ from pathlib import Path
 import yaml
 
 import config as config_mod
+from flasc.runtime import tracking
 from flasc.runtime.interrupts import INTERRUPTS, Interrupted
 from flasc.runtime.tracking import check_writable
 from flasc.studies import launchers as cluster
@@ -281,7 +281,7 @@ def results_table(specs: list[RunSpec], out_dir: Path) -> list[dict]:
     for group in dict.fromkeys(s.group for s in specs):
         members = [s for s in specs if s.group == group]
         summaries = [
-            json.loads((out_dir / s.name / "summary.json").read_text())
+            tracking.read_json(out_dir / s.name / "summary.json")
             for s in members
             if (out_dir / s.name / "summary.json").is_file()
         ]
@@ -346,7 +346,7 @@ def _round_seconds(folder: Path) -> float | None:
     path = folder / "metrics.jsonl"
     if not path.is_file():
         return None
-    seconds = [json.loads(x).get("train_seconds") for x in path.read_text().splitlines() if x]
+    seconds = [m.get("train_seconds") for m in tracking.read_jsonl(path)]
     seconds = [x for x in seconds if x is not None]
     return statistics.median(seconds) if seconds else None
 
@@ -529,7 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcome = run_all(specs, out_dir, jobs, launcher)
     except Interrupted as e:
-        rows = results_table(specs, out_dir)
+        try:
+            rows = results_table(specs, out_dir)
+        except tracking.DamagedRecord as damaged:
+            print(f"error: {damaged}", file=sys.stderr)
+            rows = []
         if rows:
             print(write_tables(rows, out_dir))
         stopped = sum(o.startswith("interrupted") for o in e.outcome.values())
@@ -541,22 +545,27 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     finally:
         INTERRUPTS.uninstall()
-    rows = results_table(specs, out_dir)
-    if not rows:  # no empty table: say why in one line
-        print(
-            f"error: all {len(specs)} runs failed, none finished; see their logs in {out_dir / 'logs'}", file=sys.stderr
-        )
+    try:
+        rows = results_table(specs, out_dir)
+        if not rows:  # no empty table: say why in one line
+            print(
+                f"error: all {len(specs)} runs failed, none finished; see their logs in {out_dir / 'logs'}",
+                file=sys.stderr,
+            )
+            return 2
+        md = write_tables(rows, out_dir)
+        extra = [
+            name
+            for name, table in (
+                ("shadows.md", study_tables.shadow_table(specs, out_dir)),
+                ("drift.md", study_tables.drift_table(specs, out_dir)),
+            )
+            if table
+        ]
+    except tracking.DamagedRecord as e:  # a run's record damaged after it finished: no table from it
+        print(f"error: {e}; rerun that run (delete its folder) or restore the file", file=sys.stderr)
         return 2
-    md = write_tables(rows, out_dir)
     print(md)
-    extra = [
-        name
-        for name, table in (
-            ("shadows.md", study_tables.shadow_table(specs, out_dir)),
-            ("drift.md", study_tables.drift_table(specs, out_dir)),
-        )
-        if table
-    ]
     failed = {n: o for n, o in outcome.items() if o.startswith("failed")}
     diverged = {n: o for n, o in outcome.items() if o.startswith("diverged")}
     print(

@@ -445,6 +445,7 @@ def open_run(cfg, device, world, console, resume_dir: Path | None, config_name: 
                 console,
                 existing=resume_dir,
                 metrics_offset=state["metrics_offset"],
+                metrics_digest=state.get("metrics_digest"),
                 purge_step=progress.rounds_done + 1,
                 lock=lock,
             )
@@ -483,6 +484,7 @@ class Checkpoints:
                     "config_fingerprint": checkpoint.config_fingerprint(fed.cfg),
                     "federation": fed.state(),
                     "metrics_offset": self.run.metrics_offset(),
+                    "metrics_digest": self.run.metrics_digest(),
                     "progress": {**vars(progress), "wall_time_s": self.elapsed()},
                 },
             )

@@ -4,6 +4,7 @@ traceback, and the run's last good files are kept."""
 
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
@@ -12,7 +13,7 @@ import config
 import train_lora
 from flasc.client.state_store import FILE as STATE_FILE
 from flasc.client.worker import ClientWorker
-from flasc.runtime import checkpoint
+from flasc.runtime import checkpoint, tracking
 from flasc.runtime.interrupts import Interrupted
 
 
@@ -115,3 +116,59 @@ def test_a_state_damaged_during_the_run_is_caught_on_its_next_read(stateful, tmp
     with pytest.raises(checkpoint.CheckpointError, match=f"client {client}'s stored state does not match"):
         fed.client_states([client])
     fed.store.close()
+
+
+# ---------------------------------------------------------------- metrics.jsonl
+@pytest.mark.parametrize("fault", ["lost_tail", "deleted", "changed"])
+def test_a_resume_refuses_metrics_that_lost_or_changed_rounds(tiny_overrides, monkeypatch, capsys, tmp_path, fault):
+    """The checkpoint of round 2 saw two lines; losing one (a tail not yet on disk when the machine
+    died), the file, or a changed byte is refused, and the file is left as it was (no NUL padding)."""
+    stopped_in_round(argv_of({**tiny_overrides, "ckpt_freq": 1, "eval_freq": 1}), monkeypatch, 3)
+    run_dir = tmp_path / "runs" / "run"
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_bytes().splitlines(keepends=True)
+    assert [json.loads(x)["round"] for x in lines] == [1, 2]
+    if fault == "lost_tail":
+        metrics.write_bytes(lines[0])
+    elif fault == "deleted":
+        metrics.unlink()
+    else:
+        metrics.write_bytes(lines[0].replace(b'"round": 1', b'"round": 7') + lines[1])
+    before = metrics.read_bytes() if metrics.exists() else None
+    capsys.readouterr()
+    assert train_lora.main(["--resume", str(run_dir)]) == 2
+    what = {"lost_tail": "ends before the rounds", "deleted": "is missing", "changed": "is damaged"}[fault]
+    one_error_line(capsys.readouterr().err, str(metrics), what, "start the run again")
+    assert (metrics.read_bytes() if metrics.exists() else None) == before
+
+
+def test_a_resume_cuts_metrics_back_to_its_checkpoint(tiny_overrides, monkeypatch, tmp_path):
+    """Rounds logged after the checkpoint (a crash between the two) are cut back, byte for byte."""
+    overrides = {**tiny_overrides, "ckpt_freq": 2, "eval_freq": 1, "server_rounds": 5}
+    stopped_in_round(argv_of(overrides), monkeypatch, 4)  # rounds 1-3 logged, 3 checkpointed on the interrupt
+    run_dir = tmp_path / "runs" / "run"
+    metrics = run_dir / "metrics.jsonl"
+    kept = metrics.read_bytes()
+    metrics.write_bytes(kept + b'{"round": 4, "train_loss": 1.0}\n')  # a line its checkpoint never saw
+    state = checkpoint.read(run_dir / checkpoint.FILE)
+    assert state["metrics_offset"] == len(kept)
+    assert train_lora.main(["--resume", str(run_dir)]) == 0
+    rounds = [json.loads(x)["round"] for x in metrics.read_text().splitlines()]
+    assert rounds == [1, 2, 3, 4, 5] and metrics.read_bytes().startswith(kept)
+
+
+@pytest.mark.parametrize("damage", [b"\x00\x00\x00\x00\n", b'{"round": 3, "test_acc\n', b"\xff\xfe\n"])
+def test_plot_and_the_study_tables_refuse_a_damaged_metrics_file(tiny_overrides, capsys, tmp_path, damage):
+    import plot
+    from flasc.studies import tables
+
+    assert train_lora.main(argv_of({**tiny_overrides, "server_rounds": 2})) == 0
+    run_dir = tmp_path / "runs" / "run"
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes() + damage)
+    capsys.readouterr()
+    assert plot.main([str(run_dir), "--out", str(tmp_path / "figs")]) == 2
+    one_error_line(capsys.readouterr().err, str(metrics), "line 3" if damage[0] != 0xFF else "not UTF-8", "damaged")
+    assert not (tmp_path / "figs").exists()
+    with pytest.raises(tracking.DamagedRecord, match="damaged"):
+        tables._metrics(run_dir)

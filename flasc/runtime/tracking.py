@@ -1,7 +1,10 @@
 """The run folder: config.yaml, metrics.jsonl, TensorBoard events, the log, summary.json.
 
 Every run records its full resolved config and one JSON line per round, so any number in a
-table can be traced back to the run that produced it.
+table can be traced back to the run that produced it. metrics.jsonl is synced to disk before each
+checkpoint, which keeps its length and digest; a resume cuts it back to exactly that and refuses
+a file that lost or changed lines, and every reader (plot.py, the study tables) refuses a
+damaged file with one line instead of a traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+import xxhash
 from loguru import logger
 
 from flasc import options as config_mod
@@ -81,6 +85,67 @@ def lock_run_dir(folder: Path, what: str):
     return handle
 
 
+class DamagedRecord(config_mod.ConfigError):
+    """A run's record (metrics.jsonl, summary.json) that cannot be read as written; the message
+    names the file and what is wrong."""
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, each a JSON object with its round; DamagedRecord otherwise."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DamagedRecord(f"{path}: byte {e.start} is not UTF-8 text; the file is damaged") from None
+    out = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("round"), int):
+            raise DamagedRecord(
+                f"{path}: line {number} is not a round's JSON record; the file is damaged (a lost or cut write)"
+            )
+        out.append(record)
+    return out
+
+
+def read_json(path: Path) -> dict:
+    """A run's summary.json (or another JSON object it wrote); DamagedRecord if it is not one."""
+    try:
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        value = None
+    if not isinstance(value, dict):
+        raise DamagedRecord(f"{path}: not a JSON object; the file is damaged (a lost or cut write)")
+    return value
+
+
+def check_metrics(path: Path, offset: int, digest: int | None, rounds_done: int) -> bytes:
+    """The first `offset` bytes of a resumed run's metrics.jsonl, which its checkpoint saw (and
+    whose digest it kept): CheckpointError if they are missing or differ, so that a resume never
+    continues a record with lost or damaged rounds."""
+    from flasc.runtime.checkpoint import CheckpointError
+
+    todo = "restore it from a copy of the run folder, or start the run again"
+    if not path.is_file():
+        if offset == 0:
+            return b""
+        raise CheckpointError(f"--resume: {path} is missing; its checkpoint saw {rounds_done} rounds in it; {todo}")
+    with open(path, "rb") as f:
+        head = f.read(offset)
+    if len(head) < offset:
+        raise CheckpointError(
+            f"--resume: {path} ends before the rounds its checkpoint saw ({len(head)} of {offset} bytes: "
+            f"lines are lost); {todo}"
+        )
+    if digest is not None and xxhash.xxh3_64_intdigest(head) != digest:
+        raise CheckpointError(f"--resume: {path} is damaged (its rounds differ from those its checkpoint saw); {todo}")
+    return head
+
+
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")  # strict JSON: no NaN or Infinity
@@ -94,6 +159,7 @@ class RunLog:
         console=None,
         existing: Path | None = None,
         metrics_offset: int = 0,
+        metrics_digest: int | None = None,
         purge_step: int | None = None,
         lock=None,
         config_name: str | None = None,
@@ -101,7 +167,9 @@ class RunLog:
         """A new run folder, or (existing) a resumed one, whose lock the caller holds: metrics.jsonl
         is cut back to what the checkpoint had seen and TensorBoard drops events from purge_step on,
         so the rounds redone after a crash are not recorded twice. config.yaml records the folder
-        name actually used (NAME-1 when NAME was taken)."""
+        name actually used (NAME-1 when NAME was taken). metrics_digest: the checkpoint's digest of
+        metrics.jsonl's first metrics_offset bytes (None: a checkpoint written before digests)."""
+        self._digest = xxhash.xxh3_64()
         if existing is None:
             self.dir = unique_run_dir(cfg.dir, cfg.name)
             self._lock = lock_run_dir(self.dir, "dir")
@@ -113,6 +181,8 @@ class RunLog:
             self.dir = Path(existing)
             self._lock = lock
             metrics = self.dir / "metrics.jsonl"
+            rounds_done = (purge_step or 1) - 1
+            self._digest.update(check_metrics(metrics, metrics_offset, metrics_digest, rounds_done))
             if metrics.exists():
                 os.truncate(metrics, metrics_offset)
         self._sinks = [
@@ -126,11 +196,19 @@ class RunLog:
         self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=purge_step)
 
     def metrics_offset(self) -> int:
+        """The length of metrics.jsonl, synced to disk (a checkpoint is about to refer to it)."""
         self._metrics.flush()
+        os.fsync(self._metrics.fileno())
         return self._metrics.tell()
 
+    def metrics_digest(self) -> int:
+        """The digest of every byte metrics.jsonl holds (the checkpoint keeps it)."""
+        return self._digest.intdigest()
+
     def log_round(self, record: dict) -> None:
-        self._metrics.write(json.dumps(record, allow_nan=False) + "\n")
+        line = json.dumps(record, allow_nan=False) + "\n"
+        self._metrics.write(line)
+        self._digest.update(line.encode())
         step = record["round"]
         for key, value in record.items():
             if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -159,6 +237,9 @@ class NoRunLog:
 
     def metrics_offset(self) -> int:
         return 0
+
+    def metrics_digest(self) -> None:
+        return None
 
     def log_round(self, record: dict) -> None:
         pass

@@ -12,9 +12,10 @@ mean ± sample std over the seeds.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
+
+from flasc.runtime import tracking
 
 DRIFT_COLUMNS = [
     "drift_cosine_mean",
@@ -28,7 +29,7 @@ DRIFT_COLUMNS = [
 
 def _metrics(folder: Path) -> list[dict]:
     path = folder / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x] if path.is_file() else []
+    return tracking.read_jsonl(path) if path.is_file() else []
 
 
 def _mean_std(values: list[float], signed: bool = False) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import itertools
 import os
 import shlex
@@ -41,7 +42,7 @@ from pathlib import Path
 import yaml
 
 import config as config_mod
-from flasc.runtime import tracking
+from flasc.runtime import files, tracking
 from flasc.runtime.interrupts import INTERRUPTS, Interrupted
 from flasc.runtime.tracking import check_writable
 from flasc.studies import launchers as cluster
@@ -389,22 +390,23 @@ def write_tables(rows: list[dict], out_dir: Path) -> str:
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(k, "-"), digits.get(k, 0)) for k in keys) + " |")
     md = "\n".join(lines)
-    (out_dir / "results.md").write_text(md + "\n")
-    with open(out_dir / "results.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        header = []
+    files.write_atomic(out_dir / "results.md", md + "\n")
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    header = []
+    for k in keys:
+        header += [f"{k} mean", f"{k} std"] if any(isinstance(r.get(k), tuple) for r in rows) else [k]
+    w.writerow(header)
+    for r in rows:
+        line = []
         for k in keys:
-            header += [f"{k} mean", f"{k} std"] if any(isinstance(r.get(k), tuple) for r in rows) else [k]
-        w.writerow(header)
-        for r in rows:
-            line = []
-            for k in keys:
-                v = r.get(k, "")
-                if any(isinstance(x.get(k), tuple) for x in rows):
-                    line += list(v) if isinstance(v, tuple) else ["", ""]
-                else:
-                    line.append(v)
-            w.writerow(line)
+            v = r.get(k, "")
+            if any(isinstance(x.get(k), tuple) for x in rows):
+                line += list(v) if isinstance(v, tuple) else ["", ""]
+            else:
+                line.append(v)
+        w.writerow(line)
+    files.write_atomic(out_dir / "results.csv", f.getvalue())
     return md
 
 
@@ -565,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     except tracking.DamagedRecord as e:  # a run's record damaged after it finished: no table from it
         print(f"error: {e}; rerun that run (delete its folder) or restore the file", file=sys.stderr)
         return 2
+    except files.WriteFailed as e:
+        print(f"error: {e}; the runs are kept, run the same command again to write the tables", file=sys.stderr)
+        return 4
     print(md)
     failed = {n: o for n, o in outcome.items() if o.startswith("failed")}
     diverged = {n: o for n, o in outcome.items() if o.startswith("diverged")}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from flasc.federation.scores import Evaluation, PersonalScores, ServerScores
 from flasc.federation.server import ServerState
 from flasc.models.params import FlatParams, ResidentModel
 from flasc.round import Diverged, Reduced, RoundCallback, RoundPlan, kept_results, round_metrics
-from flasc.runtime import checkpoint, distributed, seeding, tracking
+from flasc.runtime import checkpoint, distributed, files, seeding, tracking
 from flasc.runtime.distributed import pick_device
 from flasc.runtime.interrupts import INTERRUPTS, Interrupted
 
@@ -426,6 +427,7 @@ def open_run(cfg, device, world, console, resume_dir: Path | None, config_name: 
     Everything that can fail on bad input fails before a new run folder exists."""
     writes = world.is_main  # rank 0 alone writes the run folder
     lock = tracking.lock_run_dir(resume_dir, "--resume") if resume_dir is not None and writes else None
+    run = None
     try:
         fed = build(cfg, device, world)
         if resume_dir is None:
@@ -455,6 +457,10 @@ def open_run(cfg, device, world, console, resume_dir: Path | None, config_name: 
         fed.attach_store(run.dir, state["federation"].get("client_states"))
         return fed, progress, run, progress.rounds_done
     except BaseException:
+        if run is not None:
+            run.close()
+            if resume_dir is None and writes:  # a new run that could not start leaves no folder behind
+                shutil.rmtree(run.dir, ignore_errors=True)
         if lock is not None:
             lock.close()
         raise
@@ -497,18 +503,65 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None, world
     from loguru import logger
 
     started = time.time()
-    tracking.check_writable(cfg.dir if resume_dir is None else str(resume_dir))
-    fed, progress, run, saved_round = open_run(
-        cfg, pick_device(cfg.gpu, world.local_rank), world, console, resume_dir, config_name
-    )
+    if resume_dir is None:
+        tracking.check_writable(cfg.dir)
+    else:
+        tracking.check_writable(str(resume_dir), "--resume")
+    try:
+        fed, progress, run, saved_round = open_run(
+            cfg, pick_device(cfg.gpu, world.local_rank), world, console, resume_dir, config_name
+        )
+    except (OSError, files.WriteFailed) as e:  # open_run leaves no half-made run folder behind
+        error = e if isinstance(e, files.WriteFailed) else files.failed(e, resume_dir or cfg.dir)
+        raise files.WriteFailed(
+            error.path, f"{error.reason}; the run could not start" + ("" if resume_dir else ", nothing was kept")
+        ) from None
     cfg = fed.cfg
     checkpoints = Checkpoints(fed, run, progress, lambda: progress.wall_time_s + time.time() - started, saved_round)
     screen = tracking.Screen(console is not None, world.size > 1, fed.task.objective.primary, logger)
+    failure = None
+    try:
+        return _rounds(fed, run, progress, checkpoints, screen, console, resume_dir, logger)
+    except (OSError, files.WriteFailed) as e:
+        failure = e if isinstance(e, files.WriteFailed) else files.failed(e, run.dir)
+    finally:
+        screen.close()
+        closing = run.close()  # never raises: a failure to flush at the end is reported below
+        if fed.store is not None:
+            fed.store.close()
+        if failure is None and closing is not None and sys.exc_info()[0] is None:
+            failure = closing
+        if failure is not None:
+            raise stopped_writing(failure, run, checkpoints, resume_dir is None) from None
+
+
+def stopped_writing(e: files.WriteFailed, run, checkpoints: Checkpoints, fresh: bool) -> files.WriteFailed:
+    """The run's one line for a file it could not write (disk full, read-only...): what stays and
+    how to go on. A new run with no checkpoint yet is removed: nothing in it could be resumed,
+    and it would hold its name."""
+    saved = checkpoints.saved_round
+    if saved is not None:
+        kept = (
+            f"the run stops, {run.dir} keeps its checkpoint of round {saved}: free space (or make it writable) "
+            f"and resume with: python train_lora.py --resume {run.dir}"
+        )
+    elif fresh:
+        shutil.rmtree(run.dir, ignore_errors=True)
+        kept = f"the run stops before its first checkpoint and nothing was kept ({run.dir} removed)"
+    else:
+        kept = f"the run stops; {run.dir} is as it was"
+    return files.WriteFailed(e.path, f"{e.reason}; {kept}", e.errno)
+
+
+def _rounds(fed, run, progress: Progress, checkpoints: Checkpoints, screen, console, resume_dir, logger) -> Path:
+    """The rounds from where the run is to its end, and the run's end: finished, interrupted or diverged."""
+    cfg, world = fed.cfg, fed.world
     try:
         if resume_dir is None and world.is_main:
             describe_setup(fed, run, logger)
         elif world.is_main:
-            (run.dir / DIVERGED_FILE).unlink(missing_ok=True)  # the run is live again
+            with files.naming(run.dir / DIVERGED_FILE):
+                (run.dir / DIVERGED_FILE).unlink(missing_ok=True)  # the run is live again
             logger.info(f"resumed {run.dir} after round {progress.rounds_done} of {cfg.server_rounds}")
         if cfg.server_rounds == 0 and not progress.evals:  # evaluate (and save) the initial model
             record = {
@@ -558,11 +611,6 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None, world
         if world.is_main:
             tracking.write_json_atomic(run.dir / DIVERGED_FILE, {"reason": str(e), "checkpoint_round": saved})
         raise Diverged(f"{e}; {kept}") from None
-    finally:
-        screen.close()
-        run.close()
-        if fed.store is not None:
-            fed.store.close()
 
 
 def finish(fed: Federation, run, progress: Progress, checkpoints: Checkpoints, logger) -> Path:
@@ -572,9 +620,13 @@ def finish(fed: Federation, run, progress: Progress, checkpoints: Checkpoints, l
     checkpoints.save()
     fed.evaluation.scores.load(fed.server_state)  # the saved adapter is exactly the model evaluated last
     if fed.world.is_main:
-        models.save_trained(fed.model, run.dir / "adapter")
-        if fed.algorithm.base is not None:
-            fed.algorithm.base.save(run.dir / "adapter")
+
+        def fill(folder: Path) -> None:
+            models.save_trained(fed.model, folder)
+            if fed.algorithm.base is not None:
+                fed.algorithm.base.save(folder)
+
+        files.replace_folder(run.dir / "adapter", fill)  # whole or as it was: never half a model
     summary = summarize(fed, progress, checkpoints.elapsed())
     run.write_summary(summary)
     logger.info(
@@ -674,6 +726,9 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as e:
         say(f"error: {e}")
         return EXIT_CODE["diverged"]
+    except files.WriteFailed as e:
+        say(f"error: {e}")
+        return EXIT_CODE["write_failed"]
     except distributed.RankFailed as e:
         say(f"error: {e}")
         return EXIT_CODE["failed"]

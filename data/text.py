@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
-import os
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from data.base import DataUnavailable
+from flasc.runtime import files
 
 
 @dataclass
@@ -61,10 +66,22 @@ def tokenize_cached(
             blob = torch.load(path, weights_only=True)
             return {s: Split(**blob[s]) for s in ("train", "val", "test")}
         except Exception:  # a damaged cache is rebuilt, never trusted
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (a read-only one is left, and said so below)
+                path.unlink()
     splits = {s: _tokenize(*raw.splits[s], tokenizer, max_length) for s in ("train", "val", "test")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({s: vars(v) for s, v in splits.items()}, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+    buf = io.BytesIO()
+    torch.save({s: vars(v) for s, v in splits.items()}, buf)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.write_atomic(path, buf.getvalue())  # atomic: a crash or a full disk never leaves a half-written cache
+    except (OSError, files.WriteFailed) as e:
+        if e.errno in READ_ONLY:
+            raise DataUnavailable(
+                f"data_dir {data_dir} is read-only ({files.reason_of(e)}) and holds no cache for {name} "
+                f"tokenized to max_length {max_length} ({path.name}); point data_dir at a writable folder"
+            ) from None
+        raise e if isinstance(e, files.WriteFailed) else files.failed(e, path) from None
     return splits
+
+
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)

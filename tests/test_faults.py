@@ -4,10 +4,15 @@ traceback, and the run's last good files are kept."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import resource
 import signal
+import subprocess
+from pathlib import Path
 
 import pytest
+import torch
 
 import config
 import train_lora
@@ -172,3 +177,169 @@ def test_plot_and_the_study_tables_refuse_a_damaged_metrics_file(tiny_overrides,
     assert not (tmp_path / "figs").exists()
     with pytest.raises(tracking.DamagedRecord, match="damaged"):
         tables._metrics(run_dir)
+
+
+# ---------------------------------------------------------------- full and read-only disks
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a fresh tmpfs of that many bytes (skipped where mounting is not allowed)."""
+    mounted = []
+
+    def mount(size: int, name: str = "disk") -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free byte of the disk; returns the filler (delete it to free the space)."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+    return filler
+
+
+def without_timing(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in m.items() if "seconds" not in k} for m in tracking.read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def same_adapter(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (a, b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_new_run_on_a_full_disk_says_so_and_leaves_no_folder(tiny_overrides, small_disk, capsys):
+    disk = small_disk(64 * 1024)
+    fill(disk)
+    code = train_lora.main(argv_of({**tiny_overrides, "dir": str(disk / "runs")}))
+    assert code == tracking.EXIT_CODE["write_failed"]
+    one_error_line(capsys.readouterr().err, f"cannot write {disk / 'runs' / 'run'}", "No space left on device")
+    assert list((disk / "runs").iterdir()) == []  # the name is free for the rerun
+
+
+def test_a_new_run_past_its_file_size_limit_leaves_no_folder(tiny_overrides, capsys, tmp_path):
+    """RLIMIT_FSIZE (no mount needed): the first file of the run folder cannot be written."""
+    train_lora.main(argv_of({**tiny_overrides, "name": "cache", "server_rounds": 1}))  # the data cache, first
+    capsys.readouterr()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200, limits[1]))
+    try:
+        code = train_lora.main(argv_of(tiny_overrides))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert code == tracking.EXIT_CODE["write_failed"]
+    one_error_line(capsys.readouterr().err, str(tmp_path / "runs" / "run"), "File too large", "nothing was kept")
+    assert not (tmp_path / "runs" / "run").exists()
+
+
+def fault_after_checkpoint(monkeypatch, rounds: int, fault) -> None:
+    """fault() once the checkpoint of round `rounds` is on disk."""
+    save = checkpoint.save
+
+    def save_then_fault(run_dir, state):
+        save(run_dir, state)
+        if state["round"] == rounds:
+            fault()
+
+    monkeypatch.setattr(checkpoint, "save", save_then_fault)
+
+
+@pytest.mark.parametrize("fault", ["full", "read_only"])
+def test_a_run_whose_disk_fills_or_turns_read_only_stops_and_resumes_exactly(
+    tiny_overrides, small_disk, monkeypatch, capsys, tmp_path, fault
+):
+    overrides = {**tiny_overrides, "server_rounds": 4, "ckpt_freq": 1, "eval_freq": 1}
+    assert train_lora.main(argv_of({**overrides, "name": "ref"})) == 0
+    disk = small_disk(16 * 1024 * 1024)
+    filler = []
+
+    run_dir = disk / "runs" / "run"
+
+    def break_disk():
+        if fault == "full":
+            filler.append(fill(disk))
+        else:  # a read-only view of the run folder over it: every file opened from now on is read-only
+            subprocess.run(["mount", "--bind", str(run_dir), str(run_dir)], check=True)
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(run_dir)], check=True)
+
+    fault_after_checkpoint(monkeypatch, 2, break_disk)
+    argv = argv_of({**overrides, "dir": str(disk / "runs")})
+    capsys.readouterr()
+    assert train_lora.main(argv) == tracking.EXIT_CODE["write_failed"]
+    reason = "No space left on device" if fault == "full" else "Read-only file system"
+    one_error_line(capsys.readouterr().err, str(run_dir), reason, "checkpoint of round 2", f"--resume {run_dir}")
+    assert checkpoint.read(run_dir / checkpoint.FILE)["round"] == 2  # the last good checkpoint, readable
+    assert not list(run_dir.glob("*.tmp"))  # nothing half-written left beside it
+    monkeypatch.setattr(checkpoint, "save", SAVE)
+    if fault == "full":
+        filler[0].unlink()
+    else:
+        subprocess.run(["umount", str(run_dir)], check=True)
+    assert train_lora.main(["--resume", str(run_dir)]) == 0
+    ref = tmp_path / "runs" / "ref"
+    assert without_timing(run_dir) == without_timing(ref)
+    assert same_adapter(run_dir, ref)
+
+
+SAVE = checkpoint.save
+
+
+def read_only_view(folder: Path, small_disk) -> Path:
+    """A read-only mount showing folder's files (skipped where mounting is not allowed)."""
+    view = small_disk(1024 * 1024, name=f"ro-{folder.name}")
+    subprocess.run(["umount", str(view)], check=True)
+    done = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(view)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot bind-mount here ({done.stderr.decode().strip()})")
+    return view
+
+
+def test_a_read_only_data_dir_without_the_cache_is_said_to_be_so(tiny_overrides, small_disk, capsys, tmp_path):
+    empty = tmp_path / "empty-data"
+    empty.mkdir()
+    data_dir = read_only_view(empty, small_disk)
+    assert train_lora.main(argv_of({**tiny_overrides, "data_dir": str(data_dir)})) == 2
+    one_error_line(
+        capsys.readouterr().err,
+        f"data_dir {data_dir} is read-only",
+        "holds no cache for toy",
+        "max_length 16",
+        "point data_dir at a writable folder",
+    )
+    assert not (tmp_path / "runs" / "run").exists()
+
+
+def test_a_read_only_data_dir_with_the_cache_is_used(tiny_overrides, small_disk, capsys, tmp_path):
+    assert train_lora.main(argv_of({**tiny_overrides, "name": "writable", "server_rounds": 1})) == 0
+    data_dir = read_only_view(tmp_path / "data", small_disk)
+    assert train_lora.main(argv_of({**tiny_overrides, "data_dir": str(data_dir), "server_rounds": 1})) == 0
+    # another max_length has no cache there: said so, not a traceback
+    capsys.readouterr()
+    assert train_lora.main(argv_of({**tiny_overrides, "data_dir": str(data_dir), "max_length": 12})) == 2
+    one_error_line(capsys.readouterr().err, "is read-only", "max_length 12")
+
+
+@pytest.mark.parametrize("where", ["/proc/flasc-runs", "read-only"])
+def test_a_runs_folder_that_cannot_be_made_is_refused_before_anything_loads(
+    tiny_overrides, small_disk, capsys, tmp_path, where
+):
+    if where == "read-only":
+        (tmp_path / "ro").mkdir()
+        where = str(read_only_view(tmp_path / "ro", small_disk) / "runs")
+    assert train_lora.main(argv_of({**tiny_overrides, "dir": where})) == 2
+    one_error_line(capsys.readouterr().err, "dir: ", "is not writable", "expected a folder the runs can be written to")
+    assert not (tmp_path / "data").exists()  # refused before the data were loaded

@@ -19,7 +19,6 @@ states. The digest costs a few percent of a state's read or write (bench/client_
 
 from __future__ import annotations
 
-import errno
 import os
 import tempfile
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 import xxhash
 
+from flasc.runtime import files
 from flasc.runtime.checkpoint import CheckpointError
 
 FILE = "client_state.bin"
@@ -55,7 +55,8 @@ class ClientStateStore:
         else:
             self.path = Path(folder) / FILE
             self.existed = self.path.exists()
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            with files.naming(self.path):
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         self.current = np.full(clients, -1, dtype=np.int8)  # slot holding each client's state, -1: none yet
         self.saved = np.full(clients, -1, dtype=np.int8)  # slot the last checkpoint refers to
         self.digests = np.zeros((clients, 2), dtype=np.uint64)  # each slot's digest, as written
@@ -97,15 +98,17 @@ class ClientStateStore:
             raise ValueError(f"client state of {values.numel()} values; the store holds {self.numel}")
         slot = 1 if self.saved[client] == 0 else 0
         data = np.ascontiguousarray(values.numpy(), dtype=VALUE)
-        written = os.pwrite(self.fd, data, self._offset(client, slot))  # from the array's memory, no copy
+        with files.naming(self.path):  # a full disk: the slot is one no checkpoint refers to
+            written = os.pwrite(self.fd, data, self._offset(client, slot))  # from the array's memory, no copy
         if written != self.slot_bytes:
-            raise OSError(errno.ENOSPC, f"short write of client {client}'s state", str(self.path))
+            raise files.WriteFailed(self.path, f"short write of client {client}'s state")
         self.digests[client, slot], self.checked[client, slot] = digest(data), True
         self.current[client] = slot
 
     def flush(self) -> None:
         """Every state written so far is on disk (called before a checkpoint refers to them)."""
-        os.fsync(self.fd)
+        with files.naming(self.path):
+            os.fsync(self.fd)
 
     def state_dict(self) -> dict:
         """Which slot is current, and its digest (0 where a client has no state)."""

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from pathlib import Path
 
 import torch
 
 from flasc import options as config_mod
+from flasc.runtime import files
 
 FILE = "checkpoint.pt"
 FORMAT = 2
@@ -56,13 +56,9 @@ def encode(state: dict) -> bytes:
 
 
 def save(run_dir: Path, state: dict) -> None:
-    """Write the checkpoint atomically: a temporary file, flushed to disk, renamed over the old one."""
-    tmp = run_dir / (FILE + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(encode(state))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run_dir / FILE)
+    """Write the checkpoint atomically: a temporary file, flushed to disk, renamed over the old one
+    (which a write that fails, WriteFailed, leaves as it was)."""
+    files.write_atomic(run_dir / FILE, encode(state))
 
 
 def read(path: Path) -> dict:

@@ -9,8 +9,10 @@ damaged file with one line instead of a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,24 +20,29 @@ import xxhash
 from loguru import logger
 
 from flasc import options as config_mod
+from flasc.runtime import files
 
 # How train_lora.py ends (docs/troubleshooting.md), and the file a diverged run leaves in its folder.
-EXIT_CODE = {"ok": 0, "failed": 1, "bad_input": 2, "diverged": 3}
+EXIT_CODE = {"ok": 0, "failed": 1, "bad_input": 2, "diverged": 3, "write_failed": 4}
 DIVERGED_FILE = "diverged.json"
 
 
-def check_writable(parent: str) -> None:
-    """Refuse a runs folder that cannot be written (a file, a read-only folder; for a folder still to
-    be made, its nearest existing ancestor), before any data or model is loaded."""
+def check_writable(parent: str, what: str = "dir") -> None:
+    """Refuse a runs folder that cannot be written (a file, a read-only folder or file system, a
+    place such as /proc where nothing can be made; for a folder still to be made, its nearest
+    existing ancestor), before any data or model is loaded."""
     probe = Path(parent).expanduser()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
         raise config_mod.ConfigError(
-            f"dir: {probe} is a file, not a folder; expected a folder the runs can be written to"
+            f"{what}: {probe} is a file, not a folder; expected a folder the runs can be written to"
         )
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise config_mod.ConfigError(f"dir: {probe} is not writable; expected a folder the runs can be written to")
+    error = files.writable(probe)
+    if error is not None:
+        raise config_mod.ConfigError(
+            f"{what}: {probe} is not writable ({files.reason_of(error)}); expected a folder the runs can be written to"
+        )
 
 
 def unique_run_dir(parent: str, name: str) -> Path:
@@ -67,21 +74,24 @@ def lock_run_dir(folder: Path, what: str):
     cannot append to the same files. Returns the open lock file; `what` starts the refusal line."""
     import fcntl
 
-    handle = open(folder / LOCK_FILE, "a+")
+    with files.naming(folder / LOCK_FILE):
+        handle = open(folder / LOCK_FILE, "a+b", buffering=0)  # unbuffered: nothing left to flush on close
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        pid = handle.read().strip()
+        pid = handle.read().decode(errors="replace").strip()
         handle.close()
         raise config_mod.ConfigError(
             f"{what}: {folder} is being written by a live process"
             f"{f' (pid {pid})' if pid else ''}; wait for it to end or stop it first"
         ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
+    try:  # the pid only helps the refusal above say who holds it: a full disk does not stop the run here
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()).encode())
+    except OSError:
+        pass
     return handle
 
 
@@ -147,9 +157,44 @@ def check_metrics(path: Path, offset: int, digest: int | None, rounds_done: int)
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")  # strict JSON: no NaN or Infinity
-    os.replace(tmp, path)
+    files.write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")  # strict JSON: no NaN or Infinity
+
+
+class LogFile:
+    """train.log as loguru's sink: a write that fails (disk full) is raised naming the file,
+    instead of loguru's "Logging error" block with the whole message."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with files.naming(path):
+            self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, message: str) -> None:
+        with files.naming(self.path):
+            self._file.write(message)
+            self._file.flush()
+
+    def close(self) -> None:
+        with files.naming(self.path):
+            self._file.close()
+
+
+def quiet_event_writer_threads() -> None:
+    """TensorBoard writes events from a thread of its own; a write that fails there (disk full) is
+    raised again on the run's next TensorBoard call, which names the folder. Its thread's own
+    traceback is therefore not printed."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "flasc_quiet", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    hook.flasc_quiet = True
+    threading.excepthook = hook
 
 
 class RunLog:
@@ -168,37 +213,54 @@ class RunLog:
         is cut back to what the checkpoint had seen and TensorBoard drops events from purge_step on,
         so the rounds redone after a crash are not recorded twice. config.yaml records the folder
         name actually used (NAME-1 when NAME was taken). metrics_digest: the checkpoint's digest of
-        metrics.jsonl's first metrics_offset bytes (None: a checkpoint written before digests)."""
+        metrics.jsonl's first metrics_offset bytes (None: a checkpoint written before digests).
+        A new folder that cannot be set up (disk full) is removed again: it never holds the name."""
         self._digest = xxhash.xxh3_64()
+        self._sinks, self._log, self._metrics, self.tb, self._lock = [], None, None, None, lock
+        self.dir = Path(existing) if existing is not None else unique_run_dir(cfg.dir, cfg.name)
+        try:
+            self._open(cfg, console, existing, metrics_offset, metrics_digest, purge_step, config_name)
+        except BaseException:
+            self.close()
+            if existing is None:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def _open(self, cfg, console, existing, metrics_offset, metrics_digest, purge_step, config_name) -> None:
+        metrics = self.dir / "metrics.jsonl"
         if existing is None:
-            self.dir = unique_run_dir(cfg.dir, cfg.name)
             self._lock = lock_run_dir(self.dir, "dir")
             header = f"{CONFIG_COMMENT}{config_name}\n" if config_name else ""
-            (self.dir / "config.yaml").write_text(
-                header + config_mod.dump(config_mod.Config({**cfg, "name": self.dir.name}))
+            files.write_atomic(
+                self.dir / "config.yaml", header + config_mod.dump(config_mod.Config({**cfg, "name": self.dir.name}))
             )
         else:
-            self.dir = Path(existing)
-            self._lock = lock
-            metrics = self.dir / "metrics.jsonl"
             rounds_done = (purge_step or 1) - 1
             self._digest.update(check_metrics(metrics, metrics_offset, metrics_digest, rounds_done))
             if metrics.exists():
-                os.truncate(metrics, metrics_offset)
-        self._sinks = [
-            logger.add(self.dir / "train.log", level="DEBUG", format="{time:YYYY-MM-DD HH:mm:ss} | {level} | {message}")
-        ]
+                with files.naming(metrics):
+                    os.truncate(metrics, metrics_offset)
+        quiet_event_writer_threads()
+        self._log = LogFile(self.dir / "train.log")
+        fmt = "{time:YYYY-MM-DD HH:mm:ss} | {level} | {message}"
+        self._sinks.append(logger.add(self._log, level="DEBUG", format=fmt, catch=False))
         if console is not None:
-            self._sinks.append(logger.add(console, level="INFO", format="{message}", colorize=False))
-        self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
+            self._sinks.append(logger.add(console, level="INFO", format="{message}", colorize=False, catch=False))
+        with files.naming(metrics):
+            self._metrics = open(metrics, "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=purge_step)
+        with files.naming(self.dir / "tb"):
+            self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=purge_step)
 
     def metrics_offset(self) -> int:
-        """The length of metrics.jsonl, synced to disk (a checkpoint is about to refer to it)."""
-        self._metrics.flush()
-        os.fsync(self._metrics.fileno())
+        """The length of metrics.jsonl, synced to disk with the TensorBoard events (a checkpoint is
+        about to refer to it)."""
+        with files.naming(self.dir / "metrics.jsonl"):
+            self._metrics.flush()
+            os.fsync(self._metrics.fileno())
+        with files.naming(self.dir / "tb"):
+            self.tb.flush()
         return self._metrics.tell()
 
     def metrics_digest(self) -> int:
@@ -207,26 +269,48 @@ class RunLog:
 
     def log_round(self, record: dict) -> None:
         line = json.dumps(record, allow_nan=False) + "\n"
-        self._metrics.write(line)
+        with files.naming(self.dir / "metrics.jsonl"):
+            self._metrics.write(line)
         self._digest.update(line.encode())
         step = record["round"]
-        for key, value in record.items():
-            if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.tb.add_scalar(key.replace("_", "/", 1), value, step)
-            elif isinstance(value, dict) and not key.endswith("_by_client"):  # per layer: one curve each
-                for sub, v in value.items():
-                    self.tb.add_scalar(f"{key.replace('_', '/', 1)}/{sub}", v, step)
+        with files.naming(self.dir / "tb"):
+            for key, value in record.items():
+                if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(key.replace("_", "/", 1), value, step)
+                elif isinstance(value, dict) and not key.endswith("_by_client"):  # per layer: one curve each
+                    for sub, v in value.items():
+                        self.tb.add_scalar(f"{key.replace('_', '/', 1)}/{sub}", v, step)
 
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self.dir / "summary.json", summary)
 
-    def close(self) -> None:
-        self._metrics.close()
-        self.tb.close()
+    def close(self) -> files.WriteFailed | None:
+        """Close every file and release the lock, whatever fails; returns the first write that
+        failed on the way (the caller decides whether it matters), never raises it."""
+        first = None
+        parts = [
+            (self._metrics and self._metrics.close, self.dir / "metrics.jsonl"),
+            (self.tb and self.tb.close, self.dir / "tb"),
+        ]
+        for close, path in parts:
+            try:
+                if close:
+                    close()
+            except Exception as e:  # noqa: BLE001 - a full disk at the last flush: reported by the caller
+                first = first or files.WriteFailed(path, files.reason_of(e))
         for sink in self._sinks:
             logger.remove(sink)
+        self._sinks = []
+        if self._log is not None:
+            try:
+                self._log.close()
+            except files.WriteFailed as e:
+                first = first or e
         if self._lock is not None:
-            self._lock.close()
+            with contextlib.suppress(OSError):
+                self._lock.close()
+        self._metrics = self.tb = self._log = self._lock = None
+        return first
 
 
 class NoRunLog:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from flasc.runtime import tracking
+from flasc.runtime import files, tracking
 
 DRIFT_COLUMNS = [
     "drift_cosine_mean",
@@ -104,7 +104,7 @@ def shadow_table(specs, out_dir: Path) -> str | None:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     sections.append("\n".join(lines))
     md = "\n\n".join(sections) + "\n"
-    (out_dir / "shadows.md").write_text(md)
+    files.write_atomic(out_dir / "shadows.md", md)
     return md
 
 
@@ -128,5 +128,5 @@ def drift_table(specs, out_dir: Path) -> str | None:
             cells.append(_mean_std(per_seed))
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n"
-    (out_dir / "drift.md").write_text(md)
+    files.write_atomic(out_dir / "drift.md", md)
     return md

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from flasc.options import Config, ConfigError, dump, yaml_load, yaml_value  # noqa: F401  (config.X for callers)
+from flasc.options import Config, ConfigError, dump, read_text, yaml_load, yaml_value  # noqa: F401  (config.X for callers)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BASIC = "basic_config"
@@ -198,7 +198,7 @@ def list_configs() -> list[str]:
 def describe_config(name: str) -> str:
     """The first sentence of the comment that opens configs/NAME.yaml (what the config is)."""
     words = []
-    for line in (CONFIG_DIR / f"{name}.yaml").read_text().splitlines():
+    for line in read_text(CONFIG_DIR / f"{name}.yaml").splitlines():
         if not line.startswith("#"):
             break
         words.append(line.lstrip("#").strip())
@@ -246,7 +246,7 @@ def _config_layers(name: str, chain: tuple[tuple[str, Path], ...] = ()) -> list[
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml_load(path.read_text())
+        data = yaml_load(read_text(path))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if data is None:

@@ -49,7 +49,7 @@ def load_run(folder: Path) -> dict:
         e.setdefault("elapsed_seconds", elapsed[e["round"]])
     return {
         "dir": folder,
-        "config": config_mod.yaml_load((folder / "config.yaml").read_text()),
+        "config": config_mod.yaml_load(config_mod.read_text(folder / "config.yaml", "the run's saved config")),
         "config_name": config_name_of(folder),
         "summary": summary,
         "evals": evals,
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         if not folders:
             raise PlotError("no run folders among the arguments")
         runs = [load_run(f) for f in folders]
-    except (PlotError, tracking.DamagedRecord) as e:
+    except (PlotError, config_mod.ConfigError) as e:  # DamagedRecord, an unreadable config.yaml
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not 0 <= args.ema < 1:

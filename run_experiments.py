@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             raise StudyError(f"--config-list: no file {path}")
         try:
-            study = config_mod.yaml_load(path.read_text())
+            study = config_mod.yaml_load(config_mod.read_text(path, "an experiments file"))
         except yaml.YAMLError as e:
             raise StudyError(f"{path}: not valid YAML ({e})") from None
         check_shape(study)

@@ -661,7 +661,7 @@ def parse_resume(argv: list[str]) -> tuple[config_mod.Config, Path] | None:
     if not saved.is_file():
         raise config_mod.ConfigError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
     try:
-        values = config_mod.yaml_load(saved.read_text())
+        values = config_mod.yaml_load(config_mod.read_text(saved, "the run's saved config"))
     except yaml.YAMLError:
         raise config_mod.ConfigError(f"--resume: {saved} is not valid YAML") from None
     if not isinstance(values, dict):

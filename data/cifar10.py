@@ -27,8 +27,17 @@ IMAGE_SIZE = 224
 
 
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    try:
+        with open(path, "rb") as f:
+            blob = pickle.load(f, encoding="latin1")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as e:  # unreadable, cut short, damaged
+        raise DataUnavailable(
+            f"dataset cifar10: {path} is not a CIFAR-10 batch file ({type(e).__name__}); delete "
+            f"{path.parent} to download it again"
+        ) from None
+    if not isinstance(blob, dict):
+        raise DataUnavailable(f"dataset cifar10: {path} is not a CIFAR-10 batch file; delete {path.parent}")
+    return blob
 
 
 def _complete(folder: Path) -> bool:

@@ -41,7 +41,7 @@ def find_folder(data_dir: str) -> Path:
 def _records(folder: Path) -> list[dict]:
     try:
         records = json.loads((folder / METADATA).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
         raise DataUnavailable(f"dataset flair: {folder / METADATA} is not readable JSON ({e})") from None
     if not isinstance(records, list):
         raise DataUnavailable(f"dataset flair: {folder / METADATA} must hold a list of records")

@@ -25,7 +25,7 @@ FILES = ("train_clients.json", "eval_clients.json")
 def _users(path: Path) -> list[str]:
     try:
         names = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
         raise DataUnavailable(f"dataset reddit: {path} is not readable JSON ({e})") from None
     if isinstance(names, dict):
         names = list(names)

@@ -47,6 +47,23 @@ for _cls in (_Loader, _Dumper):
     )
 
 
+def read_text(path, expected: str = "a YAML file") -> str:
+    """A text file the user gave (a config, an experiments file, a run's config.yaml): ConfigError
+    naming the file when it cannot be read or is not UTF-8 text."""
+    from pathlib import Path
+
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or type(e).__name__}); expected {expected}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x}); expected {expected} saved as UTF-8"
+        ) from None
+
+
 def yaml_load(text: str):
     """Parse YAML text (config files, experiments files, saved configs, command-line values)."""
     return yaml.load(text, Loader=_Loader)

@@ -343,3 +343,45 @@ def test_a_runs_folder_that_cannot_be_made_is_refused_before_anything_loads(
     assert train_lora.main(argv_of({**tiny_overrides, "dir": where})) == 2
     one_error_line(capsys.readouterr().err, "dir: ", "is not writable", "expected a folder the runs can be written to")
     assert not (tmp_path / "data").exists()  # refused before the data were loaded
+
+
+# ---------------------------------------------------------------- undecodable and unreadable inputs
+NOT_UTF8 = "client_lr: 0.1  # caf\xe9\n".encode("latin-1")
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tiny_overrides, capsys, tmp_path):
+    (tmp_path / "mine.yaml").write_bytes(NOT_UTF8)
+    assert train_lora.main(["--config", str(tmp_path / "mine.yaml"), *argv_of(tiny_overrides)]) == 2
+    one_error_line(capsys.readouterr().err, f"{tmp_path / 'mine.yaml'}: not UTF-8 text (byte {NOT_UTF8.index(0xE9)} is 0xe9)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_experiments_file_that_is_not_utf8_is_named(capsys, tmp_path):
+    import run_experiments as rx
+
+    (tmp_path / "study.yaml").write_bytes(b"experiments:\n  - config: fedavg  # \xff\n")
+    assert rx.main(["--config-list", str(tmp_path / "study.yaml"), "--dir", str(tmp_path / "out")]) == 2
+    one_error_line(capsys.readouterr().err, "study.yaml: not UTF-8 text", "expected an experiments file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_folder_whose_config_is_not_utf8_is_refused_on_resume(tiny_overrides, monkeypatch, capsys, tmp_path):
+    stopped_in_round(argv_of(tiny_overrides), monkeypatch, 3)
+    run_dir = tmp_path / "runs" / "run"
+    saved = (run_dir / "config.yaml").read_bytes()
+    (run_dir / "config.yaml").write_bytes(saved.replace(b"seed:", b"s\xffeed:"))
+    capsys.readouterr()
+    assert train_lora.main(["--resume", str(run_dir)]) == 2
+    one_error_line(capsys.readouterr().err, f"{run_dir / 'config.yaml'}: not UTF-8 text", "the run's saved config")
+
+
+def test_data_files_that_are_not_utf8_are_named(tmp_path):
+    import task_fixtures
+
+    from data import DataUnavailable, load_task
+
+    task_fixtures.reddit(tmp_path, {"a": 2, "b": 2}, {"c": 2})
+    users = tmp_path / "reddit" / "train_clients.json"
+    users.write_bytes(b'["a", "\xff"]')
+    with pytest.raises(DataUnavailable, match=f"{users} is not readable JSON"):
+        load_task("reddit", str(tmp_path), lambda: (type("Tok", (), {"pad_token_id": 0})(), "tok"))

@@ -64,7 +64,7 @@ CONFIG_COMMENT = "# --config "  # config.yaml's first line: the config the run c
 
 def config_name_of(run_dir: Path) -> str | None:
     """The --config a run came from, as its config.yaml records it (None: the defaults)."""
-    first = (Path(run_dir) / "config.yaml").read_text().split("\n", 1)[0]
+    first = config_mod.read_text(Path(run_dir) / "config.yaml", "the run's saved config").split("\n", 1)[0]
     return first[len(CONFIG_COMMENT) :].strip() if first.startswith(CONFIG_COMMENT) else None
 
 

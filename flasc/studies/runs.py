@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flasc.options import yaml_load, yaml_value
+from flasc.options import read_text, yaml_load, yaml_value
 from flasc.runtime.tracking import DIVERGED_FILE, EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: train_lora.py and configs/
@@ -35,7 +35,7 @@ def made_with(folder: Path, resolved: dict) -> bool:
     import config as config_mod  # the schema and its defaults (config.py imports nothing of studies)
 
     try:
-        return dict(config_mod.from_mapping(yaml_load((folder / "config.yaml").read_text()))) == resolved
+        return dict(config_mod.from_mapping(yaml_load(read_text(folder / "config.yaml")))) == resolved
     except (OSError, config_mod.ConfigError):
         return False
 

@@ -352,7 +352,8 @@ NOT_UTF8 = "client_lr: 0.1  # caf\xe9\n".encode("latin-1")
 def test_a_config_file_that_is_not_utf8_is_named(tiny_overrides, capsys, tmp_path):
     (tmp_path / "mine.yaml").write_bytes(NOT_UTF8)
     assert train_lora.main(["--config", str(tmp_path / "mine.yaml"), *argv_of(tiny_overrides)]) == 2
-    one_error_line(capsys.readouterr().err, f"{tmp_path / 'mine.yaml'}: not UTF-8 text (byte {NOT_UTF8.index(0xE9)} is 0xe9)")
+    where = NOT_UTF8.index(0xE9)
+    one_error_line(capsys.readouterr().err, f"{tmp_path / 'mine.yaml'}: not UTF-8 text (byte {where} is 0xe9)")
     assert not (tmp_path / "runs").exists()
 
 

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import itertools
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,7 +45,7 @@ import yaml
 
 import config as config_mod
 from flasc.runtime import files, tracking
-from flasc.runtime.interrupts import INTERRUPTS, Interrupted
+from flasc.runtime.interrupts import INTERRUPTS, Interrupted, end_with_parent
 from flasc.runtime.tracking import check_writable
 from flasc.studies import launchers as cluster
 from flasc.studies import tables as study_tables
@@ -234,6 +236,7 @@ def _drain(queue: list, running: list, outcome: dict, out_dir: Path, logs: Path,
                 stderr=subprocess.STDOUT,
                 env=worker_env(slot, jobs),
                 cwd=ROOT,
+                preexec_fn=functools.partial(end_with_parent, signal.SIGTERM, os.getpid()),  # ends with the study
             )
             running.append((spec, proc, log, slot))
         time.sleep(0.2)

@@ -40,7 +40,7 @@ from flasc.models.params import FlatParams, ResidentModel
 from flasc.round import Diverged, Reduced, RoundCallback, RoundPlan, kept_results, round_metrics
 from flasc.runtime import checkpoint, distributed, files, seeding, tracking
 from flasc.runtime.distributed import pick_device
-from flasc.runtime.interrupts import INTERRUPTS, Interrupted
+from flasc.runtime.interrupts import INTERRUPTS, Interrupted, end_with_parent
 
 EXIT_CODE, DIVERGED_FILE = tracking.EXIT_CODE, tracking.DIVERGED_FILE
 __all__ = ["Federation", "Diverged", "build", "train", "main", "pick_device", "make_clients", "hold_out_local_tests"]
@@ -699,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     say = lambda text: print(text, file=sys.stderr) if speaks else None  # noqa: E731
     world = distributed.World()
     INTERRUPTS.install()
+    if distributed.launched_ranks()[1] > 1:
+        end_with_parent()  # a rank ends (and checkpoints) when its launcher is killed
     try:
         resume = parse_resume(argv)
         if resume is not None:

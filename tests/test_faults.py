@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -386,3 +389,106 @@ def test_data_files_that_are_not_utf8_are_named(tmp_path):
     users.write_bytes(b'["a", "\xff"]')
     with pytest.raises(DataUnavailable, match=f"{users} is not readable JSON"):
         load_task("reddit", str(tmp_path), lambda: (type("Tok", (), {"pad_token_id": 0})(), "tok"))
+
+
+# ---------------------------------------------------------------- dead launchers
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (an ended child nobody has reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def wait_for(condition, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not condition():
+        assert time.monotonic() - t0 < timeout, f"{what} after {timeout} s"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+TINY = (
+    "--model tiny-bert --max-length 16 --clients 6 --server-batch 4 --server-rounds 3 --eval-freq 1 "
+    "--lora-rank 4 --client-batch 32 --gpu cpu --dist-timeout 60"
+).split()
+ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("FLASC_")}, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_torchrun_workers_end_within_seconds_of_their_killed_launcher_and_the_run_resumes(tmp_path):
+    from conftest import ROOT
+
+    args = [*TINY, "--dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data")]
+    ref = subprocess.run(
+        [sys.executable, str(ROOT / "train_lora.py"), *args, "--name", "ref"],
+        capture_output=True,
+        env=ENV,
+        cwd=tmp_path,
+    )
+    assert ref.returncode == 0, ref.stderr.decode()[-2000:]
+    marks = tmp_path / "pids"
+    marks.mkdir()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    launcher = subprocess.Popen(
+        [*torchrun, str(ROOT / "tests" / "faulty_train.py"), *args, "--name", "run"],
+        env={**ENV, "FLASC_CRASH_AT": "in_training:2:sleep", "FLASC_PID_DIR": str(marks)},
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: len(list(marks.iterdir())) == 2, 120, "the ranks did not reach round 2")
+        ranks = [int(p.read_text()) for p in marks.iterdir()]
+        launcher.kill()  # SIGKILL: torchrun cannot pass anything on
+        launcher.wait()
+        took = wait_for(lambda: not any(alive(p) for p in ranks), 10, "a rank outlived its launcher")
+    finally:
+        launcher.kill()
+    print(f"ranks gone {took:.2f} s after torchrun was SIGKILLed")
+    run_dir = tmp_path / "runs" / "run"
+    assert checkpoint.read(run_dir / checkpoint.FILE)["round"] == 1
+    resumed = subprocess.run(
+        [*torchrun, str(ROOT / "train_lora.py"), "--resume", str(run_dir)], capture_output=True, env=ENV, cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]  # the lock was released
+    assert without_timing(run_dir) == without_timing(tmp_path / "runs" / "ref")
+    assert same_adapter(run_dir, tmp_path / "runs" / "ref")
+
+
+@pytest.mark.slow
+def test_a_killed_study_leaves_no_run_behind_and_a_rerun_resumes_it(tmp_path):
+    from conftest import ROOT
+
+    study = tmp_path / "study.yaml"
+    overrides = {a[2:].replace("-", "_"): config.yaml_load(v) for a, v in zip(TINY[::2], TINY[1::2])}
+    overrides.update(server_rounds=400, eval_freq=400, data_dir=str(tmp_path / "data"))
+    study.write_text(json.dumps({"experiments": [{"config": "fedavg", "overrides": overrides}]}))
+    out = tmp_path / "out"
+    rx = [sys.executable, str(ROOT / "run_experiments.py"), "--config-list", str(study), "--dir", str(out)]
+    proc = subprocess.Popen(rx, env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        run_dir = wait_for_run(out, 120)
+        pid = int((run_dir / tracking.LOCK_FILE).read_text())
+        proc.kill()
+        proc.wait()
+        took = wait_for(lambda: not alive(pid), 10, "the run outlived its study")
+    finally:
+        proc.kill()
+    print(f"run gone {took:.2f} s after run_experiments.py was SIGKILLed")
+    log = (out / "logs" / f"{run_dir.name}.log").read_text()
+    assert "interrupted (SIGTERM) after round" in log.splitlines()[-1]  # its own last word, in its own log
+    dry = subprocess.run([*rx, "--dry-run"], capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert dry.stdout.split()[0] == "resume", dry.stdout
+
+
+def wait_for_run(out: Path, timeout: float) -> Path:
+    """The study's run folder, once it has a checkpoint."""
+    found = []
+
+    def checkpointed():
+        found[:] = [p.parent for p in out.glob("*/checkpoint.pt")]
+        return bool(found)
+
+    wait_for(checkpointed, timeout, "the study's run made no checkpoint")
+    return found[0]

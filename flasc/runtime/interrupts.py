@@ -9,7 +9,9 @@ run never stops with the server of one round and the records of another.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal number, as shells report it
@@ -77,3 +79,22 @@ class Interrupts:
 
 
 INTERRUPTS = Interrupts()
+
+
+def end_with_parent(signum: int = signal.SIGTERM, parent: int | None = None) -> None:
+    """Have the kernel send this process `signum` when its parent dies (Linux's PR_SET_PDEATHSIG),
+    so that a torchrun worker or a study's run whose launcher was SIGKILLed (by a scheduler or the
+    OOM killer) does not go on training alone: SIGTERM is an interrupt, the run checkpoints its
+    last round, releases its folder and stays resumable. parent: the pid expected as the parent
+    (the study's, passed to a child before exec); if it is already gone, the signal is sent now.
+    Elsewhere than Linux: nothing (no such call)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    expected = os.getppid() if parent is None else parent
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    if os.getppid() != expected:  # the parent died before the call above: it would never fire
+        os.kill(os.getpid(), signum)

@@ -17,6 +17,7 @@ filesystem every node sees.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flasc.runtime.interrupts import end_with_parent
 from flasc.studies import runs
 
 
@@ -80,6 +82,7 @@ class RunJob:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=runs.ROOT,
+                preexec_fn=functools.partial(end_with_parent, signal.SIGTERM, os.getpid()),  # ends with the job
             )
             returncode = self._proc.wait()
         self._proc = None

@@ -33,6 +33,7 @@ class Option:
     check: Callable[[Any], bool] | None = None  # extra constraint on the typed value
     allowed: str | Callable[[], str] = ""  # words for the error message (or what makes them, when asked)
     nullable: bool = False
+    registry: bool = False  # check reads a registry of components (which imports torch)
 
 
 def _choice(*names: str) -> Option:
@@ -42,7 +43,7 @@ def _choice(*names: str) -> Option:
 def _registry_choice(registry_getter: Callable[[], list[str]], extra: tuple[str, ...] = ()) -> Option:
     # Registries are read when a value is checked, so that importing config.py imports no component.
     names = lambda: (*extra, *registry_getter())  # noqa: E731
-    return Option(str, lambda v: v in names(), lambda: "one of " + ", ".join(names()))
+    return Option(str, lambda v: v in names(), lambda: "one of " + ", ".join(names()), registry=True)
 
 
 def _datasets() -> list[str]:
@@ -262,8 +263,9 @@ def _unknown(key: str, where: str) -> ConfigError:
     return ConfigError(f"unknown option '{key}' in {where}{hint}; options are documented in configs/{BASIC}.yaml")
 
 
-def coerce(key: str, value: Any) -> Any:
-    """Type-check one value; ints are accepted where floats are expected."""
+def coerce(key: str, value: Any, registries: bool = True) -> Any:
+    """Type-check one value; ints are accepted where floats are expected. registries: False leaves
+    out the checks against the registries of components (names of data sets, models, strategies)."""
     opt = SCHEMA[key]
     if value is None:
         if opt.nullable:
@@ -288,6 +290,8 @@ def coerce(key: str, value: Any) -> Any:
         ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
     if not ok:
         raise ConfigError(f"{key}: {value!r} is not valid; expected {_describe(opt)}")
+    if opt.registry and not registries:
+        return value
     if opt.kind is list and opt.check is not None:
         bad = [x for x in value if not opt.check([x])]
         if bad:
@@ -424,6 +428,43 @@ def _dataset_defaults(dataset: Any) -> tuple[str, dict] | None:
 def load_config(name: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """basic_config.yaml <- configs/datasets/DATASET.yaml <- configs/NAME.yaml (after the configs
     it extends) <- overrides, validated."""
+    values = _option_values(name, overrides)
+    from flasc.federation.optimizers import resolve_defaults  # (imports torch: after the options' own checks)
+
+    cfg = Config(resolve_defaults(values))
+    _check_together(cfg)
+    return cfg
+
+
+def check_options(argv: list[str]) -> None:
+    """The checks of train_lora.py's options that need no part of flasc (unknown options, values of
+    the wrong type or range, config files): a typo is refused before torch is imported. Names
+    checked against a registry of components (data sets, models, strategies...) and the
+    combinations (components' checks) are checked after it, by load_config."""
+    if any(a in ("-h", "--help", "--list-configs") or a.startswith("--resume") for a in argv):
+        return
+    name, rest = split_config_arg(argv)
+    _option_values(name, parse_overrides(rest), registries=False)
+
+
+def refuse_bad_options(argv: list[str]) -> None:
+    """train_lora.py's first step, before it imports torch: exit with the bad-input line and status
+    2 (said by rank 0 alone under torchrun) if check_options refuses the command line."""
+    import os
+    import sys
+
+    from flasc.runtime.tracking import EXIT_CODE
+
+    try:
+        check_options(argv)
+    except ConfigError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CODE["bad_input"])
+
+
+def _option_values(name: str | None, overrides: dict[str, Any] | None, registries: bool = True) -> dict[str, Any]:
+    """Every option's value from the layers, each checked on its own (registries: see coerce)."""
     values = _read_yaml(CONFIG_DIR / f"{BASIC}.yaml")
     missing = set(SCHEMA) - set(values)
     if missing:  # a development error, but say it plainly
@@ -445,11 +486,7 @@ def load_config(name: str | None = None, overrides: dict[str, Any] | None = None
             if key not in SCHEMA:
                 raise _unknown(str(key), where)
             values[key] = value
-    from flasc.federation.optimizers import resolve_defaults
-
-    cfg = Config(resolve_defaults({key: coerce(key, values[key]) for key in SCHEMA}))
-    _check_together(cfg)
-    return cfg
+    return {key: coerce(key, values[key], registries) for key in SCHEMA}
 
 
 def from_mapping(values: dict[str, Any]) -> Config:

@@ -10,10 +10,16 @@ docs/round.md says exactly what each step does; this file is the round and the r
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # the options are checked first: a typo is refused before torch is imported
+    import config
+
+    config.refuse_bad_options(sys.argv[1:])
+
 import functools
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,6 +287,7 @@ class Progress:
     totals: dict = field(default_factory=dict)  # cumulative bytes_* counters
     evals: list = field(default_factory=list)  # the records of evaluated rounds
     wall_time_s: float = 0.0  # before the current process started
+    eval_keys: list = field(default_factory=list)  # what an evaluation adds to a round's record
 
 
 def round_record(fed: Federation, rnd: int, progress: Progress) -> dict:
@@ -292,8 +299,10 @@ def round_record(fed: Federation, rnd: int, progress: Progress) -> dict:
     evaluated = (rnd + 1) % cfg.eval_freq == 0 or rnd + 1 == cfg.server_rounds
     if evaluated:
         t_eval = time.perf_counter()
-        record.update(fed.evaluation(fed.server_state))
+        scores = fed.evaluation(fed.server_state)
+        record.update(scores)
         record["eval_seconds"] = time.perf_counter() - t_eval
+        progress.eval_keys = [*scores, "eval_seconds"]
     non_finite = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
     if non_finite:  # checked before anything of this round is kept
         raise Diverged(f"round {rnd + 1}: {non_finite[0]} is {record[non_finite[0]]}")
@@ -338,7 +347,8 @@ def describe_setup(fed: Federation, run, logger) -> None:
         f"{info['total_params']:,} parameters, on {fed.device}{threads}{', bf16' if cfg.bf16 else ''}\n"
         f"data    {cfg.dataset}: {info['train_examples']} training examples, {cfg.clients} clients "
         f"({resolved_partition(cfg)}), {cfg.server_batch} a round\n"
-        f"rounds  {cfg.server_rounds}: server {cfg.server_opt} lr {cfg.server_lr:g}, {cfg.merging_strategy} "
+        f"rounds  {cfg.server_rounds} of algorithm {cfg.algorithm}: server {cfg.server_opt} lr {cfg.server_lr:g}, "
+        f"{cfg.merging_strategy} "
         f"in {cfg.merge_space} space, density down {cfg.dl_density:g} / up {cfg.ul_density:g}"
     )
     labels = getattr(fed.task.train, "labels", None)
@@ -404,14 +414,16 @@ def train(
     resume_dir: Path | None = None,
     config_name: str | None = None,
     world: distributed.World | None = None,
+    extend: bool = False,
 ) -> Path:
     """Run the whole federated training (or continue it from resume_dir); returns the run folder
     (on ranks other than 0, which write nothing, the folder rank 0 would write first).
     config_name: the --config it came from, recorded in config.yaml for tables and plots.
-    world: the ranks of a torchrun launch (distributed.start); None: this process alone."""
+    world: the ranks of a torchrun launch (distributed.start); None: this process alone.
+    extend: resume_dir continues to cfg.server_rounds rounds, which its saved config may not say."""
     with seeding.deterministic_algorithms(cfg.deterministic):
         try:
-            return _train(cfg, console, resume_dir, config_name, world or distributed.World())
+            return _train(cfg, console, resume_dir, config_name, world or distributed.World(), extend)
         except RuntimeError as e:
             if cfg.deterministic and "does not have a deterministic implementation" in str(e):
                 op = str(e).split()[0]
@@ -422,9 +434,10 @@ def train(
             raise
 
 
-def open_run(cfg, device, world, console, resume_dir: Path | None, config_name: str | None):
-    """The federation and its run folder: a new one, or resume_dir restored from its checkpoint.
-    Everything that can fail on bad input fails before a new run folder exists."""
+def open_run(cfg, device, world, console, resume_dir: Path | None, config_name: str | None, extend: bool = False):
+    """The federation and its run folder: a new one, or resume_dir restored from its checkpoint
+    (extend: to cfg.server_rounds rounds, from `--resume --server-rounds N`). Everything that can
+    fail on bad input fails before a new run folder exists."""
     writes = world.is_main  # rank 0 alone writes the run folder
     lock = tracking.lock_run_dir(resume_dir, "--resume") if resume_dir is not None and writes else None
     run = None
@@ -438,9 +451,11 @@ def open_run(cfg, device, world, console, resume_dir: Path | None, config_name: 
             )
             fed.attach_store(run.dir)
             return fed, Progress(), run, None
-        state = checkpoint.load(resume_dir, fed.cfg, fed.flat.numel)
+        state = checkpoint.load(resume_dir, fed.cfg, fed.flat.numel, rounds_given=extend)
         fed.load_state(state["federation"])
         progress = Progress(**state["progress"])
+        planned = state.get("server_rounds", progress.rounds_done if (resume_dir / "summary.json").is_file() else None)
+        undo = last_only_evaluation(progress, planned, fed.cfg, resume_dir) if extend else None
         run = (
             tracking.RunLog(
                 fed.cfg,
@@ -448,13 +463,16 @@ def open_run(cfg, device, world, console, resume_dir: Path | None, config_name: 
                 existing=resume_dir,
                 metrics_offset=state["metrics_offset"],
                 metrics_digest=state.get("metrics_digest"),
-                purge_step=progress.rounds_done + 1,
+                purge_step=progress.rounds_done + (0 if undo else 1),
                 lock=lock,
             )
             if writes
             else tracking.NoRunLog(resume_dir)
         )
         fed.attach_store(run.dir, state["federation"].get("client_states"))
+        if undo:
+            progress.evals.pop()
+            run.redo_last(undo[0])
         return fed, progress, run, progress.rounds_done
     except BaseException:
         if run is not None:
@@ -464,6 +482,26 @@ def open_run(cfg, device, world, console, resume_dir: Path | None, config_name: 
         if lock is not None:
             lock.close()
         raise
+
+
+def last_only_evaluation(progress: Progress, planned: int | None, cfg, run_dir: Path) -> tuple | None:
+    """A run continued past the round it was to end with: that round was evaluated because it was
+    the last, which a run of cfg.server_rounds rounds does not do unless eval_freq says so. Returns
+    (the round's record without its evaluation, or None for the initial model's round 0) when it
+    must be undone, else None."""
+    done = progress.rounds_done
+    if planned != done or done >= cfg.server_rounds or not progress.evals or progress.evals[-1]["round"] != done:
+        return None
+    if done == 0:
+        return (None,)  # a run of server_rounds 0 evaluated the initial model; a longer one does not
+    if done % cfg.eval_freq == 0:
+        return None  # evaluated by eval_freq anyway
+    if not progress.eval_keys:
+        raise checkpoint.CheckpointError(
+            f"--server-rounds: {run_dir} was made by an earlier flasc that did not record which values of its last "
+            "round came from its evaluation; it cannot be continued exactly: start it again with the new server_rounds"
+        )
+    return ({k: v for k, v in progress.evals[-1].items() if k not in progress.eval_keys},)
 
 
 class Checkpoints:
@@ -487,6 +525,7 @@ class Checkpoints:
                 self.run.dir,
                 {
                     "round": progress.rounds_done,
+                    "server_rounds": fed.cfg.server_rounds,
                     "config_fingerprint": checkpoint.config_fingerprint(fed.cfg),
                     "federation": fed.state(),
                     "metrics_offset": self.run.metrics_offset(),
@@ -499,7 +538,9 @@ class Checkpoints:
         self.saved_round = progress.rounds_done
 
 
-def _train(cfg, console, resume_dir: Path | None, config_name: str | None, world: distributed.World) -> Path:
+def _train(
+    cfg, console, resume_dir: Path | None, config_name: str | None, world: distributed.World, extend: bool = False
+) -> Path:
     from loguru import logger
 
     started = time.time()
@@ -509,7 +550,7 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None, world
         tracking.check_writable(str(resume_dir), "--resume")
     try:
         fed, progress, run, saved_round = open_run(
-            cfg, pick_device(cfg.gpu, world.local_rank), world, console, resume_dir, config_name
+            cfg, pick_device(cfg.gpu, world.local_rank), world, console, resume_dir, config_name, extend
         )
     except (OSError, files.WriteFailed) as e:  # open_run leaves no half-made run folder behind
         error = e if isinstance(e, files.WriteFailed) else files.failed(e, resume_dir or cfg.dir)
@@ -521,6 +562,8 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None, world
     screen = tracking.Screen(console is not None, world.size > 1, fed.task.objective.primary, logger)
     failure = None
     try:
+        if extend:
+            continue_to(fed, run, checkpoints)
         return _rounds(fed, run, progress, checkpoints, screen, console, resume_dir, logger)
     except (OSError, files.WriteFailed) as e:
         failure = e if isinstance(e, files.WriteFailed) else files.failed(e, run.dir)
@@ -533,6 +576,19 @@ def _train(cfg, console, resume_dir: Path | None, config_name: str | None, world
             failure = closing
         if failure is not None:
             raise stopped_writing(failure, run, checkpoints, resume_dir is None) from None
+
+
+def continue_to(fed: Federation, run, checkpoints: Checkpoints) -> None:
+    """A run continued to another number of rounds: its checkpoint first (kept for that number),
+    then config.yaml saying it, then its old summary gone (the run is unfinished again)."""
+    checkpoints.save()
+    if fed.world.is_main:
+        saved = run.dir / "config.yaml"
+        first = config_mod.read_text(saved, "the run's saved config").split("\n", 1)[0]
+        header = first + "\n" if first.startswith(tracking.CONFIG_COMMENT) else ""
+        files.write_atomic(saved, header + config_mod.dump(fed.cfg))
+        with files.naming(run.dir / "summary.json"):
+            (run.dir / "summary.json").unlink(missing_ok=True)
 
 
 def stopped_writing(e: files.WriteFailed, run, checkpoints: Checkpoints, fresh: bool) -> files.WriteFailed:
@@ -630,31 +686,55 @@ def finish(fed: Federation, run, progress: Progress, checkpoints: Checkpoints, l
     summary = summarize(fed, progress, checkpoints.elapsed())
     run.write_summary(summary)
     logger.info(
-        f"done: test {summary['primary_metric']} {summary['test_' + summary['primary_metric']]:.4f}, "
-        f"{summary['bytes_total'] / 1e6:.2f} MB communicated, "
+        f"done: {fed.cfg.algorithm}, {own_figure(fed, summary)}, {summary['bytes_total'] / 1e6:.2f} MB communicated, "
         f"{summary['wall_time_s']:.0f} s; results in {run.dir}"
     )
     return run.dir
 
 
+def own_figure(fed: Federation, summary: dict) -> str:
+    """The closing line's score: the algorithm's own figure (a personalised method's is the mean of
+    its clients' own models, with the global model's test score beside it)."""
+    p = summary["primary_metric"]
+    test = f"test {p} {summary[f'test_{p}']:.4f}"
+    if fed.algorithm.personalised and f"personal_{p}_mean" in summary:
+        return f"personal {p} {summary[f'personal_{p}_mean']:.4f} (the clients' own models; global model's {test})"
+    return test
+
+
 # ---------------------------------------------------------------- the command line
 USAGE = """usage: python train_lora.py [--config NAME] [--option-name value ...]
-       python train_lora.py --resume RUN_DIR
+       python train_lora.py --resume RUN_DIR [--server-rounds N]
        python train_lora.py --list-configs
 
 Options and their defaults are documented in configs/basic_config.yaml;
 --config NAME overlays configs/NAME.yaml; command-line options override both."""
 
 
-def parse_resume(argv: list[str]) -> tuple[config_mod.Config, Path] | None:
-    """--resume RUN_DIR: the run's saved config and its folder."""
+def parse_resume(argv: list[str]) -> tuple[config_mod.Config, Path, bool] | None:
+    """--resume RUN_DIR [--server-rounds N]: the run's saved config (with N rounds), its folder,
+    and whether N was given."""
     if "--resume" not in argv and not any(a.startswith("--resume=") for a in argv):
         return None
-    args = [a for a in argv if a != "--resume"]
-    folder = args[0].split("=", 1)[1] if args and args[0].startswith("--resume=") else (args[0] if args else None)
-    if folder is None or len(args) != 1:
+    args, folder = list(argv), None
+    for i, a in enumerate(args):
+        if a.startswith("--resume="):
+            folder = args.pop(i).split("=", 1)[1]
+            break
+        if a == "--resume":
+            args.pop(i)
+            folder = args.pop(i) if i < len(args) and not args[i].startswith("--") else None
+            break
+    try:
+        extra = config_mod.parse_overrides(args)
+    except config_mod.ConfigError:
+        extra = {"": None}
+    if folder is None or set(extra) - {"server_rounds"}:
+        other = next((a for a in args if a.startswith("--")), " ".join(args))
         raise config_mod.ConfigError(
-            "--resume RUN_DIR continues a run with its saved config; it takes the folder and no other option"
+            "--resume RUN_DIR continues a run with its saved config; it takes the folder and, to continue it to "
+            "another number of rounds, --server-rounds N; no other option"
+            + (f" (got {other})" if other and folder is not None else "")
         )
     run_dir = Path(folder)
     saved = run_dir / "config.yaml"
@@ -666,7 +746,15 @@ def parse_resume(argv: list[str]) -> tuple[config_mod.Config, Path] | None:
         raise config_mod.ConfigError(f"--resume: {saved} is not valid YAML") from None
     if not isinstance(values, dict):
         raise config_mod.ConfigError(f"--resume: {saved} is not a config")
-    return config_mod.from_mapping(values), run_dir
+    return config_mod.from_mapping({**values, **extra}), run_dir, "server_rounds" in extra
+
+
+def finished_rounds(run_dir: Path) -> int | None:
+    """The rounds a finished run has (its summary.json says)."""
+    try:
+        return tracking.read_json(run_dir / "summary.json").get("rounds")
+    except config_mod.ConfigError:
+        return None
 
 
 def parse_cli(argv: list[str]) -> config_mod.Config | None:
@@ -704,13 +792,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         resume = parse_resume(argv)
         if resume is not None:
-            cfg, run_dir = resume
-            if (run_dir / "summary.json").is_file():
+            cfg, run_dir, extend = resume
+            if (run_dir / "summary.json").is_file() and finished_rounds(run_dir) == cfg.server_rounds:
                 if speaks:
-                    print(f"{run_dir} is finished already (summary.json); nothing to resume")
+                    print(
+                        f"{run_dir} is finished already (summary.json, {cfg.server_rounds} rounds); nothing to resume"
+                        + ("" if extend else "; --server-rounds N continues it to N rounds")
+                    )
                 return 0
             world = start_world(cfg)
-            train(cfg, console=tracking.console_sink if speaks else None, resume_dir=run_dir, world=world)
+            console = tracking.console_sink if speaks else None
+            train(cfg, console=console, resume_dir=run_dir, world=world, extend=extend)
             return 0
         cfg = parse_cli(argv)
         if cfg is None:

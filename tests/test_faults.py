@@ -492,3 +492,87 @@ def wait_for_run(out: Path, timeout: float) -> Path:
 
     wait_for(checkpointed, timeout, "the study's run made no checkpoint")
     return found[0]
+
+
+# ---------------------------------------------------------------- continuing a run to more rounds
+def test_a_finished_run_extended_with_server_rounds_equals_a_run_started_with_them(tiny_overrides, tmp_path):
+    """3 rounds, eval_freq 2: round 3 was evaluated only as the last; a run of 5 rounds does not
+    evaluate it, so the extension takes that evaluation back out of the record."""
+    assert train_lora.main(argv_of({**tiny_overrides, "name": "five", "server_rounds": 5})) == 0
+    assert train_lora.main(argv_of({**tiny_overrides, "name": "three"})) == 0
+    three, five = tmp_path / "runs" / "three", tmp_path / "runs" / "five"
+    assert "test_accuracy" in without_timing(three)[-1]
+    assert train_lora.main(["--resume", str(three), "--server-rounds", "5"]) == 0
+    assert without_timing(three) == without_timing(five)
+    assert same_adapter(three, five)
+    ref, got = (tracking.read_json(d / "summary.json") for d in (five, three))
+    assert {k: v for k, v in got.items() if "time" not in k} == {k: v for k, v in ref.items() if "time" not in k}
+    assert config.yaml_load((three / "config.yaml").read_text())["server_rounds"] == 5
+    assert tracking.config_name_of(three) == tracking.config_name_of(five)
+
+
+def test_an_unfinished_run_extended_equals_a_run_started_with_the_new_rounds(tiny_overrides, monkeypatch, tmp_path):
+    overrides = {**tiny_overrides, "eval_freq": 1}
+    assert train_lora.main(argv_of({**overrides, "name": "ref", "server_rounds": 4})) == 0
+    stopped_in_round(argv_of(overrides), monkeypatch, 3)
+    run_dir = tmp_path / "runs" / "run"
+    assert train_lora.main(["--resume", str(run_dir), "--server-rounds=4"]) == 0
+    assert without_timing(run_dir) == without_timing(tmp_path / "runs" / "ref")
+    assert same_adapter(run_dir, tmp_path / "runs" / "ref")
+
+
+@pytest.mark.parametrize(
+    "extra, said",
+    [
+        (["--client-lr", "0.5"], "no other option (got --client-lr)"),
+        (["--server-rounds", "2"], "--server-rounds: 2 is fewer than the 3 rounds"),
+        (["--server-rounds", "many"], "server_rounds: 'many' is not valid"),
+    ],
+)
+def test_resume_takes_server_rounds_and_nothing_else(tiny_overrides, capsys, tmp_path, extra, said):
+    assert train_lora.main(argv_of(tiny_overrides)) == 0
+    run_dir = tmp_path / "runs" / "run"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert train_lora.main(["--resume", str(run_dir), *extra]) == 2
+    one_error_line(capsys.readouterr().err, said)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # nothing changed
+
+
+def test_a_run_on_a_schedule_over_its_rounds_cannot_be_extended(tiny_overrides, capsys, tmp_path):
+    assert train_lora.main(argv_of({**tiny_overrides, "server_schedule": "cosine", "server_lr": 0.5})) == 0
+    capsys.readouterr()
+    assert train_lora.main(["--resume", str(tmp_path / "runs" / "run"), "--server-rounds", "5"]) == 2
+    one_error_line(capsys.readouterr().err, "schedule (cosine) spans server_rounds", "server_schedule: constant")
+
+
+# ---------------------------------------------------------------- what a run says
+def test_the_header_and_closing_line_name_the_algorithm_and_its_own_figure(stateful, capsys, tmp_path):
+    assert train_lora.main(argv_of(stateful)) == 0
+    err = capsys.readouterr().err
+    summary = tracking.read_json(tmp_path / "runs" / "run" / "summary.json")
+    assert "rounds  3 of algorithm fedsa:" in err
+    done = [line for line in err.splitlines() if line.startswith("done: ")]
+    assert done and done[0].startswith(
+        f"done: fedsa, personal accuracy {summary['personal_accuracy_mean']:.4f} (the clients' own models; "
+        f"global model's test accuracy {summary['test_accuracy']:.4f})"
+    )
+
+
+def test_a_typo_is_refused_before_torch_is_imported():
+    """train_lora.py run as the script; sys.modules at its exit says whether torch was imported."""
+    from conftest import ROOT
+
+    probe = "\n".join(
+        [
+            "import runpy, sys",
+            f"sys.path.insert(0, {str(ROOT)!r}); sys.argv = ['train_lora.py', '--clinet-lr', '0.1']",
+            "try:",
+            f"    runpy.run_path({str(ROOT / 'train_lora.py')!r}, run_name='__main__')",
+            "except SystemExit as e:",
+            "    print('exit', e.code, 'torch' in sys.modules)",
+        ]
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.stdout.split() == ["exit", "2", "False"], done.stdout + done.stderr
+    assert "unknown option 'clinet_lr'" in done.stderr

@@ -69,6 +69,7 @@ class FedAvg:
     learns_a: str | None = None  # why A must train (freeze_a refused), if it must
     needs_linear_lora = False  # works on products B·A of linear layers
     prunes_rank = False  # hetlora_prune means something
+    personalised = False  # its own figure is the clients' personalised score (eval_personalized), not the global one
 
     @classmethod
     def check(cls, cfg) -> None:

@@ -25,6 +25,7 @@ class FedSA(FedAvg):
     rank_tiers = False
     learns_a = "the only shared part"
     shared_start = False
+    personalised = True
 
     def __init__(self, cfg, flat, pairs, aggregator, server_state):
         super().__init__(cfg, flat, pairs, aggregator, server_state)

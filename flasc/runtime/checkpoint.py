@@ -29,22 +29,24 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
 
 
-def config_fingerprint(cfg, keys=None) -> str:
+def config_fingerprint(cfg, keys=None, outside=("dir", "name", "server_rounds")) -> str:
     """Identifies what a checkpoint was made under: every option (or those of `keys`) except where
-    runs are written."""
-    keys = sorted(k for k in (cfg if keys is None else keys) if k not in ("dir", "name"))
+    runs are written and how many rounds the run is to have (the checkpoint keeps that apart:
+    `--resume --server-rounds N` continues a run to another number of rounds)."""
+    keys = sorted(k for k in (cfg if keys is None else keys) if k not in outside)
     return hashlib.sha1(repr([(k, cfg[k]) for k in keys]).encode()).hexdigest()[:16]
 
 
 def made_under(state: dict, cfg, run_dir: Path) -> bool:
-    """Whether a checkpoint was written under cfg. A run started before an option existed saved a
-    config.yaml without it, and its checkpoints fingerprint the options it had: the option takes its
-    default (which is how flasc behaved before it), so those options are compared."""
-    if state.get("config_fingerprint") == config_fingerprint(cfg):
-        return True
-    saved = config_mod.yaml_load((run_dir / "config.yaml").read_text())
+    """Whether a checkpoint was written under cfg (its number of rounds aside). A run started before
+    an option existed saved a config.yaml without it, and its checkpoints fingerprint the options it
+    had: the option takes its default (which is how flasc behaved before it), so those options are
+    compared. Checkpoints written before the number of rounds was kept apart fingerprint it too."""
+    saved = config_mod.yaml_load(config_mod.read_text(run_dir / "config.yaml", "the run's saved config"))
     older = [k for k in saved if k in cfg]
-    return len(older) < len(cfg) and state.get("config_fingerprint") == config_fingerprint(cfg, older)
+    kinds = [("dir", "name", "server_rounds"), ("dir", "name")]
+    candidates = [config_fingerprint(cfg, keys, outside) for outside in kinds for keys in (None, older)]
+    return state.get("config_fingerprint") in candidates
 
 
 def encode(state: dict) -> bytes:
@@ -85,7 +87,9 @@ def read(path: Path) -> dict:
     return state
 
 
-def load(run_dir: Path, cfg, numel: int) -> dict:
+def load(run_dir: Path, cfg, numel: int, rounds_given: bool = False) -> dict:
+    """The checkpoint of run_dir, checked against cfg. rounds_given: cfg.server_rounds comes from
+    `--resume --server-rounds N` (otherwise it must be the checkpoint's)."""
     path = run_dir / FILE
     if not path.is_file():
         raise CheckpointError(
@@ -96,6 +100,23 @@ def load(run_dir: Path, cfg, numel: int) -> dict:
         raise CheckpointError(
             f"--resume: {path} was written under another configuration than "
             f"{run_dir / 'config.yaml'}; it cannot continue this run"
+        )
+    planned = state.get("server_rounds", cfg.server_rounds)
+    if planned != cfg.server_rounds and not rounds_given:
+        raise CheckpointError(
+            f"--resume: {path} continues the run to {planned} rounds but {run_dir / 'config.yaml'} says "
+            f"{cfg.server_rounds}; resume with --server-rounds {planned}"
+        )
+    if cfg.server_rounds < state["round"]:
+        raise CheckpointError(
+            f"--server-rounds: {cfg.server_rounds} is fewer than the {state['round']} rounds {run_dir} has done; "
+            f"expected at least {state['round']}"
+        )
+    if planned != cfg.server_rounds and cfg.server_schedule != "constant":
+        raise CheckpointError(
+            f"--server-rounds: the server's lr schedule ({cfg.server_schedule}) spans server_rounds, so {run_dir} "
+            f"cannot continue to {cfg.server_rounds} rounds as a run started with {cfg.server_rounds} would; "
+            "expected server_schedule: constant"
         )
     if state["federation"]["server"].numel() != numel:
         raise CheckpointError(

@@ -281,6 +281,20 @@ class RunLog:
                     for sub, v in value.items():
                         self.tb.add_scalar(f"{key.replace('_', '/', 1)}/{sub}", v, step)
 
+    def redo_last(self, record: dict | None) -> None:
+        """Replace metrics.jsonl's last line by `record` (None: drop it), in the file and in
+        TensorBoard (opened with purge_step at its round): a run continued past its last round."""
+        path = self.dir / "metrics.jsonl"
+        with files.naming(path):
+            self._metrics.close()
+            data = path.read_bytes()
+            start = data.rstrip(b"\n").rfind(b"\n") + 1
+            os.truncate(path, start)
+            self._metrics = open(path, "a", buffering=1)
+        self._digest = xxhash.xxh3_64(data[:start])
+        if record is not None:
+            self.log_round(record)
+
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self.dir / "summary.json", summary)
 
@@ -326,6 +340,9 @@ class NoRunLog:
         return None
 
     def log_round(self, record: dict) -> None:
+        pass
+
+    def redo_last(self, record: dict | None) -> None:
         pass
 
     def write_summary(self, summary: dict) -> None:

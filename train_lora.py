@@ -554,9 +554,8 @@ def _train(
         )
     except (OSError, files.WriteFailed) as e:  # open_run leaves no half-made run folder behind
         error = e if isinstance(e, files.WriteFailed) else files.failed(e, resume_dir or cfg.dir)
-        raise files.WriteFailed(
-            error.path, f"{error.reason}; the run could not start" + ("" if resume_dir else ", nothing was kept")
-        ) from None
+        then = "the run could not start" + ("" if resume_dir else ", nothing was kept")
+        raise files.WriteFailed(error.path, error.reason, error.errno, then) from None
     cfg = fed.cfg
     checkpoints = Checkpoints(fed, run, progress, lambda: progress.wall_time_s + time.time() - started, saved_round)
     screen = tracking.Screen(console is not None, world.size > 1, fed.task.objective.primary, logger)
@@ -606,7 +605,7 @@ def stopped_writing(e: files.WriteFailed, run, checkpoints: Checkpoints, fresh: 
         kept = f"the run stops before its first checkpoint and nothing was kept ({run.dir} removed)"
     else:
         kept = f"the run stops; {run.dir} is as it was"
-    return files.WriteFailed(e.path, f"{e.reason}; {kept}", e.errno)
+    return files.WriteFailed(e.path, e.reason, e.errno, kept)
 
 
 def _rounds(fed, run, progress: Progress, checkpoints: Checkpoints, screen, console, resume_dir, logger) -> Path:

@@ -37,6 +37,7 @@ def one_error_line(err: str, *needles: str) -> str:
     assert len(errors) == 1, err
     for needle in needles:
         assert needle in errors[0], errors[0]
+    print(f"LINE {errors[0]}", file=sys.__stderr__)  # pytest -s shows the lines the docs quote
     return errors[0]
 
 
@@ -261,10 +262,11 @@ def fault_after_checkpoint(monkeypatch, rounds: int, fault) -> None:
     monkeypatch.setattr(checkpoint, "save", save_then_fault)
 
 
-@pytest.mark.parametrize("fault", ["full", "read_only"])
+@pytest.mark.parametrize("fault, at", [("full", 2), ("read_only", 2), ("full", 4)])
 def test_a_run_whose_disk_fills_or_turns_read_only_stops_and_resumes_exactly(
-    tiny_overrides, small_disk, monkeypatch, capsys, tmp_path, fault
+    tiny_overrides, small_disk, monkeypatch, capsys, tmp_path, fault, at
 ):
+    """After the checkpoint of round `at` (4: the last, before the adapter and summary are written)."""
     overrides = {**tiny_overrides, "server_rounds": 4, "ckpt_freq": 1, "eval_freq": 1}
     assert train_lora.main(argv_of({**overrides, "name": "ref"})) == 0
     disk = small_disk(16 * 1024 * 1024)
@@ -279,14 +281,14 @@ def test_a_run_whose_disk_fills_or_turns_read_only_stops_and_resumes_exactly(
             subprocess.run(["mount", "--bind", str(run_dir), str(run_dir)], check=True)
             subprocess.run(["mount", "-o", "remount,bind,ro", str(run_dir)], check=True)
 
-    fault_after_checkpoint(monkeypatch, 2, break_disk)
+    fault_after_checkpoint(monkeypatch, at, break_disk)
     argv = argv_of({**overrides, "dir": str(disk / "runs")})
     capsys.readouterr()
     assert train_lora.main(argv) == tracking.EXIT_CODE["write_failed"]
     reason = "No space left on device" if fault == "full" else "Read-only file system"
-    one_error_line(capsys.readouterr().err, str(run_dir), reason, "checkpoint of round 2", f"--resume {run_dir}")
-    assert checkpoint.read(run_dir / checkpoint.FILE)["round"] == 2  # the last good checkpoint, readable
-    assert not list(run_dir.glob("*.tmp"))  # nothing half-written left beside it
+    one_error_line(capsys.readouterr().err, str(run_dir), reason, f"checkpoint of round {at}", f"--resume {run_dir}")
+    assert checkpoint.read(run_dir / checkpoint.FILE)["round"] == at  # the last good checkpoint, readable
+    assert not list(run_dir.glob("*.tmp")) and not (run_dir / "summary.json").exists()  # nothing half-written
     monkeypatch.setattr(checkpoint, "save", SAVE)
     if fault == "full":
         filler[0].unlink()

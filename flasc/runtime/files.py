@@ -20,8 +20,10 @@ from pathlib import Path
 class WriteFailed(Exception):
     """A file that could not be written: `path` and the operating system's reason."""
 
-    def __init__(self, path, reason: str, errno: int | None = None):
-        super().__init__(f"cannot write {path} ({reason})" if path is not None else f"a write failed ({reason})")
+    def __init__(self, path, reason: str, errno: int | None = None, then: str = ""):
+        """then: what follows from it (what is kept, what to do), said after the reason."""
+        said = f"cannot write {path} ({reason})" if path is not None else f"a write failed ({reason})"
+        super().__init__(said + (f"; {then}" if then else ""))
         self.path, self.reason, self.errno = None if path is None else Path(path), reason, errno
 
 

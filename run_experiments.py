@@ -529,10 +529,14 @@ def main(argv: list[str] | None = None) -> int:
         except cluster.ClusterError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    out_dir.mkdir(parents=True, exist_ok=True)
     INTERRUPTS.install()
     try:
-        outcome = run_all(specs, out_dir, jobs, launcher)
+        with files.naming(out_dir):  # the study's folder and its logs: a full or read-only disk is one line
+            out_dir.mkdir(parents=True, exist_ok=True)
+            outcome = run_all(specs, out_dir, jobs, launcher)
+    except files.WriteFailed as e:
+        print(f"error: {e}; run the same command again once it can be written", file=sys.stderr)
+        return 4
     except Interrupted as e:
         try:
             rows = results_table(specs, out_dir)

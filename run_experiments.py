@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import io
 import itertools
 import os
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,7 +43,7 @@ import yaml
 
 import config as config_mod
 from flasc.runtime import files, tracking
-from flasc.runtime.interrupts import INTERRUPTS, Interrupted, end_with_parent
+from flasc.runtime.interrupts import INTERRUPTS, Interrupted, ends_with_this_process
 from flasc.runtime.tracking import check_writable
 from flasc.studies import launchers as cluster
 from flasc.studies import tables as study_tables
@@ -227,8 +225,12 @@ def _drain(queue: list, running: list, outcome: dict, out_dir: Path, logs: Path,
     while queue or running:
         while queue and free:
             spec, state = queue.pop(0)
+            try:
+                log = open(logs / f"{spec.name}.log", "a")
+            except OSError as e:  # its log cannot be written (disk full): the run fails, the others go on
+                outcome[spec.name] = f"failed: cannot write {logs / spec.name}.log ({files.reason_of(e)})"
+                continue
             slot = free.pop(0)
-            log = open(logs / f"{spec.name}.log", "a")
             print(f"[{time.strftime('%H:%M:%S')}] {'resume' if state == 'resume' else 'start'} {spec.name}", flush=True)
             proc = subprocess.Popen(
                 command(spec, state, out_dir),
@@ -236,7 +238,7 @@ def _drain(queue: list, running: list, outcome: dict, out_dir: Path, logs: Path,
                 stderr=subprocess.STDOUT,
                 env=worker_env(slot, jobs),
                 cwd=ROOT,
-                preexec_fn=functools.partial(end_with_parent, signal.SIGTERM, os.getpid()),  # ends with the study
+                preexec_fn=ends_with_this_process(),  # ends with the study
             )
             running.append((spec, proc, log, slot))
         time.sleep(0.2)
@@ -529,14 +531,15 @@ def main(argv: list[str] | None = None) -> int:
         except cluster.ClusterError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    INTERRUPTS.install()
     try:
-        with files.naming(out_dir):  # the study's folder and its logs: a full or read-only disk is one line
-            out_dir.mkdir(parents=True, exist_ok=True)
-            outcome = run_all(specs, out_dir, jobs, launcher)
+        with files.naming(out_dir):  # the study's folder and its logs' folder: a read-only disk is one line
+            (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     except files.WriteFailed as e:
         print(f"error: {e}; run the same command again once it can be written", file=sys.stderr)
         return 4
+    INTERRUPTS.install()
+    try:
+        outcome = run_all(specs, out_dir, jobs, launcher)
     except Interrupted as e:
         try:
             rows = results_table(specs, out_dir)
@@ -544,7 +547,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {damaged}", file=sys.stderr)
             rows = []
         if rows:
-            print(write_tables(rows, out_dir))
+            try:
+                print(write_tables(rows, out_dir))
+            except files.WriteFailed as failed:
+                print(f"error: {failed}", file=sys.stderr)
         stopped = sum(o.startswith("interrupted") for o in e.outcome.values())
         print(
             f"interrupted ({e}): {stopped} running run(s) stopped, {len(rows)} group(s) tabulated"

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import sys
 
-if __name__ == "__main__":  # the options are checked first: a typo is refused before torch is imported
-    import config
+if __name__ == "__main__":  # before torch is imported: a typo is refused at once, a rank ends with torchrun
+    import os
 
+    import config
+    from flasc.runtime.interrupts import end_with_parent
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        end_with_parent()  # armed before the seconds of imports in which torchrun could die unnoticed
     config.refuse_bad_options(sys.argv[1:])
 
 import functools
@@ -440,7 +445,7 @@ def open_run(cfg, device, world, console, resume_dir: Path | None, config_name: 
     fail on bad input fails before a new run folder exists."""
     writes = world.is_main  # rank 0 alone writes the run folder
     lock = tracking.lock_run_dir(resume_dir, "--resume") if resume_dir is not None and writes else None
-    run = None
+    run = fed = None
     try:
         fed = build(cfg, device, world)
         if resume_dir is None:
@@ -450,12 +455,12 @@ def open_run(cfg, device, world, console, resume_dir: Path | None, config_name: 
                 else tracking.NoRunLog(Path(fed.cfg.dir) / fed.cfg.name)
             )
             fed.attach_store(run.dir)
-            return fed, Progress(), run, None
+            return fed, Progress(), run, None, None
         state = checkpoint.load(resume_dir, fed.cfg, fed.flat.numel, rounds_given=extend)
         fed.load_state(state["federation"])
         progress = Progress(**state["progress"])
-        planned = state.get("server_rounds", progress.rounds_done if (resume_dir / "summary.json").is_file() else None)
-        undo = last_only_evaluation(progress, planned, fed.cfg, resume_dir) if extend else None
+        undo = last_only_evaluation(progress, state["server_rounds"], fed.cfg, resume_dir) if extend else None
+        redo = state.get("metrics_redo")  # a continuation to more rounds that stopped half-way
         run = (
             tracking.RunLog(
                 fed.cfg,
@@ -463,18 +468,20 @@ def open_run(cfg, device, world, console, resume_dir: Path | None, config_name: 
                 existing=resume_dir,
                 metrics_offset=state["metrics_offset"],
                 metrics_digest=state.get("metrics_digest"),
-                purge_step=progress.rounds_done + (0 if undo else 1),
+                purge_step=progress.rounds_done + (0 if undo or redo else 1),
                 lock=lock,
+                metrics_redo=redo,
             )
             if writes
             else tracking.NoRunLog(resume_dir)
         )
         fed.attach_store(run.dir, state["federation"].get("client_states"))
         if undo:
-            progress.evals.pop()
-            run.redo_last(undo[0])
-        return fed, progress, run, progress.rounds_done
+            progress.evals.pop()  # metrics.jsonl follows in continue_to, after the checkpoint that says so
+        return fed, progress, run, progress.rounds_done, undo
     except BaseException:
+        if fed is not None and fed.store is not None:
+            fed.store.close()
         if run is not None:
             run.close()
             if resume_dir is None and writes:  # a new run that could not start leaves no folder behind
@@ -516,7 +523,8 @@ class Checkpoints:
         done, cfg = self.progress.rounds_done, self.fed.cfg
         return bool(cfg.ckpt_freq) and done % cfg.ckpt_freq == 0 and done < cfg.server_rounds
 
-    def save(self) -> None:
+    def save(self, extra: dict | None = None) -> None:
+        """extra: more entries for this checkpoint alone."""
         fed, progress = self.fed, self.progress
         if fed.world.is_main:
             if fed.store is not None:
@@ -531,6 +539,7 @@ class Checkpoints:
                     "metrics_offset": self.run.metrics_offset(),
                     "metrics_digest": self.run.metrics_digest(),
                     "progress": {**vars(progress), "wall_time_s": self.elapsed()},
+                    **(extra or {}),
                 },
             )
             if fed.store is not None:
@@ -549,23 +558,22 @@ def _train(
     else:
         tracking.check_writable(str(resume_dir), "--resume")
     try:
-        fed, progress, run, saved_round = open_run(
+        fed, progress, run, saved_round, undo = open_run(
             cfg, pick_device(cfg.gpu, world.local_rank), world, console, resume_dir, config_name, extend
         )
-    except (OSError, files.WriteFailed) as e:  # open_run leaves no half-made run folder behind
-        error = e if isinstance(e, files.WriteFailed) else files.failed(e, resume_dir or cfg.dir)
+    except files.WriteFailed as e:  # open_run leaves no half-made run folder behind
         then = "the run could not start" + ("" if resume_dir else ", nothing was kept")
-        raise files.WriteFailed(error.path, error.reason, error.errno, then) from None
+        raise files.WriteFailed(e.path, e.reason, e.errno, then) from None
     cfg = fed.cfg
     checkpoints = Checkpoints(fed, run, progress, lambda: progress.wall_time_s + time.time() - started, saved_round)
     screen = tracking.Screen(console is not None, world.size > 1, fed.task.objective.primary, logger)
     failure = None
     try:
         if extend:
-            continue_to(fed, run, checkpoints)
+            continue_to(fed, run, checkpoints, undo)
         return _rounds(fed, run, progress, checkpoints, screen, console, resume_dir, logger)
-    except (OSError, files.WriteFailed) as e:
-        failure = e if isinstance(e, files.WriteFailed) else files.failed(e, run.dir)
+    except files.WriteFailed as e:  # every write names its file (flasc/runtime/files.py)
+        failure = e
     finally:
         screen.close()
         closing = run.close()  # never raises: a failure to flush at the end is reported below
@@ -577,17 +585,24 @@ def _train(
             raise stopped_writing(failure, run, checkpoints, resume_dir is None) from None
 
 
-def continue_to(fed: Federation, run, checkpoints: Checkpoints) -> None:
-    """A run continued to another number of rounds: its checkpoint first (kept for that number),
-    then config.yaml saying it, then its old summary gone (the run is unfinished again)."""
-    checkpoints.save()
-    if fed.world.is_main:
+def continue_to(fed: Federation, run, checkpoints: Checkpoints, undo: tuple | None) -> None:
+    """A run continued to another number of rounds. Its checkpoint first, kept for that number
+    (and saying how metrics.jsonl's last line changes, when the old last round's evaluation is
+    undone), then its old summary removed (the run is unfinished again), config.yaml saying the
+    new number, and the line changed. Stopped anywhere in between, a resume finishes it."""
+    with INTERRUPTS.deferred():
+        redo = run.redo_plan(undo[0]) if undo else None
+        checkpoints.save({"metrics_redo": redo} if redo else None)
+        if not fed.world.is_main:
+            return
+        with files.naming(run.dir / "summary.json"):
+            (run.dir / "summary.json").unlink(missing_ok=True)
         saved = run.dir / "config.yaml"
         first = config_mod.read_text(saved, "the run's saved config").split("\n", 1)[0]
         header = first + "\n" if first.startswith(tracking.CONFIG_COMMENT) else ""
         files.write_atomic(saved, header + config_mod.dump(fed.cfg))
-        with files.naming(run.dir / "summary.json"):
-            (run.dir / "summary.json").unlink(missing_ok=True)
+        if redo:
+            run.apply_redo(redo)
 
 
 def stopped_writing(e: files.WriteFailed, run, checkpoints: Checkpoints, fresh: bool) -> files.WriteFailed:
@@ -601,7 +616,8 @@ def stopped_writing(e: files.WriteFailed, run, checkpoints: Checkpoints, fresh: 
             f"and resume with: python train_lora.py --resume {run.dir}"
         )
     elif fresh:
-        shutil.rmtree(run.dir, ignore_errors=True)
+        if isinstance(run, tracking.RunLog):  # rank 0's own folder (other ranks have none)
+            shutil.rmtree(run.dir, ignore_errors=True)
         kept = f"the run stops before its first checkpoint and nothing was kept ({run.dir} removed)"
     else:
         kept = f"the run stops; {run.dir} is as it was"
@@ -787,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     world = distributed.World()
     INTERRUPTS.install()
     if distributed.launched_ranks()[1] > 1:
-        end_with_parent()  # a rank ends (and checkpoints) when its launcher is killed
+        end_with_parent()  # a rank ends (and checkpoints) when its launcher is killed (also when main is imported)
     try:
         resume = parse_resume(argv)
         if resume is not None:

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import toy_spec
 
 import config
+import data
 import train_lora
 from flasc.client.state_store import FILE as STATE_FILE
 from flasc.client.worker import ClientWorker
@@ -578,3 +580,83 @@ def test_a_typo_is_refused_before_torch_is_imported():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.stdout.split() == ["exit", "2", "False"], done.stdout + done.stderr
     assert "unknown option 'clinet_lr'" in done.stderr
+
+
+# ---------------------------------------------------------------- checkpoints of earlier versions, races
+def as_written_before_issue_23(run_dir: Path) -> None:
+    """Rewrite the run's checkpoint as flasc wrote it before these checks: no digests of client
+    states or metrics, no server_rounds of its own (in its fingerprint instead), no eval_keys."""
+    state = checkpoint.read(run_dir / checkpoint.FILE)
+    cfg = config.from_mapping(config.yaml_load((run_dir / "config.yaml").read_text()))
+    for key in ("server_rounds", "metrics_digest", "format"):
+        state.pop(key, None)
+    states = state["federation"].get("client_states")
+    if states is not None:
+        states.pop("digests"), states.pop("checked")
+    state["progress"].pop("eval_keys")
+    state["config_fingerprint"] = checkpoint.config_fingerprint(cfg, outside=("dir", "name"))
+    (run_dir / checkpoint.FILE).write_bytes(checkpoint.encode(state))
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_twice_and_extends(stateful, monkeypatch, tmp_path):
+    """Its client states have no digests: read unchecked, and saved again as unchecked (not as a
+    digest of 0 that the next resume would call damaged)."""
+    overrides = {**stateful, "server_rounds": 5}
+    assert train_lora.main(argv_of({**overrides, "name": "ref", "server_rounds": 6})) == 0
+    stopped_in_round(argv_of(overrides), monkeypatch, 3)
+    run_dir = tmp_path / "runs" / "run"
+    as_written_before_issue_23(run_dir)
+    stopped_in_round(["--resume", str(run_dir), "--server-rounds", "6"], monkeypatch, 4)  # extended, checkpointed
+    assert train_lora.main(["--resume", str(run_dir)]) == 0
+    assert without_timing(run_dir) == without_timing(tmp_path / "runs" / "ref")
+
+
+def test_processes_writing_one_file_at_once_never_share_a_temporary_file(tmp_path):
+    import threading
+
+    from flasc.runtime import files
+
+    errors = []
+
+    def write(n):
+        for i in range(200):
+            try:
+                files.write_atomic(tmp_path / "cache.pt", f"{n}:{i}".encode() * 100)
+            except files.WriteFailed as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and [p.name for p in tmp_path.iterdir()] == ["cache.pt"]
+    text = (tmp_path / "cache.pt").read_text()
+    assert text == text[: len(text) // 100] * 100  # one writer's whole content
+
+
+@pytest.mark.parametrize("stop", ["before_the_record_changes", "after_it"])
+def test_a_continuation_stopped_half_way_resumes_to_the_same_run(tiny_overrides, monkeypatch, tmp_path, stop):
+    """--server-rounds 5 on a finished 3-round run undoes round 3's evaluation; a stop just before
+    metrics.jsonl changes (its checkpoint says how) or just after it, then a plain --resume, ends
+    like a run started with 5 rounds."""
+    from flasc.runtime import files
+
+    assert train_lora.main(argv_of({**tiny_overrides, "name": "five", "server_rounds": 5})) == 0
+    assert train_lora.main(argv_of(tiny_overrides)) == 0
+    run_dir = tmp_path / "runs" / "run"
+    if stop == "before_the_record_changes":
+
+        def disk_full(self, redo):
+            raise files.WriteFailed(self.dir / "metrics.jsonl", "No space left on device")
+
+        monkeypatch.setattr(tracking.RunLog, "apply_redo", disk_full)
+        assert train_lora.main(["--resume", str(run_dir), "--server-rounds", "5"]) == 4
+        monkeypatch.undo()
+        monkeypatch.setitem(data.DATASETS, "toy", toy_spec())
+    else:
+        stopped_in_round(["--resume", str(run_dir), "--server-rounds", "5"], monkeypatch, 4)
+    assert checkpoint.read(run_dir / checkpoint.FILE).get("metrics_redo")
+    assert train_lora.main(["--resume", str(run_dir)]) == 0
+    assert without_timing(run_dir) == without_timing(tmp_path / "runs" / "five")
+    assert same_adapter(run_dir, tmp_path / "runs" / "five")

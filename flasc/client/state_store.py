@@ -112,9 +112,10 @@ class ClientStateStore:
 
     def state_dict(self) -> dict:
         """Which slot is current, and its digest (0 where a client has no state)."""
-        rows = np.arange(self.clients)
-        digests = np.where(self.current >= 0, self.digests[rows, np.maximum(self.current, 0)], 0)
-        return {"current": self.current.copy(), "numel": self.numel, "digests": digests.astype(np.uint64)}
+        rows, slots = np.arange(self.clients), np.maximum(self.current, 0)
+        checked = (self.current >= 0) & self.checked[rows, slots]  # a slot of an older checkpoint has none
+        digests = np.where(checked, self.digests[rows, slots], 0).astype(np.uint64)
+        return {"current": self.current.copy(), "numel": self.numel, "digests": digests, "checked": checked}
 
     def committed(self) -> None:
         """A checkpoint of the current state_dict is safely on disk: its slots are now protected."""
@@ -127,8 +128,9 @@ class ClientStateStore:
         self.saved = self.current.copy()
         live = np.flatnonzero(self.current >= 0)
         if "digests" in state:  # checkpoints written before digests existed are read unchecked
+            checked = np.asarray(state.get("checked", self.current >= 0), dtype=bool)
             self.digests[live, self.current[live]] = np.asarray(state["digests"], dtype=np.uint64)[live]
-            self.checked[live, self.current[live]] = True
+            self.checked[live, self.current[live]] = checked[live]
         if len(live):  # the file must hold every state the checkpoint refers to (contents: checked on read)
             if not self.existed:
                 self.path.unlink(missing_ok=True)  # the empty file open() made would read as truncated next time

@@ -37,15 +37,21 @@ def config_fingerprint(cfg, keys=None, outside=("dir", "name", "server_rounds"))
     return hashlib.sha1(repr([(k, cfg[k]) for k in keys]).encode()).hexdigest()[:16]
 
 
+def saved_config(run_dir: Path) -> dict:
+    return config_mod.yaml_load(config_mod.read_text(run_dir / "config.yaml", "the run's saved config"))
+
+
 def made_under(state: dict, cfg, run_dir: Path) -> bool:
     """Whether a checkpoint was written under cfg (its number of rounds aside). A run started before
     an option existed saved a config.yaml without it, and its checkpoints fingerprint the options it
     had: the option takes its default (which is how flasc behaved before it), so those options are
     compared. Checkpoints written before the number of rounds was kept apart fingerprint it too."""
-    saved = config_mod.yaml_load(config_mod.read_text(run_dir / "config.yaml", "the run's saved config"))
+    saved = saved_config(run_dir)
     older = [k for k in saved if k in cfg]
-    kinds = [("dir", "name", "server_rounds"), ("dir", "name")]
-    candidates = [config_fingerprint(cfg, keys, outside) for outside in kinds for keys in (None, older)]
+    candidates = [config_fingerprint(cfg, keys) for keys in (None, older)]
+    if "server_rounds" not in state:  # an older checkpoint: its fingerprint has the rounds config.yaml says
+        legacy = {**cfg, "server_rounds": saved.get("server_rounds", cfg.server_rounds)}
+        candidates += [config_fingerprint(legacy, keys, ("dir", "name")) for keys in (None, older)]
     return state.get("config_fingerprint") in candidates
 
 
@@ -101,7 +107,8 @@ def load(run_dir: Path, cfg, numel: int, rounds_given: bool = False) -> dict:
             f"--resume: {path} was written under another configuration than "
             f"{run_dir / 'config.yaml'}; it cannot continue this run"
         )
-    planned = state.get("server_rounds", cfg.server_rounds)
+    # the rounds the run was to have (an older checkpoint does not say: its config.yaml does)
+    planned = state.setdefault("server_rounds", saved_config(run_dir).get("server_rounds", cfg.server_rounds))
     if planned != cfg.server_rounds and not rounds_given:
         raise CheckpointError(
             f"--resume: {path} continues the run to {planned} rounds but {run_dir / 'config.yaml'} says "

@@ -53,18 +53,23 @@ def naming(path):
 
 def write_atomic(path, data: bytes | str) -> None:
     """path holds exactly `data`, or (on any error: WriteFailed) what it held before."""
+    import tempfile
+
     path = Path(path)
     data = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
+    tmp = None
+    try:  # a name of its own: processes writing one file at once (ranks, a study's runs) never share one
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        with open(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # as open() would have made it (mkstemp makes it private)
         os.replace(tmp, path)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise failed(e, path) from None
 
 
@@ -82,12 +87,21 @@ def replace_folder(folder: Path, fill) -> None:
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
-    except Exception as e:  # noqa: BLE001 - OSError, SafetensorError, torch's RuntimeError: one line
+    except (OSError, RuntimeError, *_library_write_errors()) as e:  # torch's RuntimeError, SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not folder.exists():
             os.replace(old, folder)
         raise WriteFailed(getattr(e, "filename", None) or folder, reason_of(e), getattr(e, "errno", None)) from None
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _library_write_errors() -> tuple:
+    try:
+        from safetensors import SafetensorError
+
+        return (SafetensorError,)
+    except ImportError:
+        return ()
 
 
 def writable(folder: Path) -> OSError | None:

@@ -86,15 +86,36 @@ def end_with_parent(signum: int = signal.SIGTERM, parent: int | None = None) -> 
     so that a torchrun worker or a study's run whose launcher was SIGKILLed (by a scheduler or the
     OOM killer) does not go on training alone: SIGTERM is an interrupt, the run checkpoints its
     last round, releases its folder and stays resumable. parent: the pid expected as the parent
-    (the study's, passed to a child before exec); if it is already gone, the signal is sent now.
+    (the study's, when called in a child before exec); if it is already gone, the signal is sent
+    now. Safe between fork and exec once the parent has called libc(): it only calls prctl.
     Elsewhere than Linux: nothing (no such call)."""
-    if not sys.platform.startswith("linux"):
+    c = libc()
+    if c is None:
         return
-    import ctypes
-
     expected = os.getppid() if parent is None else parent
-    libc = ctypes.CDLL(None, use_errno=True)
-    PR_SET_PDEATHSIG = 1
-    libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    c.prctl(1, int(signum), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
     if os.getppid() != expected:  # the parent died before the call above: it would never fire
         os.kill(os.getpid(), signum)
+
+
+_LIBC: list = []
+
+
+def libc():
+    """The C library through ctypes (loaded once; None off Linux). A parent that starts children
+    with end_with_parent as their preexec_fn calls it first, so that the child loads nothing."""
+    if not sys.platform.startswith("linux"):
+        return None
+    if not _LIBC:
+        import ctypes
+
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    return _LIBC[0]
+
+
+def ends_with_this_process():
+    """A preexec_fn for subprocess.Popen: the child gets SIGTERM when this process dies."""
+    import functools
+
+    libc()  # loaded here, in the parent: the child between fork and exec only calls prctl
+    return functools.partial(end_with_parent, signal.SIGTERM, os.getpid())

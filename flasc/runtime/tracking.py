@@ -10,6 +10,7 @@ damaged file with one line instead of a traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -47,13 +48,17 @@ def check_writable(parent: str, what: str = "dir") -> None:
 
 def unique_run_dir(parent: str, name: str) -> Path:
     """DIR/NAME, or DIR/NAME-1, DIR/NAME-2... if taken; created here so two runs never share one."""
-    Path(parent).mkdir(parents=True, exist_ok=True)
+    with files.naming(parent):
+        Path(parent).mkdir(parents=True, exist_ok=True)
     candidate, i = Path(parent) / name, 0
     while True:
         try:
-            candidate.mkdir()
+            with files.naming(candidate):
+                candidate.mkdir()
             return candidate
-        except FileExistsError:
+        except files.WriteFailed as e:
+            if e.errno != errno.EEXIST:
+                raise
             i += 1
             candidate = Path(parent) / f"{name}-{i}"
 
@@ -133,13 +138,19 @@ def read_json(path: Path) -> dict:
     return value
 
 
-def check_metrics(path: Path, offset: int, digest: int | None, rounds_done: int) -> bytes:
+def check_metrics(path: Path, offset: int, digest: int | None, rounds_done: int, redo: dict | None = None) -> bytes:
     """The first `offset` bytes of a resumed run's metrics.jsonl, which its checkpoint saw (and
     whose digest it kept): CheckpointError if they are missing or differ, so that a resume never
-    continues a record with lost or damaged rounds."""
+    continues a record with lost or damaged rounds. redo (a checkpoint of a run being continued
+    to more rounds, see redo_plan): the file may already hold the redone version; it is returned."""
     from flasc.runtime.checkpoint import CheckpointError
 
     todo = "restore it from a copy of the run folder, or start the run again"
+    if redo is not None and path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(redo["offset"])
+        if len(head) == redo["offset"] and xxhash.xxh3_64_intdigest(head) == redo["digest"]:
+            return head
     if not path.is_file():
         if offset == 0:
             return b""
@@ -154,6 +165,12 @@ def check_metrics(path: Path, offset: int, digest: int | None, rounds_done: int)
     if digest is not None and xxhash.xxh3_64_intdigest(head) != digest:
         raise CheckpointError(f"--resume: {path} is damaged (its rounds differ from those its checkpoint saw); {todo}")
     return head
+
+
+def redone(head: bytes, record: dict | None) -> bytes:
+    """metrics.jsonl's bytes with the last line replaced by `record` (None: dropped)."""
+    start = head.rstrip(b"\n").rfind(b"\n") + 1
+    return head[:start] + (b"" if record is None else (json.dumps(record, allow_nan=False) + "\n").encode())
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -208,25 +225,27 @@ class RunLog:
         purge_step: int | None = None,
         lock=None,
         config_name: str | None = None,
+        metrics_redo: dict | None = None,
     ):
         """A new run folder, or (existing) a resumed one, whose lock the caller holds: metrics.jsonl
         is cut back to what the checkpoint had seen and TensorBoard drops events from purge_step on,
         so the rounds redone after a crash are not recorded twice. config.yaml records the folder
         name actually used (NAME-1 when NAME was taken). metrics_digest: the checkpoint's digest of
-        metrics.jsonl's first metrics_offset bytes (None: a checkpoint written before digests).
+        metrics.jsonl's first metrics_offset bytes (None: a checkpoint written before digests);
+        metrics_redo: the checkpoint's redo_plan, carried out now if the file does not hold it yet.
         A new folder that cannot be set up (disk full) is removed again: it never holds the name."""
         self._digest = xxhash.xxh3_64()
         self._sinks, self._log, self._metrics, self.tb, self._lock = [], None, None, None, lock
         self.dir = Path(existing) if existing is not None else unique_run_dir(cfg.dir, cfg.name)
         try:
-            self._open(cfg, console, existing, metrics_offset, metrics_digest, purge_step, config_name)
+            self._open(cfg, console, existing, metrics_offset, metrics_digest, purge_step, config_name, metrics_redo)
         except BaseException:
             self.close()
             if existing is None:
                 shutil.rmtree(self.dir, ignore_errors=True)
             raise
 
-    def _open(self, cfg, console, existing, metrics_offset, metrics_digest, purge_step, config_name) -> None:
+    def _open(self, cfg, console, existing, metrics_offset, metrics_digest, purge_step, config_name, redo) -> None:
         metrics = self.dir / "metrics.jsonl"
         if existing is None:
             self._lock = lock_run_dir(self.dir, "dir")
@@ -235,11 +254,15 @@ class RunLog:
                 self.dir / "config.yaml", header + config_mod.dump(config_mod.Config({**cfg, "name": self.dir.name}))
             )
         else:
-            rounds_done = (purge_step or 1) - 1
-            self._digest.update(check_metrics(metrics, metrics_offset, metrics_digest, rounds_done))
+            rounds_done = (purge_step or 1) - (0 if redo else 1)
+            head = check_metrics(metrics, metrics_offset, metrics_digest, rounds_done, redo)
+            if redo is not None and len(head) == metrics_offset and xxhash.xxh3_64_intdigest(head) != redo["digest"]:
+                head = redone(head, redo["record"])
+                files.write_atomic(metrics, head)  # the old version or the redone one, never half of either
+            self._digest.update(head)
             if metrics.exists():
                 with files.naming(metrics):
-                    os.truncate(metrics, metrics_offset)
+                    os.truncate(metrics, len(head))
         quiet_event_writer_threads()
         self._log = LogFile(self.dir / "train.log")
         fmt = "{time:YYYY-MM-DD HH:mm:ss} | {level} | {message}"
@@ -252,6 +275,8 @@ class RunLog:
 
         with files.naming(self.dir / "tb"):
             self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=purge_step)
+        if redo is not None and redo["record"] is not None:
+            self._scalars(redo["record"])  # purged with its round (purge_step), logged again as redone
 
     def metrics_offset(self) -> int:
         """The length of metrics.jsonl, synced to disk with the TensorBoard events (a checkpoint is
@@ -272,6 +297,9 @@ class RunLog:
         with files.naming(self.dir / "metrics.jsonl"):
             self._metrics.write(line)
         self._digest.update(line.encode())
+        self._scalars(record)
+
+    def _scalars(self, record: dict) -> None:
         step = record["round"]
         with files.naming(self.dir / "tb"):
             for key, value in record.items():
@@ -281,19 +309,26 @@ class RunLog:
                     for sub, v in value.items():
                         self.tb.add_scalar(f"{key.replace('_', '/', 1)}/{sub}", v, step)
 
-    def redo_last(self, record: dict | None) -> None:
-        """Replace metrics.jsonl's last line by `record` (None: drop it), in the file and in
-        TensorBoard (opened with purge_step at its round): a run continued past its last round."""
+    def redo_plan(self, record: dict | None) -> dict:
+        """What replacing metrics.jsonl's last line by `record` (None: dropping it) makes of the file:
+        its length and digest, which the checkpoint saved before the change keeps (with the
+        record), so that a resume accepts the file before or after the change and finishes it."""
+        with files.naming(self.dir / "metrics.jsonl"):
+            self._metrics.flush()
+            new = redone((self.dir / "metrics.jsonl").read_bytes(), record)
+        return {"record": record, "offset": len(new), "digest": xxhash.xxh3_64_intdigest(new)}
+
+    def apply_redo(self, redo: dict) -> None:
+        """Carry out a redo_plan (TensorBoard was opened with purge_step at its round)."""
         path = self.dir / "metrics.jsonl"
         with files.naming(path):
+            new = redone(path.read_bytes(), redo["record"])
+            files.write_atomic(path, new)  # the old version or the new one, never half of either
             self._metrics.close()
-            data = path.read_bytes()
-            start = data.rstrip(b"\n").rfind(b"\n") + 1
-            os.truncate(path, start)
             self._metrics = open(path, "a", buffering=1)
-        self._digest = xxhash.xxh3_64(data[:start])
-        if record is not None:
-            self.log_round(record)
+        self._digest = xxhash.xxh3_64(new)
+        if redo["record"] is not None:
+            self._scalars(redo["record"])
 
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self.dir / "summary.json", summary)
@@ -342,7 +377,10 @@ class NoRunLog:
     def log_round(self, record: dict) -> None:
         pass
 
-    def redo_last(self, record: dict | None) -> None:
+    def redo_plan(self, record: dict | None) -> None:
+        return None
+
+    def apply_redo(self, redo) -> None:
         pass
 
     def write_summary(self, summary: dict) -> None:

@@ -17,7 +17,6 @@ filesystem every node sees.
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import signal
@@ -26,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flasc.runtime.interrupts import end_with_parent
+from flasc.runtime.interrupts import ends_with_this_process
 from flasc.studies import runs
 
 
@@ -82,7 +81,7 @@ class RunJob:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=runs.ROOT,
-                preexec_fn=functools.partial(end_with_parent, signal.SIGTERM, os.getpid()),  # ends with the job
+                preexec_fn=ends_with_this_process(),  # ends with the job
             )
             returncode = self._proc.wait()
         self._proc = None

@@ -58,6 +58,12 @@ def _models() -> list[str]:
     return sorted(MODELS)
 
 
+def _hub_model(name: str) -> bool:
+    from flasc.models.catalog import is_hub_model
+
+    return is_hub_model(name)
+
+
 def _server_opts() -> list[str]:
     from flasc.federation.optimizers import SERVER_OPTIMIZERS
 
@@ -103,7 +109,12 @@ SCHEMA: dict[str, Option] = {
     "min_client_size": _nonneg_int,
     "iid_mix": Option(float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0: natural clients, 1: IID)"),
     "augment": Option(bool),
-    "model": _registry_choice(_models, extra=("auto",)),
+    "model": Option(
+        str,
+        lambda v: v in ("auto", *_models()) or _hub_model(v),
+        lambda: f"auto, one of {', '.join(_models())}, a Hugging Face model id (org/name) or a model folder",
+        registry=True,
+    ),
     "model_path": Option(str, lambda v: v != "", "a folder path or null", nullable=True),
     "lora_rank": Option(int, lambda v: v >= -1, "an integer >= -1 (0: head only, -1: full fine-tuning)"),
     "lora_alpha": _positive,
@@ -324,7 +335,7 @@ def components(cfg: Config) -> list:
     from flasc.client import local, stacked
     from flasc.diagnostics import shadows
     from flasc.federation import optimizers, privacy, tiers
-    from flasc.models import MODELS, resolve_name
+    from flasc.models import spec_of
 
     class Shadows:  # shadows check each entry as a whole run, with this module's checks
         options = shadows.options
@@ -334,7 +345,7 @@ def components(cfg: Config) -> list:
             shadows.check(c, _check_together)
 
     return [
-        MODELS[resolve_name(cfg)],
+        spec_of(cfg),
         DATASETS[cfg.dataset],
         merging.SPACES[cfg.merge_space],
         merging.STRATEGIES[cfg.merging_strategy],

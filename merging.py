@@ -64,9 +64,9 @@ _CONV = (
 
 def _linear_lora(cfg) -> tuple[bool, str]:
     """Whether the run's model puts LoRA on linear layers (not convolutions), and its name."""
-    from flasc.models import MODELS, resolve_name
+    from flasc.models import resolve_name, spec_of
 
-    return MODELS[resolve_name(cfg)].linear_lora, resolve_name(cfg)
+    return spec_of(cfg).linear_lora, resolve_name(cfg)
 
 
 class FactorSpace:

@@ -272,7 +272,7 @@ def build(cfg, device: torch.device, world: distributed.World | None = None) -> 
         scores, PersonalScores(scores, tests, fed.client_tier, fed.algorithm, fed.client_states) if tests else None
     )
     if cfg.drift_stats:
-        linear = models.MODELS[models.resolve_name(cfg)].linear_lora
+        linear = models.spec_of(cfg).linear_lora
         fed.callbacks.append(
             Drift(fed.flat, fed.aggregator.pairs, cfg.tiers <= 1 and fed.algorithm.shared_start and linear)
         )

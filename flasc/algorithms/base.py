@@ -117,9 +117,9 @@ class FedAvg:
         if cfg.tiers > 1 and cfg.syshet != "rank":
             raise ConfigError(f"syshet: algorithm {a} with tiers gives each tier a rank; expected syshet: rank")
         if cls.needs_linear_lora:
-            from flasc.models import MODELS, resolve_name
+            from flasc.models import resolve_name, spec_of
 
-            if not MODELS[resolve_name(cfg)].linear_lora:
+            if not spec_of(cfg).linear_lora:
                 raise ConfigError(
                     f"algorithm: {a} works on products B·A of linear layers; model {resolve_name(cfg)} "
                     "adapts convolutions; expected another algorithm"

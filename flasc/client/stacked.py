@@ -33,7 +33,7 @@ def check(cfg) -> None:
     heads; nothing else can be stacked."""
     if cfg.client_parallelism <= 1:
         return
-    from flasc.models import MODELS, resolve_name
+    from flasc.models import resolve_name, spec_of
 
     if cfg.lora_rank < 0:
         raise ConfigError(
@@ -41,7 +41,7 @@ def check(cfg) -> None:
             "their adapters; full fine-tuning (lora_rank -1) trains the base itself; expected "
             "client_parallelism: 1 or lora_rank >= 0"
         )
-    if not MODELS[resolve_name(cfg)].linear_lora:
+    if not spec_of(cfg).linear_lora:
         raise ConfigError(
             f"client_parallelism: stacked adapters are LoRA of linear layers; model "
             f"{resolve_name(cfg)} adapts convolutions (and draws its stochastic depth outside "

@@ -12,7 +12,7 @@ from flasc.models.build import (
     load_tokenizer,
     training_mode,
 )
-from flasc.models.catalog import MODELS, ModelSpec, ModelUnavailable, minilm_dir, resolve_name
+from flasc.models.catalog import MODELS, ModelSpec, ModelUnavailable, is_hub_model, minilm_dir, resolve_name, spec_of
 from flasc.models.saving import FULL_STATE, load_trained, save_trained
 
 __all__ = [
@@ -29,6 +29,8 @@ __all__ = [
     "load_trained",
     "minilm_dir",
     "resolve_name",
+    "spec_of",
+    "is_hub_model",
     "save_trained",
     "training_mode",
 ]

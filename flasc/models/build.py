@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from flasc.models.catalog import MODELS, ModelSpec, ModelUnavailable, resolve_name
+from flasc.models.catalog import ModelSpec, ModelUnavailable, resolve_name, spec_of
 from flasc.runtime import seeding
 
 
@@ -109,12 +109,12 @@ def _plain_pointwise_convs(net) -> None:
 
 
 def _source(cfg) -> str:
-    return cfg.model_path or MODELS[resolve_name(cfg)].source()
+    return cfg.model_path or spec_of(cfg).source()
 
 
 def load_tokenizer(cfg):
     """The tokenizer and a tag that identifies it for the token cache (None, "" for image models)."""
-    if MODELS[resolve_name(cfg)].inputs != "text":
+    if spec_of(cfg).inputs != "text":
         return None, ""
     _quiet_transformers()
     from transformers import AutoTokenizer
@@ -171,10 +171,12 @@ def build_base(cfg, num_labels: int, pad_token_id: int | None, lm_head: bool = F
     )
 
     name = resolve_name(cfg)
-    spec = MODELS[name]
+    spec = spec_of(cfg)
     torch.manual_seed(seeding.derive_seed(cfg.seed, "model_init"))
     if spec.family == "efficientnet":
         return _build_efficientnet(cfg, spec, num_labels)
+    if spec.family == "auto":
+        return _build_any(cfg, spec, num_labels, pad_token_id, lm_head)
     auto = {
         "bert": AutoModel,
         "vit": AutoModelForImageClassification,
@@ -196,10 +198,69 @@ def build_base(cfg, num_labels: int, pad_token_id: int | None, lm_head: bool = F
     return MeanPoolClassifier(model, num_labels) if spec.family == "bert" else model
 
 
+def _build_any(cfg, spec: ModelSpec, num_labels: int, pad_token_id: int | None, lm_head: bool):
+    """Any Hugging Face model, by the Auto class the task needs: a causal LM (next token), an image
+    classifier (images) or a sequence classifier (text labels), its new head initialised from the
+    run's seed."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    extra = {} if lm_head else {"num_labels": num_labels}
+    if spec.inputs == "text":
+        extra["pad_token_id"] = pad_token_id
+    auto = (
+        AutoModelForCausalLM
+        if lm_head
+        else AutoModelForImageClassification
+        if spec.inputs == "image"
+        else AutoModelForSequenceClassification
+    )
+    model = _from_pretrained(auto.from_pretrained, spec.source(), f"model {resolve_name(cfg)}", **extra)
+    if spec.inputs == "text":
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def head_modules(model, spec: ModelSpec, lm_head: bool) -> tuple[str, ...]:
+    """The modules that train besides the adapters: the spec's, or for any Hugging Face model the
+    top-level modules with parameters beside its base model (a classifier's new head: `score`,
+    `classifier`, DistilBERT's `pre_classifier`...). A causal LM trains no head (its output layer
+    is often the tied input embedding)."""
+    if lm_head:
+        return ()
+    if spec.family != "auto":
+        return spec.head_modules
+    base = getattr(model, "base_model_prefix", "")
+    return tuple(n for n, m in model.named_children() if n != base and any(True for _ in m.parameters()))
+
+
+def lora_targets(model, spec: ModelSpec, heads: tuple[str, ...]) -> list[str]:
+    """Where LoRA goes: the spec's modules (peft's default for the architecture), or every linear
+    layer (and GPT-2-style Conv1D) outside the head."""
+    if spec.target_modules:
+        return list(spec.target_modules)
+    from transformers.pytorch_utils import Conv1D
+
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and not any(name == h or name.startswith(h + ".") for h in heads)
+    }
+    head_leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name in heads}
+    names -= head_leaves | {"lm_head"}
+    return sorted(names)
+
+
+def _uses_conv1d(model, targets: list[str]) -> bool:
+    """GPT-2-style Conv1D layers among the targets: their weights are stored transposed."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, m in model.named_modules())
+
+
 def add_adapters(model, cfg, lm_head: bool = False):
     """lora_rank > 0: LoRA (+ head); 0: head only; -1: every parameter trains."""
-    spec = MODELS[resolve_name(cfg)]
-    heads = () if lm_head else spec.head_modules
+    spec = spec_of(cfg)
+    heads = head_modules(model, spec, lm_head)
     if cfg.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -207,9 +268,9 @@ def add_adapters(model, cfg, lm_head: bool = False):
             r=cfg.lora_rank,
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
-            target_modules=list(spec.target_modules),
+            target_modules=(targets := lora_targets(model, spec, heads)),
             bias="none",
-            fan_in_fan_out=spec.family == "gpt2",  # GPT-2 stores Conv1D weights transposed
+            fan_in_fan_out=_uses_conv1d(model, targets),  # GPT-2 stores Conv1D weights transposed
             modules_to_save=list(heads) or None,
         )
         torch.manual_seed(seeding.derive_seed(cfg.seed, "model_init", 1))  # LoRA A init

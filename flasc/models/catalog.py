@@ -40,7 +40,7 @@ def efficientnet_weights() -> Path:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str  # 'bert' | 'gpt2' | 'vit' | 'efficientnet' (see build_base)
+    family: str  # 'bert' | 'gpt2' | 'vit' | 'efficientnet' | 'auto' (any Hugging Face model; see build_base)
     source: Callable[[], str]  # default folder, file or hub name of weights (and tokenizer)
     pretrained: bool  # False: random init from `tiny_config` (tests)
     target_modules: tuple[str, ...]
@@ -59,6 +59,10 @@ class ModelSpec:
         from data import DATASETS
 
         data, name = DATASETS[cfg.dataset], resolve_name(cfg)
+        if is_hub_model(name) and cfg.model_path:
+            raise ConfigError(
+                f"model_path: model {name} names its own weights; expected model_path: null (or a short name as model)"
+            )
         if self.inputs != data.inputs or (data.objective == "next_token" and not self.lm_head):
             fitting = [
                 n
@@ -142,6 +146,58 @@ MODELS: dict[str, ModelSpec] = {
         source=lambda: "", pretrained=False, tiny_config=_tiny_efficientnet, **_EFFICIENTNET
     ),
 }
+
+
+def is_hub_model(name: str) -> bool:
+    """A value of `model` that names a Hugging Face model rather than a short name: a hub id
+    (org/name) or a model folder (a path)."""
+    return name not in MODELS and name != "auto" and ("/" in name or Path(name).expanduser().is_dir())
+
+
+def spec_of(cfg) -> ModelSpec:
+    """The run's model: a short name's spec, or for a Hugging Face model id or folder, a spec read
+    from its config (see generic_spec)."""
+    name = resolve_name(cfg)
+    return MODELS[name] if name in MODELS else generic_spec(cfg.model_path or name)
+
+
+_GENERIC: dict[str, ModelSpec] = {}
+
+
+def generic_spec(source: str) -> ModelSpec:
+    """What flasc needs to know about any Hugging Face model, from its config alone: what it reads
+    (images if its config describes pixels, text otherwise), whether it can be a causal language
+    model, and where LoRA goes (peft's default for the architecture; otherwise every linear layer,
+    chosen when the model is built). Its head is found when it is built (build.head_modules)."""
+    if source in _GENERIC:
+        return _GENERIC[source]
+    try:
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - transformers is a requirement
+        raise ConfigError("model: a Hugging Face model needs the package transformers") from None
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"model: '{source}' is not a Hugging Face model folder, and it could not be fetched as a hub id "
+            f"({type(e).__name__}); expected auto, one of {', '.join(sorted(MODELS))}, the id of a model on the "
+            "hub (with a network, or cached: HF_HUB_OFFLINE=1) or a folder holding one"
+        ) from None
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    image = hasattr(config, "num_channels") and not hasattr(config, "vocab_size")
+    spec = ModelSpec(
+        family="auto",
+        source=lambda: source,
+        pretrained=True,
+        target_modules=tuple(PEFT_TARGETS.get(config.model_type, ())),  # () : every linear layer
+        head_modules=(),
+        inputs="image" if image else "text",
+        lm_head=config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    )
+    _GENERIC[source] = spec
+    return spec
 
 
 def resolve_name(cfg) -> str:

@@ -119,6 +119,12 @@ SCHEMA: dict[str, Option] = {
     "lora_rank": Option(int, lambda v: v >= -1, "an integer >= -1 (0: head only, -1: full fine-tuning)"),
     "lora_alpha": _positive,
     "lora_dropout": Option(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "lora_target_modules": Option(
+        list,
+        lambda v: len(v) > 0 and all(x.strip() for x in v),
+        "null (the model's own), a list of module names, or all-linear",
+        nullable=True,
+    ),
     "freeze_a": Option(bool),
     "base_dropout": Option(bool),
     "server_rounds": _nonneg_int,

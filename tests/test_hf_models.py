@@ -79,3 +79,30 @@ def test_a_model_that_is_neither_a_name_nor_a_folder_is_one_line(tiny_overrides,
     assert train_lora.main([*argv, "--model", str(tmp_path / "no" / "such")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a Hugging Face model folder" in err[0], err
+
+
+@pytest.mark.parametrize(
+    "chosen, expected",
+    [
+        (["q_proj", "k_proj", "v_proj", "o_proj"], {"q_proj", "k_proj", "v_proj", "o_proj"}),
+        (["all-linear"], {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ],
+)
+def test_lora_target_modules_chooses_where_lora_goes(model_folders, tiny_overrides, chosen, expected):
+    from train_lora import build, pick_device
+
+    overrides = {**tiny_overrides, "model": str(model_folders["llama"]), "lora_target_modules": chosen}
+    fed = build(config.load_config(overrides=overrides), pick_device("cpu"))
+    lora = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in fed.model.named_parameters() if ".lora_A" in n}
+    assert lora == expected  # every linear layer of the decoder, not the score head
+
+
+def test_a_lora_target_the_model_lacks_is_one_line(model_folders, tiny_overrides, capsys):
+    overrides = {**tiny_overrides, "model": str(model_folders["llama"]), "lora_target_modules": ["query"]}
+    argv = [f"--{k.replace('_', '-')}={config.yaml_value(v)}" for k, v in overrides.items()]
+    assert train_lora.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: lora_target_modules: the model has no linear layer named query; expected names among "
+        "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (or all-linear)"
+    ]

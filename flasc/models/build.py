@@ -233,21 +233,31 @@ def head_modules(model, spec: ModelSpec, lm_head: bool) -> tuple[str, ...]:
     return tuple(n for n, m in model.named_children() if n != base and any(True for _ in m.parameters()))
 
 
-def lora_targets(model, spec: ModelSpec, heads: tuple[str, ...]) -> list[str]:
-    """Where LoRA goes: the spec's modules (peft's default for the architecture), or every linear
-    layer (and GPT-2-style Conv1D) outside the head."""
-    if spec.target_modules:
-        return list(spec.target_modules)
+def lora_targets(model, spec: ModelSpec, heads: tuple[str, ...], chosen: list[str] | None = None) -> list[str]:
+    """Where LoRA goes: the names chosen (lora_target_modules; all-linear: every linear layer), the
+    spec's modules (peft's default for the architecture), or every linear layer (and GPT-2-style
+    Conv1D) outside the head. A chosen name the model has no linear layer of is ConfigError."""
     from transformers.pytorch_utils import Conv1D
 
-    names = {
+    linear = {
         name.rsplit(".", 1)[-1]
         for name, m in model.named_modules()
         if isinstance(m, (torch.nn.Linear, Conv1D)) and not any(name == h or name.startswith(h + ".") for h in heads)
     }
-    head_leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name in heads}
-    names -= head_leaves | {"lm_head"}
-    return sorted(names)
+    linear -= {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name in heads} | {"lm_head"}
+    if chosen is not None and chosen != ["all-linear"]:
+        missing = [c for c in chosen if c not in linear]
+        if missing:
+            from flasc.options import ConfigError
+
+            raise ConfigError(
+                f"lora_target_modules: the model has no linear layer named {missing[0]}; expected names among "
+                f"{', '.join(sorted(linear))} (or all-linear)"
+            )
+        return list(chosen)
+    if chosen is None and spec.target_modules:
+        return list(spec.target_modules)
+    return sorted(linear)  # every linear layer outside the head (all-linear, or no default for the model)
 
 
 def _uses_conv1d(model, targets: list[str]) -> bool:
@@ -268,7 +278,7 @@ def add_adapters(model, cfg, lm_head: bool = False):
             r=cfg.lora_rank,
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
-            target_modules=(targets := lora_targets(model, spec, heads)),
+            target_modules=(targets := lora_targets(model, spec, heads, cfg.lora_target_modules)),
             bias="none",
             fan_in_fan_out=_uses_conv1d(model, targets),  # GPT-2 stores Conv1D weights transposed
             modules_to_save=list(heads) or None,

@@ -51,7 +51,17 @@ class ModelSpec:
     linear_lora: bool = True  # LoRA on linear layers (product-space merging and RegMean need it)
 
     # what building the model reads (flasc/models/build.py)
-    options = ("model", "model_path", "lora_rank", "lora_alpha", "lora_dropout", "freeze_a", "base_dropout", "seed")
+    options = (
+        "model",
+        "model_path",
+        "lora_rank",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
+        "freeze_a",
+        "base_dropout",
+        "seed",
+    )
 
     def check(self, cfg) -> None:
         """The model must fit the data set (its inputs; a language model for next-token data), and
@@ -73,6 +83,15 @@ class ModelSpec:
             raise ConfigError(
                 f"model: {name} does not fit dataset {cfg.dataset}, which needs {what}; "
                 f"expected auto or one of {', '.join(fitting)}"
+            )
+        if cfg.lora_target_modules is not None and cfg.lora_rank <= 0:
+            raise ConfigError(
+                f"lora_target_modules: says where LoRA goes; expected lora_rank >= 1 (got {cfg.lora_rank}) "
+                "or lora_target_modules: null"
+            )
+        if cfg.lora_target_modules is not None and not self.linear_lora:
+            raise ConfigError(
+                f"lora_target_modules: model {name} adapts chosen convolutions; expected lora_target_modules: null"
             )
         if cfg.freeze_a and cfg.lora_rank <= 0:
             raise ConfigError(f"freeze_a: true needs LoRA adapters; expected lora_rank >= 1 (got {cfg.lora_rank})")

@@ -119,6 +119,12 @@ SCHEMA: dict[str, Option] = {
     "lora_rank": Option(int, lambda v: v >= -1, "an integer >= -1 (0: head only, -1: full fine-tuning)"),
     "lora_alpha": _positive,
     "lora_dropout": Option(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "model_revision": Option(
+        str, lambda v: v != "", "a branch, tag or commit of the hub model, or null", nullable=True
+    ),
+    "trust_remote_code": Option(bool),
+    "attn_implementation": _choice("auto", "sdpa", "eager", "flash_attention_2"),
+    "gradient_checkpointing": Option(bool),
     "lora_target_modules": Option(
         list,
         lambda v: len(v) > 0 and all(x.strip() for x in v),

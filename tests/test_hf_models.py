@@ -106,3 +106,59 @@ def test_a_lora_target_the_model_lacks_is_one_line(model_folders, tiny_overrides
         "error: lora_target_modules: the model has no linear layer named query; expected names among "
         "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (or all-linear)"
     ]
+
+
+def test_gradient_checkpointing_gives_the_same_round(model_folders, tiny_overrides):
+    """Recomputed activations, the same update: a round with it equals a round without (no dropout)."""
+    from train_lora import build, pick_device
+
+    servers, starts = [], []
+    for on in (False, True):
+        overrides = {**tiny_overrides, "model": str(model_folders["llama"]), "gradient_checkpointing": on}
+        fed = build(config.load_config(overrides={**overrides, "lora_dropout": 0.0}), pick_device("cpu"))
+        inner = fed.model.base_model.model
+        assert inner.is_gradient_checkpointing == on
+        starts.append(fed.server.detach().clone())
+        fed.run_round(0)
+        servers.append(fed.server.detach().clone())
+    torch.testing.assert_close(servers[0], servers[1], rtol=1e-6, atol=1e-7)
+    assert torch.equal(starts[0], starts[1]) and not torch.equal(servers[0], starts[0])  # same start, it trained
+
+
+def test_revision_remote_code_and_attention_reach_from_pretrained(model_folders, tiny_overrides, monkeypatch):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    seen = []
+    for cls in (AutoModelForSequenceClassification, AutoTokenizer):
+        real = cls.from_pretrained
+
+        def recording(source, *args, _real=real, **kwargs):
+            seen.append(kwargs)
+            return _real(source, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", recording)
+    overrides = {**tiny_overrides, "model": str(model_folders["llama"])}
+    cfg = config.load_config(overrides={**overrides, "model_revision": "main", "attn_implementation": "eager"})
+    models.build_model(cfg, 3, models.load_tokenizer(cfg)[0].pad_token_id)
+    assert all(k["revision"] == "main" and k["trust_remote_code"] is False for k in seen) and len(seen) >= 2
+    assert seen[-1]["attn_implementation"] == "eager"
+
+
+@pytest.mark.parametrize(
+    "extra, said",
+    [
+        ({"model_revision": "v1"}, "model_revision: applies to a Hugging Face model given by id or folder"),
+        ({"trust_remote_code": True}, "trust_remote_code: applies to a Hugging Face model"),
+        ({"attn_implementation": "sdpa"}, "attn_implementation: applies to a Hugging Face model"),
+        ({"model": "LLAMA", "attn_implementation": "flash_attention_2"}, "flash_attention_2 needs a CUDA device"),
+        (
+            {"model": "tiny-efficientnet", "dataset": "fashion_mnist", "gradient_checkpointing": True},
+            "not a transformers",
+        ),
+    ],
+)
+def test_hub_options_are_refused_where_they_mean_nothing(model_folders, tiny_overrides, extra, said):
+    if extra.get("model") == "LLAMA":
+        extra = {**extra, "model": str(model_folders["llama"])}
+    with pytest.raises(config.ConfigError, match=said):
+        config.load_config(overrides={**tiny_overrides, **extra})

@@ -120,7 +120,8 @@ def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
     source = _source(cfg)
-    tok = _from_pretrained(AutoTokenizer.from_pretrained, source, f"tokenizer of {resolve_name(cfg)}")
+    extra = hub_options(cfg) if spec_of(cfg).family == "auto" else {}
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, source, f"tokenizer of {resolve_name(cfg)}", **extra)
     if tok.pad_token is None:  # GPT-2 has none; pad with end-of-text as the seeds do
         tok.pad_token = tok.eos_token
     tag = f"{type(tok).__name__}-{Path(source).name}-{len(tok)}"
@@ -176,7 +177,8 @@ def build_base(cfg, num_labels: int, pad_token_id: int | None, lm_head: bool = F
     if spec.family == "efficientnet":
         return _build_efficientnet(cfg, spec, num_labels)
     if spec.family == "auto":
-        return _build_any(cfg, spec, num_labels, pad_token_id, lm_head)
+        model = _build_any(cfg, spec, num_labels, pad_token_id, lm_head)
+        return checkpointed(model) if cfg.gradient_checkpointing else model
     auto = {
         "bert": AutoModel,
         "vit": AutoModelForImageClassification,
@@ -195,7 +197,8 @@ def build_base(cfg, num_labels: int, pad_token_id: int | None, lm_head: bool = F
         model = auto.from_config(config)
     if spec.inputs == "text":
         model.config.pad_token_id = pad_token_id
-    return MeanPoolClassifier(model, num_labels) if spec.family == "bert" else model
+    model = MeanPoolClassifier(model, num_labels) if spec.family == "bert" else model
+    return checkpointed(model) if cfg.gradient_checkpointing else model
 
 
 def _build_any(cfg, spec: ModelSpec, num_labels: int, pad_token_id: int | None, lm_head: bool):
@@ -214,9 +217,25 @@ def _build_any(cfg, spec: ModelSpec, num_labels: int, pad_token_id: int | None, 
         if spec.inputs == "image"
         else AutoModelForSequenceClassification
     )
+    extra.update(hub_options(cfg))
+    if cfg.attn_implementation != "auto":
+        extra["attn_implementation"] = cfg.attn_implementation
     model = _from_pretrained(auto.from_pretrained, spec.source(), f"model {resolve_name(cfg)}", **extra)
     if spec.inputs == "text":
         model.config.pad_token_id = pad_token_id
+    return model
+
+
+def hub_options(cfg) -> dict:
+    """from_pretrained's keywords for a Hugging Face model's revision and remote code."""
+    return {"revision": cfg.model_revision, "trust_remote_code": cfg.trust_remote_code}
+
+
+def checkpointed(model):
+    """gradient_checkpointing: the transformers model inside recomputes its activations in the
+    backward pass (non-reentrant: the frozen embeddings need no grad for it)."""
+    inner = model.encoder if isinstance(model, MeanPoolClassifier) else model
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

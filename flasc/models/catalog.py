@@ -58,6 +58,10 @@ class ModelSpec:
         "lora_alpha",
         "lora_dropout",
         "lora_target_modules",
+        "model_revision",
+        "trust_remote_code",
+        "attn_implementation",
+        "gradient_checkpointing",
         "freeze_a",
         "base_dropout",
         "seed",
@@ -84,6 +88,27 @@ class ModelSpec:
                 f"model: {name} does not fit dataset {cfg.dataset}, which needs {what}; "
                 f"expected auto or one of {', '.join(fitting)}"
             )
+        hub_only = {  # option -> (given, its default)
+            "model_revision": (cfg.model_revision is not None, "null"),
+            "trust_remote_code": (cfg.trust_remote_code, "false"),
+            "attn_implementation": (cfg.attn_implementation != "auto", "auto"),
+        }
+        for key, (given, default) in hub_only.items():
+            if given and self.family != "auto":
+                raise ConfigError(
+                    f"{key}: applies to a Hugging Face model given by id or folder; model {name} is a short name; "
+                    f"expected {key}: {default}"
+                )
+        if cfg.attn_implementation == "flash_attention_2":
+            import importlib.util
+
+            if importlib.util.find_spec("flash_attn") is None or cfg.gpu == "cpu":
+                raise ConfigError(
+                    "attn_implementation: flash_attention_2 needs a CUDA device and the package flash-attn; "
+                    "expected auto, sdpa or eager"
+                )
+        if cfg.gradient_checkpointing and self.family == "efficientnet":
+            raise ConfigError(f"gradient_checkpointing: model {name} is not a transformers model; expected false")
         if cfg.lora_target_modules is not None and cfg.lora_rank <= 0:
             raise ConfigError(
                 f"lora_target_modules: says where LoRA goes; expected lora_rank >= 1 (got {cfg.lora_rank}) "
@@ -177,26 +202,27 @@ def spec_of(cfg) -> ModelSpec:
     """The run's model: a short name's spec, or for a Hugging Face model id or folder, a spec read
     from its config (see generic_spec)."""
     name = resolve_name(cfg)
-    return MODELS[name] if name in MODELS else generic_spec(cfg.model_path or name)
+    return MODELS[name] if name in MODELS else generic_spec(name, cfg.model_revision, cfg.trust_remote_code)
 
 
-_GENERIC: dict[str, ModelSpec] = {}
+_GENERIC: dict[tuple, ModelSpec] = {}
 
 
-def generic_spec(source: str) -> ModelSpec:
+def generic_spec(source: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelSpec:
     """What flasc needs to know about any Hugging Face model, from its config alone: what it reads
     (images if its config describes pixels, text otherwise), whether it can be a causal language
     model, and where LoRA goes (peft's default for the architecture; otherwise every linear layer,
     chosen when the model is built). Its head is found when it is built (build.head_modules)."""
-    if source in _GENERIC:
-        return _GENERIC[source]
+    key = (source, revision, trust_remote_code)
+    if key in _GENERIC:
+        return _GENERIC[key]
     try:
         from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:  # pragma: no cover - transformers is a requirement
         raise ConfigError("model: a Hugging Face model needs the package transformers") from None
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"model: '{source}' is not a Hugging Face model folder, and it could not be fetched as a hub id "
@@ -215,7 +241,7 @@ def generic_spec(source: str) -> ModelSpec:
         inputs="image" if image else "text",
         lm_head=config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     )
-    _GENERIC[source] = spec
+    _GENERIC[key] = spec
     return spec
 
 

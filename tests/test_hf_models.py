@@ -28,6 +28,18 @@ def tiny_configs(vocab: int) -> dict:
         "roberta": t.RobertaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, **SMALL),
         "distilbert": t.DistilBertConfig(vocab_size=vocab, dim=16, hidden_dim=32, n_layers=2, n_heads=2),
         "gpt2": t.GPT2Config(vocab_size=vocab, n_embd=16, n_layer=2, n_head=2),
+        "mistral": t.MistralConfig(
+            vocab_size=vocab, hidden_size=16, intermediate_size=32, num_key_value_heads=1, **SMALL
+        ),
+        "gemma2": t.Gemma2Config(
+            vocab_size=vocab, hidden_size=16, intermediate_size=32, num_key_value_heads=1, head_dim=8, **SMALL
+        ),
+        "phi3": t.Phi3Config(
+            vocab_size=vocab, hidden_size=16, intermediate_size=32, num_key_value_heads=1, pad_token_id=0, **SMALL
+        ),
+        "gpt_neox": t.GPTNeoXConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, **SMALL),
+        "opt": t.OPTConfig(vocab_size=vocab, hidden_size=16, ffn_dim=32, word_embed_proj_dim=16, **SMALL),
+        "deberta-v2": t.DebertaV2Config(vocab_size=vocab, hidden_size=16, intermediate_size=32, **SMALL),
     }
 
 
@@ -47,7 +59,22 @@ def model_folders(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "roberta", "distilbert", "gpt2"])
+ARCHITECTURES = [
+    "llama",
+    "qwen2",
+    "mistral",
+    "gemma2",
+    "phi3",
+    "gpt_neox",
+    "opt",
+    "roberta",
+    "deberta-v2",
+    "distilbert",
+    "gpt2",
+]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_a_saved_model_folder_trains_and_its_adapter_rescores(model_folders, tiny_overrides, tmp_path, arch):
     overrides = {**tiny_overrides, "model": str(model_folders[arch]), "server_rounds": 2}
     argv = [f"--{k.replace('_', '-')}={config.yaml_value(v)}" for k, v in overrides.items()]

@@ -74,9 +74,13 @@ ARCHITECTURES = [
 ]
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_a_saved_model_folder_trains_and_its_adapter_rescores(model_folders, tiny_overrides, tmp_path, arch):
-    overrides = {**tiny_overrides, "model": str(model_folders[arch]), "server_rounds": 2}
+@pytest.mark.parametrize(
+    "arch, algorithm",
+    [(a, "fedavg") for a in ARCHITECTURES] + [("llama", "fedsa"), ("roberta", "scaffold"), ("qwen2", "flexlora")],
+)
+def test_a_saved_model_folder_trains_and_its_adapter_rescores(model_folders, tiny_overrides, tmp_path, arch, algorithm):
+    """fedavg on every architecture; stateful and product-space algorithms on some."""
+    overrides = {**tiny_overrides, "model": str(model_folders[arch]), "server_rounds": 2, "algorithm": algorithm}
     argv = [f"--{k.replace('_', '-')}={config.yaml_value(v)}" for k, v in overrides.items()]
     assert train_lora.main(argv) == 0
     run_dir = tmp_path / "runs" / "run"

@@ -193,3 +193,41 @@ def test_hub_options_are_refused_where_they_mean_nothing(model_folders, tiny_ove
         extra = {**extra, "model": str(model_folders["llama"])}
     with pytest.raises(config.ConfigError, match=said):
         config.load_config(overrides={**tiny_overrides, **extra})
+
+
+def test_a_saved_image_model_folder_trains_and_its_adapter_rescores(tmp_path):
+    """A ViT folder (no tokenizer: an image model's config describes pixels) on CIFAR-10's layout."""
+    import task_fixtures
+    from transformers import ViTConfig, ViTModel
+
+    task_fixtures.cifar10(tmp_path, per_batch=6, n_test=6)
+    folder = tmp_path / "vit"
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=16, intermediate_size=32, image_size=224, patch_size=32, **SMALL)).save_pretrained(
+        folder
+    )
+    overrides = dict(
+        dataset="cifar10",
+        model=str(folder),
+        data_dir=str(tmp_path),
+        dir=str(tmp_path / "runs"),
+        name="run",
+        clients=3,
+        server_batch=2,
+        server_rounds=1,
+        lora_rank=2,
+        client_batch=4,
+        gpu="cpu",
+    )
+    argv = [f"--{k.replace('_', '-')}={config.yaml_value(v)}" for k, v in overrides.items()]
+    assert train_lora.main(argv) == 0
+    run_dir = tmp_path / "runs" / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = config.from_mapping(config.yaml_load((run_dir / "config.yaml").read_text()))
+    task = load_task(cfg.dataset, cfg.data_dir, lambda: (None, ""), cfg.max_length, cfg.augment)
+    model = models.load_trained(cfg, run_dir / "adapter", task.num_labels, None)
+    again = evaluate(model, task.test, task.objective, 64, torch.device("cpu"), False)
+    assert again["accuracy"] == summary["test_accuracy"]
+    lora = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A" in n}
+    # peft has no default for ViT: every linear layer outside the head
+    assert lora == {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}, lora

@@ -73,3 +73,22 @@ def tiny_overrides(tmp_path):
         "client_lr": 0.1,
         "gpu": "cpu",
     }
+
+
+def reloaded_test_metrics(run_dir: Path, batch: int = 64) -> dict:
+    """The saved adapter of a finished run, loaded into a fresh base model as its config.yaml
+    says, scored on the test split: what the run reported, recomputed independently."""
+    import torch
+
+    import config
+    from data import load_task
+    from flasc import models
+    from flasc.tasks.evaluation import evaluate
+
+    cfg = config.from_mapping(config.yaml_load((Path(run_dir) / "config.yaml").read_text()))
+    tokenizer = lambda: models.load_tokenizer(cfg)  # noqa: E731
+    task = load_task(cfg.dataset, cfg.data_dir, tokenizer, cfg.max_length)
+    tok = tokenizer()[0]
+    pad = None if tok is None else tok.pad_token_id
+    model = models.load_trained(cfg, Path(run_dir) / "adapter", task.num_labels, pad, task.objective.lm_head)
+    return evaluate(model, task.test, task.objective, batch, torch.device("cpu"), False)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import task_fixtures
 import torch
-from conftest import ROOT
+from conftest import ROOT, reloaded_test_metrics
 
 import config
 import train_lora
@@ -208,23 +208,6 @@ def _run(tmp_path, **overrides):
     return run_dir, summary, metrics
 
 
-def _reloaded_test_metrics(run_dir):
-    """The saved adapter, loaded into a fresh base model, scored on the test split."""
-    import yaml
-
-    from flasc import models
-    from flasc.tasks.evaluation import evaluate
-
-    cfg = config.from_mapping(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    tokenizer = lambda: models.load_tokenizer(cfg)  # noqa: E731
-    task = load_task(cfg.dataset, cfg.data_dir, tokenizer, cfg.max_length)
-    tok = tokenizer()[0]
-    model = models.load_trained(
-        cfg, run_dir / "adapter", task.num_labels, None if tok is None else tok.pad_token_id, task.objective.lm_head
-    )
-    return evaluate(model, task.test, task.objective, 8, torch.device("cpu"), False)
-
-
 def test_fashion_mnist_run_with_tiny_efficientnet(tmp_path):
     task_fixtures.fashion_mnist(tmp_path, n_train=60, n_test=16)
     run_dir, summary, metrics = _run(
@@ -233,7 +216,7 @@ def test_fashion_mnist_run_with_tiny_efficientnet(tmp_path):
     assert summary["primary_metric"] == "accuracy"
     assert 0 <= summary["test_accuracy"] <= 1 and "test_macro_f1" in summary
     assert metrics[-1]["bytes_up"] > 0
-    assert _reloaded_test_metrics(run_dir)["accuracy"] == summary["test_accuracy"]
+    assert reloaded_test_metrics(run_dir, batch=8)["accuracy"] == summary["test_accuracy"]
 
 
 def test_augmented_statistics_examples_draw_from_the_clients_own_stream(tmp_path):
@@ -321,7 +304,7 @@ def test_reddit_run_is_next_token_prediction(tmp_path):
     assert summary["primary_metric"] == "accuracy"
     assert summary["test_perplexity"] == pytest.approx(np.exp(summary["test_loss"]), rel=1e-6)
     assert metrics[0]["train_loss"] > 0
-    assert _reloaded_test_metrics(run_dir)["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
+    assert reloaded_test_metrics(run_dir, batch=8)["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
 
 
 # ---------------------------------------------------------------- missing data: one line, exit 2

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import reloaded_test_metrics
 
 import config
 import train_lora
@@ -69,11 +70,7 @@ def test_run_folder_contents_and_saved_adapter_reproduces_final_eval(tiny_overri
     assert summary["test_accuracy"] == metrics[-1]["test_accuracy"]
     assert summary["bytes_up"] == metrics[-1]["bytes_up_total"] and summary["rounds"] == 3
 
-    cfg = config.from_mapping(saved)
-    tok, tag = models.load_tokenizer(cfg)
-    task = load_task(cfg.dataset, cfg.data_dir, lambda: (tok, tag), cfg.max_length)
-    model = models.load_trained(cfg, run_dir / "adapter", task.num_labels, tok.pad_token_id)
-    again = evaluate(model, task.test, task.objective, 64, torch.device("cpu"), False)
+    again = reloaded_test_metrics(run_dir)
     assert again["accuracy"] == summary["test_accuracy"]
     assert again["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
 

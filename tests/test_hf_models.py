@@ -9,12 +9,11 @@ import json
 
 import pytest
 import torch
+from conftest import reloaded_test_metrics
 
 import config
 import train_lora
-from data import load_task
 from flasc import models
-from flasc.tasks.evaluation import evaluate
 
 SMALL = dict(num_hidden_layers=2, num_attention_heads=2)
 
@@ -85,13 +84,12 @@ def test_a_saved_model_folder_trains_and_its_adapter_rescores(model_folders, tin
     assert train_lora.main(argv) == 0
     run_dir = tmp_path / "runs" / "run"
     summary = json.loads((run_dir / "summary.json").read_text())
-    cfg = config.from_mapping(config.yaml_load((run_dir / "config.yaml").read_text()))
-    tok, tag = models.load_tokenizer(cfg)
-    task = load_task(cfg.dataset, cfg.data_dir, lambda: (tok, tag), cfg.max_length)
-    model = models.load_trained(cfg, run_dir / "adapter", task.num_labels, tok.pad_token_id)
-    again = evaluate(model, task.test, task.objective, 64, torch.device("cpu"), False)
+    again = reloaded_test_metrics(run_dir)
     assert again["accuracy"] == summary["test_accuracy"]
     assert again["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
+    model = models.load_trained(
+        config.from_mapping(config.yaml_load((run_dir / "config.yaml").read_text())), run_dir / "adapter", 3, 0
+    )
     # LoRA where peft puts it for the architecture (every linear layer where it has no default), a head
     lora = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A" in n}
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT
@@ -223,11 +221,10 @@ def test_a_saved_image_model_folder_trains_and_its_adapter_rescores(tmp_path):
     assert train_lora.main(argv) == 0
     run_dir = tmp_path / "runs" / "run"
     summary = json.loads((run_dir / "summary.json").read_text())
-    cfg = config.from_mapping(config.yaml_load((run_dir / "config.yaml").read_text()))
-    task = load_task(cfg.dataset, cfg.data_dir, lambda: (None, ""), cfg.max_length, cfg.augment)
-    model = models.load_trained(cfg, run_dir / "adapter", task.num_labels, None)
-    again = evaluate(model, task.test, task.objective, 64, torch.device("cpu"), False)
-    assert again["accuracy"] == summary["test_accuracy"]
+    assert reloaded_test_metrics(run_dir)["accuracy"] == summary["test_accuracy"]
+    model = models.load_trained(
+        config.from_mapping(config.yaml_load((run_dir / "config.yaml").read_text())), run_dir / "adapter", 10, None
+    )
     lora = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A" in n}
     # peft has no default for ViT: every linear layer outside the head
     assert lora == {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}, lora

@@ -281,6 +281,12 @@ class RegMean(Strategy):
             raise ConfigError(
                 f"merging_strategy: regmean merges LoRA layers; expected lora_rank >= 1 (got {cfg.lora_rank})"
             )
+        if cfg.use_dora:
+            raise ConfigError(
+                "merging_strategy: regmean solves for the weight of a linear layer from its inputs; a DoRA layer "
+                "rescales its weight by a magnitude over its norm, which is not linear; expected use_dora: false "
+                "or another strategy"
+            )
 
     def merge(self, blocks, weights, ctx, updates):
         grams = ctx.space.grams(updates)

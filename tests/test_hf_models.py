@@ -9,54 +9,11 @@ import json
 
 import pytest
 import torch
-from conftest import reloaded_test_metrics
+from conftest import SMALL, reloaded_test_metrics
 
 import config
 import train_lora
 from flasc import models
-
-SMALL = dict(num_hidden_layers=2, num_attention_heads=2)
-
-
-def tiny_configs(vocab: int) -> dict:
-    import transformers as t
-
-    return {
-        "llama": t.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_key_value_heads=1, **SMALL),
-        "qwen2": t.Qwen2Config(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_key_value_heads=1, **SMALL),
-        "roberta": t.RobertaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, **SMALL),
-        "distilbert": t.DistilBertConfig(vocab_size=vocab, dim=16, hidden_dim=32, n_layers=2, n_heads=2),
-        "gpt2": t.GPT2Config(vocab_size=vocab, n_embd=16, n_layer=2, n_head=2),
-        "mistral": t.MistralConfig(
-            vocab_size=vocab, hidden_size=16, intermediate_size=32, num_key_value_heads=1, **SMALL
-        ),
-        "gemma2": t.Gemma2Config(
-            vocab_size=vocab, hidden_size=16, intermediate_size=32, num_key_value_heads=1, head_dim=8, **SMALL
-        ),
-        "phi3": t.Phi3Config(
-            vocab_size=vocab, hidden_size=16, intermediate_size=32, num_key_value_heads=1, pad_token_id=0, **SMALL
-        ),
-        "gpt_neox": t.GPTNeoXConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, **SMALL),
-        "opt": t.OPTConfig(vocab_size=vocab, hidden_size=16, ffn_dim=32, word_embed_proj_dim=16, **SMALL),
-        "deberta-v2": t.DebertaV2Config(vocab_size=vocab, hidden_size=16, intermediate_size=32, **SMALL),
-    }
-
-
-@pytest.fixture(scope="module")
-def model_folders(tmp_path_factory):
-    """architecture -> a folder holding its tiny random model and MiniLM's tokenizer."""
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(models.minilm_dir()))
-    out = {}
-    for arch, cfg in tiny_configs(len(tok)).items():
-        folder = tmp_path_factory.mktemp(arch)
-        torch.manual_seed(0)
-        AutoModel.from_config(cfg).save_pretrained(folder)
-        tok.save_pretrained(folder)
-        out[arch] = folder
-    return out
-
 
 ARCHITECTURES = [
     "llama",

@@ -116,6 +116,12 @@ class FedAvg:
             )
         if cfg.tiers > 1 and cfg.syshet != "rank":
             raise ConfigError(f"syshet: algorithm {a} with tiers gives each tier a rank; expected syshet: rank")
+        if cls.folds_base and cfg.quantization != "none":
+            raise ConfigError(
+                f"quantization: algorithm {a} folds its server-side increments into the base weights W0, which "
+                f"bitsandbytes' {cfg.quantization} layers cannot hold exactly; expected quantization: none (or "
+                "torch_dtype: bfloat16 for a smaller base)"
+            )
         if cls.needs_linear_lora:
             from flasc.models import resolve_name, spec_of
 

@@ -32,7 +32,16 @@ from flasc.runtime.seeding import ClientStreams
 Penalty = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 # the options local training reads (the client's minibatches: worker.py)
-options = ("client_opt", "client_lr", "client_batch", "client_epochs", "mu", "early_stopping", "base_dropout")
+options = (
+    "client_opt",
+    "client_lr",
+    "client_batch",
+    "client_epochs",
+    "mu",
+    "early_stopping",
+    "base_dropout",
+    "lora_plus_ratio",
+)
 
 
 @dataclass(frozen=True)
@@ -54,10 +63,23 @@ class LocalSettings:
     client_lr: float
     mu: float  # FedProx
     early_stopping: float  # 0: off
+    lora_plus_ratio: float = 1.0  # LoRA+: B's learning rate over A's (and the head's)
 
     @classmethod
     def of(cls, cfg) -> LocalSettings:
-        return cls(cfg.client_opt, cfg.client_lr, cfg.mu, cfg.early_stopping)
+        return cls(cfg.client_opt, cfg.client_lr, cfg.mu, cfg.early_stopping, cfg.lora_plus_ratio)
+
+    def param_groups(self, params: list[torch.Tensor], names: list[str]) -> list[dict]:
+        """The client optimizer's parameter groups: with LoRA+ (Hayou et al. 2024) the B factors
+        learn at lora_plus_ratio × client_lr, everything else at client_lr."""
+        if self.lora_plus_ratio == 1:
+            return [{"params": params}]
+        is_b = [".lora_B." in n for n in names]
+        groups = [
+            {"params": [p for p, b in zip(params, is_b) if not b]},
+            {"params": [p for p, b in zip(params, is_b) if b], "lr": self.client_lr * self.lora_plus_ratio},
+        ]
+        return [g for g in groups if g["params"]]
 
 
 class LocalClient:
@@ -75,7 +97,7 @@ class LocalClient:
         extras: TrainingExtras = NO_EXTRAS,
     ):
         self.params, self.settings = params, settings
-        self.opt = CLIENT_OPTIMIZERS[settings.client_opt](params, settings.client_lr)
+        self.opt = CLIENT_OPTIMIZERS[settings.client_opt](settings.param_groups(params, names), settings.client_lr)
         self.anchors, self.grad_mask, self.extras = anchors, grad_mask, extras
         self.named = dict(zip(names, params)) if extras.penalty is not None else None
         self.epochs, self.epoch = epochs, None

@@ -28,6 +28,13 @@ from flasc.tasks.evaluation import logits_of
 options = ("client_parallelism",)
 
 
+def linear_lora_layers() -> tuple[type, ...]:
+    """peft's LoRA layers of linear layers: torch's (and GPT-2's Conv1D), bitsandbytes' 8- and 4-bit."""
+    from peft.tuners.lora import Linear, bnb
+
+    return (Linear, *(getattr(bnb, name) for name in ("Linear8bitLt", "Linear4bit") if hasattr(bnb, name)))
+
+
 def check(cfg) -> None:
     """Clients trained together route rows through stacked LoRA factors of linear layers and linear
     heads; nothing else can be stacked."""
@@ -40,6 +47,12 @@ def check(cfg) -> None:
             "client_parallelism: clients trained together share the frozen base model and stack "
             "their adapters; full fine-tuning (lora_rank -1) trains the base itself; expected "
             "client_parallelism: 1 or lora_rank >= 0"
+        )
+    if cfg.use_dora:
+        raise ConfigError(
+            "client_parallelism: clients trained together share one pass of the base and add their own "
+            "B·A products; DoRA rescales each client's whole weight by its own magnitude and norm; expected "
+            "client_parallelism: 1 or use_dora: false"
         )
     if not spec_of(cfg).linear_lora:
         raise ConfigError(
@@ -91,14 +104,13 @@ class StackedModel:
     `engaged`; `step` says, for one pass, whose rows are where and whose tensors they meet."""
 
     def __init__(self, model: torch.nn.Module, flat):
-        from peft.tuners.lora import Linear as LoraLinear
-
+        lora_linear = linear_lora_layers()
         self.model, self.flat = model, flat
         index = {id(p): i for i, p in enumerate(flat.params)}
         covered: set[int] = set()
         self.lora, self.heads = [], []
         for module in model.modules():
-            if isinstance(module, LoraLinear) and "default" in module.lora_A:
+            if isinstance(module, lora_linear) and "default" in module.lora_A:
                 a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
                 spec = (module, index.get(id(a)), index[id(b)], a.detach(), float(module.scaling["default"]))
                 self.lora.append(spec)

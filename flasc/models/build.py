@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from flasc.models.catalog import ModelSpec, ModelUnavailable, resolve_name, spec_of
+from flasc.models.catalog import ModelSpec, ModelUnavailable, resolve_name, rewrites_base, spec_of
 from flasc.runtime import seeding
 
 
@@ -164,6 +164,25 @@ def build_base(cfg, num_labels: int, pad_token_id: int | None, lm_head: bool = F
     """The base model, deterministic for a given seed (random heads included). lm_head: a causal
     language model (next-token objective) instead of a classifier."""
     _quiet_transformers()
+    name = resolve_name(cfg)
+    spec = spec_of(cfg)
+    torch.manual_seed(seeding.derive_seed(cfg.seed, "model_init"))
+    if spec.family == "efficientnet":
+        model = _build_efficientnet(cfg, spec, num_labels)
+    elif spec.family == "auto":
+        model = _build_any(cfg, spec, num_labels, pad_token_id, lm_head)  # loaded in torch_dtype
+    else:
+        model = _built_short(cfg, spec, name, num_labels, pad_token_id, lm_head)
+    if cfg.torch_dtype != "float32" and spec.family != "auto":  # built in float32, the frozen base then cast
+        model = model.to(dtype_of(cfg.torch_dtype))
+    return checkpointed(model) if cfg.gradient_checkpointing else model
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def auto_for(spec: ModelSpec, lm_head: bool):
     from transformers import (
         AutoModel,
         AutoModelForCausalLM,
@@ -171,19 +190,16 @@ def build_base(cfg, num_labels: int, pad_token_id: int | None, lm_head: bool = F
         AutoModelForSequenceClassification,
     )
 
-    name = resolve_name(cfg)
-    spec = spec_of(cfg)
-    torch.manual_seed(seeding.derive_seed(cfg.seed, "model_init"))
-    if spec.family == "efficientnet":
-        return _build_efficientnet(cfg, spec, num_labels)
-    if spec.family == "auto":
-        model = _build_any(cfg, spec, num_labels, pad_token_id, lm_head)
-        return checkpointed(model) if cfg.gradient_checkpointing else model
-    auto = {
+    return {
         "bert": AutoModel,
         "vit": AutoModelForImageClassification,
         "gpt2": AutoModelForCausalLM if lm_head else AutoModelForSequenceClassification,
     }[spec.family]
+
+
+def _built_short(cfg, spec: ModelSpec, name: str, num_labels: int, pad_token_id, lm_head: bool):
+    """A model of the catalog's short names: its pretrained weights, or a tiny random config."""
+    auto = auto_for(spec, lm_head)
     extra = {} if spec.family == "bert" or lm_head else {"num_labels": num_labels}
     if spec.inputs == "text":
         extra["pad_token_id"] = pad_token_id
@@ -197,8 +213,7 @@ def build_base(cfg, num_labels: int, pad_token_id: int | None, lm_head: bool = F
         model = auto.from_config(config)
     if spec.inputs == "text":
         model.config.pad_token_id = pad_token_id
-    model = MeanPoolClassifier(model, num_labels) if spec.family == "bert" else model
-    return checkpointed(model) if cfg.gradient_checkpointing else model
+    return MeanPoolClassifier(model, num_labels) if spec.family == "bert" else model
 
 
 def _build_any(cfg, spec: ModelSpec, num_labels: int, pad_token_id: int | None, lm_head: bool):
@@ -220,10 +235,32 @@ def _build_any(cfg, spec: ModelSpec, num_labels: int, pad_token_id: int | None, 
     extra.update(hub_options(cfg))
     if cfg.attn_implementation != "auto":
         extra["attn_implementation"] = cfg.attn_implementation
+    extra["dtype"] = dtype_of(cfg.torch_dtype)
+    if cfg.quantization != "none":
+        from flasc.runtime.distributed import launched_ranks, pick_device
+
+        extra["quantization_config"] = quantization_config(cfg)
+        # bitsandbytes quantizes where the weights are placed: straight onto this process's device
+        extra["device_map"] = {"": str(pick_device(cfg.gpu, launched_ranks()[2]))}
     model = _from_pretrained(auto.from_pretrained, spec.source(), f"model {resolve_name(cfg)}", **extra)
     if spec.inputs == "text":
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def quantization_config(cfg):
+    """QLoRA's frozen base (Dettmers et al. 2023): bitsandbytes' 8-bit or 4-bit layers."""
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = cfg.torch_dtype if cfg.bnb_4bit_compute_dtype == "auto" else cfg.bnb_4bit_compute_dtype
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_double_quant,
+        bnb_4bit_compute_dtype=dtype_of(compute),
+    )
 
 
 def hub_options(cfg) -> dict:
@@ -252,8 +289,9 @@ def head_modules(model, spec: ModelSpec, lm_head: bool) -> tuple[str, ...]:
     return tuple(n for n, m in model.named_children() if n != base and any(True for _ in m.parameters()))
 
 
-def lora_targets(model, spec: ModelSpec, heads: tuple[str, ...], chosen: list[str] | None = None) -> list[str]:
-    """Where LoRA goes: the names chosen (lora_target_modules; all-linear: every linear layer), the
+def lora_targets(model, spec: ModelSpec, heads: tuple[str, ...], chosen: list[str] | None = None) -> list[str] | str:
+    """Where LoRA goes: the names chosen (lora_target_modules; all-linear: every linear layer; one
+    regular expression: the linear layers whose whole names it matches), the
     spec's modules (peft's default for the architecture), or every linear layer (and GPT-2-style
     Conv1D) outside the head. A chosen name the model has no linear layer of is ConfigError."""
     from transformers.pytorch_utils import Conv1D
@@ -264,6 +302,8 @@ def lora_targets(model, spec: ModelSpec, heads: tuple[str, ...], chosen: list[st
         if isinstance(m, (torch.nn.Linear, Conv1D)) and not any(name == h or name.startswith(h + ".") for h in heads)
     }
     linear -= {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name in heads} | {"lm_head"}
+    if chosen is not None and is_expression(chosen):
+        return _matched_by(model, chosen[0], heads)
     if chosen is not None and chosen != ["all-linear"]:
         missing = [c for c in chosen if c not in linear]
         if missing:
@@ -279,17 +319,67 @@ def lora_targets(model, spec: ModelSpec, heads: tuple[str, ...], chosen: list[st
     return sorted(linear)  # every linear layer outside the head (all-linear, or no default for the model)
 
 
-def _uses_conv1d(model, targets: list[str]) -> bool:
-    """GPT-2-style Conv1D layers among the targets: their weights are stored transposed."""
+def is_expression(chosen: list[str]) -> bool:
+    """lora_target_modules as one regular expression (peft matches it against whole module names)
+    rather than a list of layer names."""
+    return len(chosen) == 1 and any(c in chosen[0] for c in "*+?[](){}|^$\\")
+
+
+def _matched_by(model, expression: str, heads: tuple[str, ...]) -> str:
+    """The expression, once it is known to name linear layers, and none of the head's."""
+    import re
+
     from transformers.pytorch_utils import Conv1D
 
-    return any(isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in targets for name, m in model.named_modules())
+    from flasc.options import ConfigError
+
+    try:
+        pattern = re.compile(expression)
+    except re.error as e:
+        raise ConfigError(f"lora_target_modules: {expression!r} is not a regular expression ({e})") from None
+    matched = [n for n, m in model.named_modules() if pattern.fullmatch(n)]
+    in_head = [n for n in matched if any(n == h or n.startswith(h + ".") for h in heads)]
+    linear = [n for n, m in model.named_modules() if n in matched and isinstance(m, (torch.nn.Linear, Conv1D))]
+    if in_head or not linear or len(linear) < len(matched):
+        what = (
+            f"also matches {in_head[0]}, a layer of the trained head"
+            if in_head
+            else f"matches {next(n for n in matched if n not in linear)}, which is not a linear layer"
+            if matched
+            else "matches no module of the model"
+        )
+        raise ConfigError(
+            f"lora_target_modules: {expression!r} {what}; expected an expression matching whole names of linear "
+            "layers outside the head (such as '.*\\.(q_proj|v_proj)')"
+        )
+    return expression
+
+
+def _uses_conv1d(model, targets: list[str] | str) -> bool:
+    """GPT-2-style Conv1D layers among the targets: their weights are stored transposed."""
+    import re
+
+    from transformers.pytorch_utils import Conv1D
+
+    def targeted(name: str) -> bool:
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return name.rsplit(".", 1)[-1] in targets
+
+    return any(isinstance(m, Conv1D) and targeted(name) for name, m in model.named_modules())
 
 
 def add_adapters(model, cfg, lm_head: bool = False):
-    """lora_rank > 0: LoRA (+ head); 0: head only; -1: every parameter trains."""
+    """lora_rank > 0: LoRA (+ head), with peft's variants the config names; 0: head only; -1:
+    every parameter trains. Whatever trains is float32, whatever the base's dtype."""
     spec = spec_of(cfg)
     heads = head_modules(model, spec, lm_head)
+    if cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # peft's k-bit preparation (layer norms and other unquantized tensors in float32); the
+        # activations are checkpointed by build_base when gradient_checkpointing asks for it
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if cfg.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -301,9 +391,14 @@ def add_adapters(model, cfg, lm_head: bool = False):
             bias="none",
             fan_in_fan_out=_uses_conv1d(model, targets),  # GPT-2 stores Conv1D weights transposed
             modules_to_save=list(heads) or None,
+            use_dora=cfg.use_dora,
+            use_rslora=cfg.use_rslora,
+            init_lora_weights=True if cfg.init_lora_weights == "default" else cfg.init_lora_weights,
         )
         torch.manual_seed(seeding.derive_seed(cfg.seed, "model_init", 1))  # LoRA A init
         model = get_peft_model(model, lora)
+        if rewrites_base(cfg):  # kept to save the adapter for the original base (saving.save_trained)
+            model.flasc_initial_adapter = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
         if cfg.freeze_a:
             for n, p in model.named_parameters():
                 if "lora_A" in n:
@@ -314,7 +409,31 @@ def add_adapters(model, cfg, lm_head: bool = False):
     else:
         for p in model.parameters():
             p.requires_grad_(True)
+    return _float32_trained(model)
+
+
+def _float32_trained(model):
+    """Trained tensors in float32 over a base of lower precision: each module holding one (a head)
+    gets its input cast to its own dtype; peft's LoRA layers cast theirs already."""
+    from peft.tuners.lora import LoraLayer
+
+    lora_parts = {id(m) for layer in model.modules() if isinstance(layer, LoraLayer) for m in layer.modules()}
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype != torch.float32]
+        if not own:
+            continue
+        for p in own:
+            p.data = p.data.float()
+        if id(module) not in lora_parts:
+            module.register_forward_pre_hook(_inputs_as(torch.float32))
     return model
+
+
+def _inputs_as(dtype: torch.dtype):
+    def hook(module, args):
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    return hook
 
 
 def build_model(cfg, num_labels: int, pad_token_id: int | None, lm_head: bool = False):
@@ -360,5 +479,11 @@ def freeze_unreached(model, batch: dict, device: torch.device) -> list[str]:
 
 def describe(model) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(real_numel(p) for p in model.parameters())
     return {"trainable_params": trainable, "total_params": total}
+
+
+def real_numel(p: torch.Tensor) -> int:
+    """The values a tensor stands for: a bitsandbytes 4-bit weight packs two in each byte it stores."""
+    quant_state = getattr(p, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else p.numel()

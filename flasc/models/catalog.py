@@ -62,6 +62,14 @@ class ModelSpec:
         "trust_remote_code",
         "attn_implementation",
         "gradient_checkpointing",
+        "torch_dtype",
+        "quantization",
+        "bnb_4bit_quant_type",
+        "bnb_4bit_double_quant",
+        "bnb_4bit_compute_dtype",
+        "use_dora",
+        "use_rslora",
+        "init_lora_weights",
         "freeze_a",
         "base_dropout",
         "seed",
@@ -92,6 +100,7 @@ class ModelSpec:
             "model_revision": (cfg.model_revision is not None, "null"),
             "trust_remote_code": (cfg.trust_remote_code, "false"),
             "attn_implementation": (cfg.attn_implementation != "auto", "auto"),
+            "quantization": (cfg.quantization != "none", "none"),
         }
         for key, (given, default) in hub_only.items():
             if given and self.family != "auto":
@@ -118,8 +127,78 @@ class ModelSpec:
             raise ConfigError(
                 f"lora_target_modules: model {name} adapts chosen convolutions; expected lora_target_modules: null"
             )
+        self._check_precision(cfg, name)
+        self._check_variants(cfg, name)
         if cfg.freeze_a and cfg.lora_rank <= 0:
             raise ConfigError(f"freeze_a: true needs LoRA adapters; expected lora_rank >= 1 (got {cfg.lora_rank})")
+
+    def _check_precision(self, cfg, name: str) -> None:
+        """torch_dtype and quantization hold the frozen base: something must stay frozen, and the
+        4-bit options only mean something in 4 bits."""
+        if cfg.lora_rank < 0 and (cfg.torch_dtype != "float32" or cfg.quantization != "none"):
+            key = "torch_dtype" if cfg.torch_dtype != "float32" else "quantization"
+            raise ConfigError(
+                f"{key}: holds the frozen base model in less precision; full fine-tuning (lora_rank -1) trains "
+                f"every tensor in float32; expected {key}: {'float32' if key == 'torch_dtype' else 'none'} or "
+                "lora_rank >= 0"
+            )
+        if cfg.quantization != "none":
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ConfigError(
+                    f"quantization: {cfg.quantization} needs the package bitsandbytes (pip install -r "
+                    "requirements.txt); expected quantization: none"
+                )
+        defaults = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_double_quant": True, "bnb_4bit_compute_dtype": "auto"}
+        for key, default in defaults.items():
+            if cfg.quantization != "4bit" and getattr(cfg, key) != default:
+                raise ConfigError(
+                    f"{key}: applies to a 4-bit base; expected quantization: 4bit or {key}: {str(default).lower()}"
+                )
+
+    def _check_variants(self, cfg, name: str) -> None:
+        """peft's LoRA variants need LoRA adapters; PiSSA and OLoRA rewrite the base weights,
+        which a quantized base cannot hold exactly."""
+        variants = {
+            "use_dora": (cfg.use_dora, "false"),
+            "use_rslora": (cfg.use_rslora, "false"),
+            "init_lora_weights": (cfg.init_lora_weights != "default", "default"),
+            "lora_plus_ratio": (cfg.lora_plus_ratio != 1, "1"),
+        }
+        for key, (given, default) in variants.items():
+            if given and cfg.lora_rank <= 0:
+                raise ConfigError(
+                    f"{key}: a LoRA variant; expected lora_rank >= 1 (got {cfg.lora_rank}) or {key}: {default}"
+                )
+        if rewrites_base(cfg) and cfg.quantization != "none":
+            raise ConfigError(
+                f"init_lora_weights: {cfg.init_lora_weights} rewrites the base weights as the residual of the "
+                f"adapter, which a {cfg.quantization} base cannot hold; expected init_lora_weights: default, "
+                "gaussian or orthogonal, or quantization: none"
+            )
+        if rewrites_base(cfg) and cfg.use_dora:
+            raise ConfigError(
+                f"init_lora_weights: {cfg.init_lora_weights} saves the adapter for the original base as the "
+                "difference of two LoRA products, which DoRA's normalised weight is not; expected "
+                "init_lora_weights: default, gaussian or orthogonal, or use_dora: false"
+            )
+        if cfg.lora_plus_ratio != 1 and cfg.freeze_a:
+            raise ConfigError(
+                "lora_plus_ratio: sets B's learning rate relative to A's; with freeze_a A does not train; "
+                "expected lora_plus_ratio: 1 (or client_lr for B alone)"
+            )
+        if not self.linear_lora and (cfg.init_lora_weights != "default" or cfg.use_dora):
+            key = "use_dora" if cfg.use_dora else "init_lora_weights"
+            raise ConfigError(
+                f"{key}: model {name} adapts convolutions; flasc offers LoRA variants on linear layers; "
+                f"expected {key}: {'false' if key == 'use_dora' else 'default'}"
+            )
+
+
+def rewrites_base(cfg) -> bool:
+    """An initialisation that subtracts the initial adapter from the base weights (PiSSA, OLoRA)."""
+    return cfg.init_lora_weights.startswith("pissa") or cfg.init_lora_weights == "olora"
 
 
 def _tiny_bert(vocab: int, num_labels: int):

@@ -18,11 +18,42 @@ def save_trained(model, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PeftModel):
-        model.save_pretrained(str(folder))
+        if hasattr(model, "flasc_initial_adapter"):
+            _save_for_original_base(model, folder)
+        else:
+            model.save_pretrained(str(folder))
         _canonical_adapter_config(folder / "adapter_config.json")
     else:
         state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         torch.save(state, folder / FULL_STATE)
+
+
+def _save_for_original_base(model, folder: Path) -> None:
+    """PiSSA / OLoRA trained on the residual base W − s·B₀A₀: peft's conversion saves the rank-2r
+    adapter [B | −B₀]·[A ; A₀] (its ΔW = s·(BA − B₀A₀)), which loads onto the original base W."""
+    import tempfile
+
+    config = model.peft_config["default"]
+    initial = dict(model.state_dict())
+    initial.update({f"{n}": p for n, p in model.flasc_initial_adapter.items()})
+    with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
+        start = Path(scratch) / "initial"
+        init = config.init_lora_weights
+        config.init_lora_weights = True  # as peft asks: the initial adapter is read as a plain LoRA one
+        try:
+            model.save_pretrained(str(start), state_dict=initial)
+        finally:
+            config.init_lora_weights = init
+        model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=str(start))
+    # peft's conversion keeps the LoRA factors alone; the trained head goes back beside them
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    saved = load_file(path)
+    heads = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items() if k not in saved}
+    if heads:
+        save_file({**saved, **heads}, path, metadata={"format": "pt"})
 
 
 def _canonical_adapter_config(path: Path) -> None:

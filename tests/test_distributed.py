@@ -1,6 +1,7 @@
 """One run over several processes (torchrun, gloo on the CPU): the same results as one process,
 rank 0 alone writing, a failing rank ending every rank, and resuming under torchrun."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -78,10 +79,13 @@ SETTINGS = {  # name -> overrides on the tiny toy run; eval_batch 8 spreads eval
 
 
 @pytest.mark.slow
-def test_world_size_two_equals_one_for_every_strategy(tiny_overrides, tmp_path):
+def test_world_size_two_equals_one_for_every_strategy(tiny_overrides, tmp_path, model_folders):
+    settings = {**SETTINGS, "llama": {"model": str(model_folders["llama"]), "algorithm": "fedsa"}}
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        settings["llama_4bit"] = {"model": str(model_folders["llama"]), "quantization": "4bit"}
     specs = [
         {**tiny_overrides, "server_batch": 4, "eval_batch": 8, "name": name, **extra}
-        for name, extra in SETTINGS.items()
+        for name, extra in settings.items()
     ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -102,8 +106,8 @@ def test_world_size_two_equals_one_for_every_strategy(tiny_overrides, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # rank 0 alone wrote: one folder per run (rank 1 would have made NAME-1), the same files as one process
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(SETTINGS)
-    for name in SETTINGS:
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(settings)
+    for name in settings:
         one, two = tmp_path / "one" / name, tmp_path / "two" / name
         assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()}
         assert_same_run(one, two)

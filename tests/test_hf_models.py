@@ -30,9 +30,27 @@ ARCHITECTURES = [
 ]
 
 
+# one algorithm with client or server state per architecture: client states (FedSA's A, SCAFFOLD's
+# control variates), base weights folded by the server (FedEx-LoRA, FLoRA; GPT-2's Conv1D transposed),
+# rank tiers' SVD and truncation (FlexLoRA, HetLoRA)
+STATEFUL = {
+    "llama": "fedsa",
+    "qwen2": "flexlora",
+    "mistral": "scaffold",
+    "gemma2": "fedex",
+    "phi3": "flora",
+    "gpt_neox": "fedsa",
+    "opt": "hetlora",
+    "roberta": "scaffold",
+    "deberta-v2": "fedex",
+    "distilbert": "fedsa",
+    "gpt2": "flora",
+}
+
+
 @pytest.mark.parametrize(
     "arch, algorithm",
-    [(a, "fedavg") for a in ARCHITECTURES] + [("llama", "fedsa"), ("roberta", "scaffold"), ("qwen2", "flexlora")],
+    [(a, "fedavg") for a in ARCHITECTURES] + list(STATEFUL.items()),
 )
 def test_a_saved_model_folder_trains_and_its_adapter_rescores(model_folders, tiny_overrides, tmp_path, arch, algorithm):
     """fedavg on every architecture; stateful and product-space algorithms on some."""
@@ -185,3 +203,29 @@ def test_a_saved_image_model_folder_trains_and_its_adapter_rescores(tmp_path):
     lora = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A" in n}
     # peft has no default for ViT: every linear layer outside the head
     assert lora == {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"}, lora
+
+
+def test_a_hub_id_reads_model_path_and_says_how_to_go_offline(model_folders, tiny_overrides, capsys, monkeypatch):
+    """A hub id names the model; its weights come from model_path (a copy made where there is a
+    network). Without either, one line names the id, --model-path and HF_HUB_OFFLINE."""
+    from transformers import AutoConfig
+
+    overrides = {**tiny_overrides, "model": "meta-llama/Tiny-Llama", "model_path": str(model_folders["llama"])}
+    fed = train_lora.build(config.load_config(overrides=overrides), torch.device("cpu"))
+    assert type(fed.model.base_model.model).__name__ == "LlamaForSequenceClassification"
+
+    def offline(source, *args, **kwargs):  # what from_pretrained raises with no network and no cache
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {source}")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", offline)
+    argv = [f"--{k.replace('_', '-')}={config.yaml_value(v)}" for k, v in tiny_overrides.items() if k != "model"]
+    assert train_lora.main([*argv, "--model", "Qwen/Qwen2.5-0.5B"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: model: Qwen/Qwen2.5-0.5B could not be fetched"), err
+    assert "--model-path" in err[0] and "HF_HUB_OFFLINE=1" in err[0]
+
+
+def test_model_path_beside_a_model_folder_is_refused(model_folders, tiny_overrides):
+    overrides = {**tiny_overrides, "model": str(model_folders["llama"]), "model_path": str(model_folders["qwen2"])}
+    with pytest.raises(config.ConfigError, match="model_path: model .* is a folder, which names its own weights"):
+        config.load_config(overrides=overrides)

@@ -127,6 +127,23 @@ def test_dropout_draws_are_each_clients_own_in_any_group(tiny_overrides, model, 
     assert all(float((a - w).abs().max()) > 1e-4 for (a, _), (w, _) in zip(alone, without))  # dropout acted
 
 
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_a_llama_folder_groups_as_alone_also_on_a_4bit_base(tiny_overrides, model_folders, quantization):
+    """A Hugging Face model through the generic path (decoder attention, its score head at the last
+    token), and peft's bitsandbytes LoRA layers routed like torch's."""
+    if quantization != "none":
+        pytest.importorskip("bitsandbytes")
+    folder = str(model_folders["llama"])
+    fed = federation(tiny_overrides, **NO_DROPOUT, client_batch=4, iid_alpha=0.3, model=folder, quantization=quantization)
+    if quantization != "none":
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in fed.model.modules())
+    jobs, alone, together = alone_and_together(fed)
+    assert len(first_widths(fed, jobs)) > 1
+    assert_same(jobs, alone, together, 1e-5)
+
+
 def test_next_token_language_model(tmp_path):
     task_fixtures.reddit(tmp_path, {f"u{i}": 3 + i for i in range(6)}, {"e": 3}, vocab=60)
     cfg = config.load_config(

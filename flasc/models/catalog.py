@@ -81,9 +81,10 @@ class ModelSpec:
         from data import DATASETS
 
         data, name = DATASETS[cfg.dataset], resolve_name(cfg)
-        if is_hub_model(name) and cfg.model_path:
+        if is_hub_model(name) and not is_hub_id(name) and cfg.model_path:
             raise ConfigError(
-                f"model_path: model {name} names its own weights; expected model_path: null (or a short name as model)"
+                f"model_path: model {name} is a folder, which names its own weights; expected model_path: null "
+                "(or a hub id or a short name as model)"
             )
         if self.inputs != data.inputs or (data.objective == "next_token" and not self.lm_head):
             fitting = [
@@ -277,11 +278,22 @@ def is_hub_model(name: str) -> bool:
     return name not in MODELS and name != "auto" and ("/" in name or Path(name).expanduser().is_dir())
 
 
+def is_hub_id(name: str) -> bool:
+    """A Hugging Face hub id (org/name), not a path that happens to contain a slash."""
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None and not Path(name).expanduser().exists()
+
+
 def spec_of(cfg) -> ModelSpec:
     """The run's model: a short name's spec, or for a Hugging Face model id or folder, a spec read
-    from its config (see generic_spec)."""
+    from its config (see generic_spec). A hub id with model_path reads the folder there (a copy
+    downloaded elsewhere)."""
     name = resolve_name(cfg)
-    return MODELS[name] if name in MODELS else generic_spec(name, cfg.model_revision, cfg.trust_remote_code)
+    if name in MODELS:
+        return MODELS[name]
+    source = cfg.model_path if cfg.model_path and is_hub_id(name) else name
+    return generic_spec(source, cfg.model_revision, cfg.trust_remote_code)
 
 
 _GENERIC: dict[tuple, ModelSpec] = {}
@@ -303,10 +315,15 @@ def generic_spec(source: str, revision: str | None = None, trust_remote_code: bo
     try:
         config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
+        if is_hub_id(source):
+            raise ConfigError(
+                f"model: {source} could not be fetched from the Hugging Face hub ({type(e).__name__}: no network, "
+                "or no such model); download it where there is a network and pass its folder with --model-path "
+                "(or as --model), or with a copy in the Hugging Face cache set HF_HUB_OFFLINE=1"
+            ) from None
         raise ConfigError(
-            f"model: '{source}' is not a Hugging Face model folder, and it could not be fetched as a hub id "
-            f"({type(e).__name__}); expected auto, one of {', '.join(sorted(MODELS))}, the id of a model on the "
-            "hub (with a network, or cached: HF_HUB_OFFLINE=1) or a folder holding one"
+            f"model: '{source}' is not a Hugging Face model folder ({type(e).__name__}); expected auto, one of "
+            f"{', '.join(sorted(MODELS))}, the id of a model on the hub (org/name) or a folder holding one"
         ) from None
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 

@@ -229,3 +229,31 @@ def test_model_path_beside_a_model_folder_is_refused(model_folders, tiny_overrid
     overrides = {**tiny_overrides, "model": str(model_folders["llama"]), "model_path": str(model_folders["qwen2"])}
     with pytest.raises(config.ConfigError, match="model_path: model .* is a folder, which names its own weights"):
         config.load_config(overrides=overrides)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_stacks_quantizes_and_takes_dora_in_product_space(model_folders, tiny_overrides, arch):
+    """What docs/data-and-models.md's table of architectures says each supports: clients trained
+    together get the updates they get alone on a 4-bit base (peft's bitsandbytes LoRA layers
+    routed), and DoRA trains its magnitudes through a product-space merge."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    base = {**tiny_overrides, "model": str(model_folders[arch]), "lora_dropout": 0.0, "base_dropout": False}
+    fed = train_lora.build(config.load_config(overrides={**base, "quantization": "4bit"}), torch.device("cpu"))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in fed.model.modules())
+    jobs = fed.plan_round(0).jobs
+    alone = [fed.worker.train_job(0, job)[0] for job in jobs]
+    together = [update for update, _ in fed.worker.train_together(0, jobs)]
+    for job, a, b in zip(jobs, alone, together):
+        assert float((a - job.start).abs().max()) > 1e-4  # it trained
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+    fed = train_lora.build(
+        config.load_config(overrides={**base, "use_dora": True, "merge_space": "product"}), torch.device("cpu")
+    )
+    magnitudes = [n for n in fed.flat.names if "lora_magnitude_vector" in n]
+    start = fed.server.detach().clone()
+    fed.run_round(0)
+    moved = fed.flat.named(fed.server - start)
+    assert magnitudes and all(float(moved[n].abs().max()) > 0 for n in magnitudes)

@@ -183,7 +183,7 @@ def test_an_init_that_rewrites_the_base_saves_an_adapter_for_the_original_base(
     fed.model.eval(), plain.model.eval()
     # the resident base holds W − s·B₀A₀, so the model starts as the original one (head aside)
     pairs = {p.name: p for p in fed.aggregator.pairs}
-    assert any(float(fed.flat.named(fed.server)[p.b].abs().max()) > 0 for p in pairs.values())
+    assert any(float(fed.flat.named(fed.server.detach())[p.b].abs().max()) > 0 for p in pairs.values())
     with torch.no_grad():
         hidden = fed.model.base_model.model.model(**inputs).last_hidden_state
         original = plain.model.base_model.model.model(**inputs).last_hidden_state

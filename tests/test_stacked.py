@@ -134,7 +134,9 @@ def test_a_llama_folder_groups_as_alone_also_on_a_4bit_base(tiny_overrides, mode
     if quantization != "none":
         pytest.importorskip("bitsandbytes")
     folder = str(model_folders["llama"])
-    fed = federation(tiny_overrides, **NO_DROPOUT, client_batch=4, iid_alpha=0.3, model=folder, quantization=quantization)
+    fed = federation(
+        tiny_overrides, **NO_DROPOUT, client_batch=4, iid_alpha=0.3, model=folder, quantization=quantization
+    )
     if quantization != "none":
         import bitsandbytes as bnb
 

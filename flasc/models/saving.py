@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from flasc.federation import base_weights
-from flasc.models.build import build_base
+from flasc.models.build import build_base, return_freed_memory
 
 FULL_STATE = "trainable.pt"
 
@@ -32,6 +32,7 @@ def _save_for_original_base(model, folder: Path) -> None:
     """PiSSA / OLoRA trained on the residual base W − s·B₀A₀: peft's conversion saves the rank-2r
     adapter [B | −B₀]·[A ; A₀] (its ΔW = s·(BA − B₀A₀)), which loads onto the original base W."""
     import tempfile
+    import warnings
 
     config = model.peft_config["default"]
     initial = dict(model.state_dict())
@@ -44,7 +45,9 @@ def _save_for_original_base(model, folder: Path) -> None:
             model.save_pretrained(str(start), state_dict=initial)
         finally:
             config.init_lora_weights = init
-        model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=str(start))
+        with warnings.catch_warnings():  # peft warns that the initial adapter it loads changes the base
+            warnings.simplefilter("ignore", UserWarning)
+            model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=str(start))
     # peft's conversion keeps the LoRA factors alone; the trained head goes back beside them
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
@@ -76,6 +79,7 @@ def load_trained(cfg, folder: Path, num_labels: int, pad_token_id: int | None, l
 
         model = PeftModel.from_pretrained(base, str(folder))
         base_weights.load_into(model, folder)  # FedEx-LoRA / FLoRA runs changed the base weights too
+        return_freed_memory()
         return model
     state = torch.load(folder / FULL_STATE, weights_only=True)
     missing = set(state) - {n for n, _ in base.named_parameters()}

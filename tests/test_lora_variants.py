@@ -98,6 +98,42 @@ def test_a_bfloat16_base_trains_float32_tensors(model_folders, tiny_overrides):
     assert abs(loss - reference) <= 0.01 * reference  # bfloat16 keeps 8 bits of mantissa
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [{"torch_dtype": "bfloat16"}, {"quantization": "4bit", "torch_dtype": "bfloat16"}, {"torch_dtype": "float16"}],
+    ids=["bf16", "4bit-bf16", "fp16"],
+)
+def test_a_lower_precision_run_reloads_to_its_reported_metrics(model_folders, tiny_overrides, tmp_path, extra):
+    """RoBERTa's head has two layers (dense, out_proj): trained, saved and reloaded in float32 over
+    the base's dtype, so the reloaded adapter scores what the run reported."""
+    summary = run({**tiny_overrides, "model": str(model_folders["roberta"]), "server_rounds": 2, **extra})
+    again = reloaded_test_metrics(tmp_path / "runs" / "run")
+    assert again["accuracy"] == summary["test_accuracy"]
+    assert again["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+
+
+def test_a_bfloat16_convolutional_network_gets_its_pixels_in_bfloat16(tmp_path):
+    import task_fixtures
+
+    task_fixtures.fashion_mnist(tmp_path, n_train=24, n_test=8)
+    overrides = dict(
+        dataset="fashion_mnist",
+        model="tiny-efficientnet",
+        torch_dtype="bfloat16",
+        data_dir=str(tmp_path),
+        dir=str(tmp_path / "runs"),
+        name="run",
+        clients=3,
+        server_batch=2,
+        server_rounds=1,
+        lora_rank=2,
+        client_batch=8,
+        gpu="cpu",
+    )
+    summary = run(overrides)
+    assert reloaded_test_metrics(tmp_path / "runs" / "run", batch=8)["accuracy"] == summary["test_accuracy"]
+
+
 # ------------------------------------------------------------------ DoRA
 def test_dora_magnitudes_are_exchanged_and_counted(model_folders, tiny_overrides):
     fed = federation(llama(model_folders, tiny_overrides, use_dora=True))
@@ -228,7 +264,7 @@ def test_a_regular_expression_chooses_whole_module_names(model_folders, tiny_ove
 @pytest.mark.parametrize(
     "expression, said",
     [
-        (r".*(score|q_proj)", "also matches score, a layer of the trained head"),
+        (r".*(score|q_proj)", "also matches score, the head or the output layer"),
         (r".*\.self_attn", "which is not a linear layer"),
         (r".*nothing.*", "matches no module of the model"),
         (r".*(q_proj", "is not a regular expression"),
@@ -259,11 +295,24 @@ def test_a_regular_expression_that_misses_is_one_line(model_folders, tiny_overri
         ({"use_rslora": True, "lora_rank": 0}, "use_rslora: a LoRA variant"),
         ({"lora_plus_ratio": 4, "freeze_a": True}, "lora_plus_ratio: sets B's learning rate"),
         ({"init_lora_weights": "pissa_niter_x"}, "init_lora_weights: 'pissa_niter_x' is out of range"),
+        ({"torch_dtype": "bfloat16", "algorithm": "fedex"}, "torch_dtype: algorithm fedex folds"),
+        ({"init_lora_weights": "gaussian", "algorithm": "flora"}, "init_lora_weights: algorithm flora gives"),
+        ({"init_lora_weights": "orthogonal", "lora_rank": 3}, "expected an even lora_rank"),
+        ({"init_lora_weights": "pissa", "algorithm": "hetlora"}, "init_lora_weights: pissa keeps the base's"),
+        ({"init_lora_weights": "olora", "tiers": 2, "syshet": "rank"}, "init_lora_weights: olora keeps the base's"),
     ],
 )
 def test_combinations_that_mean_nothing_are_refused(model_folders, tiny_overrides, extra, said):
     with pytest.raises(config.ConfigError, match=said):
         config.load_config(overrides=llama(model_folders, tiny_overrides, **extra))
+
+
+def test_olora_on_transposed_conv1d_weights_is_one_line(model_folders, tiny_overrides, capsys):
+    overrides = {**tiny_overrides, "model": str(model_folders["gpt2"]), "init_lora_weights": "olora"}
+    argv = [f"--{k.replace('_', '-')}={config.yaml_value(v)}" for k, v in overrides.items()]
+    assert train_lora.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "init_lora_weights: peft's olora does not handle the transposed weights" in err[0], err
 
 
 def test_quantization_of_a_short_name_is_refused(tiny_overrides):

@@ -69,6 +69,7 @@ class FedAvg:
     learns_a: str | None = None  # why A must train (freeze_a refused), if it must
     needs_linear_lora = False  # works on products B·A of linear layers
     prunes_rank = False  # hetlora_prune means something
+    fresh_adapters = False  # draws each client a fresh adapter every round (init_lora_weights does not apply)
     personalised = False  # its own figure is the clients' personalised score (eval_personalized), not the global one
 
     @classmethod
@@ -116,11 +117,20 @@ class FedAvg:
             )
         if cfg.tiers > 1 and cfg.syshet != "rank":
             raise ConfigError(f"syshet: algorithm {a} with tiers gives each tier a rank; expected syshet: rank")
-        if cls.folds_base and cfg.quantization != "none":
+        if cls.folds_base and (cfg.quantization != "none" or cfg.torch_dtype != "float32"):
+            key, held = (
+                ("quantization", f"bitsandbytes' {cfg.quantization} layers")
+                if cfg.quantization != "none"
+                else ("torch_dtype", f"a {cfg.torch_dtype} weight (8 or 11 bits of mantissa)")
+            )
             raise ConfigError(
-                f"quantization: algorithm {a} folds its server-side increments into the base weights W0, which "
-                f"bitsandbytes' {cfg.quantization} layers cannot hold exactly; expected quantization: none (or "
-                "torch_dtype: bfloat16 for a smaller base)"
+                f"{key}: algorithm {a} folds its server-side increments into the base weights W0, which "
+                f"{held} cannot hold exactly; expected quantization: none and torch_dtype: float32"
+            )
+        if cls.fresh_adapters and cfg.init_lora_weights != "default":
+            raise ConfigError(
+                f"init_lora_weights: algorithm {a} gives every client a fresh adapter each round (A drawn as "
+                "peft's default, B = 0); expected init_lora_weights: default"
             )
         if cls.needs_linear_lora:
             from flasc.models import resolve_name, spec_of

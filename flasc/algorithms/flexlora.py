@@ -14,8 +14,9 @@ class FlexLoRA(FedAvg):
     and factors it by SVD, U Σ Vᵀ: B = U Σ / s (the singular values in B), A = Vᵀ, components in
     decreasing σ. A client of rank r_k (a rank tier) downloads the first r_k components, so its
     adapter is exactly the best rank-r_k approximation of ΔW_g; the base is never modified; the
-    head is averaged. All tiers use the adapter's scaling s = lora_alpha / lora_rank, so s·B·A
-    means the same at every rank. docs/algorithms.md ("What is sent") gives its bytes each way."""
+    head is averaged. All tiers use the adapter's scaling s (lora_alpha / lora_rank; rsLoRA:
+    lora_alpha / √lora_rank), so s·B·A means the same at every rank. docs/algorithms.md ("What is
+    sent") gives its bytes each way."""
 
     name = "flexlora"
     options = (*FedAvg.options, "seed")

@@ -27,6 +27,7 @@ class FLoRA(FedAvg):
     needs_linear_lora = True
     folds_base = True
     shared_start = False
+    fresh_adapters = True
 
     def fresh(self, rnd: int, client: int, start: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         g = seeding.torch_generator(self.cfg.seed, "flora_init", rnd, client)

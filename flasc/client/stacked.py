@@ -30,9 +30,10 @@ options = ("client_parallelism",)
 
 def linear_lora_layers() -> tuple[type, ...]:
     """peft's LoRA layers of linear layers: torch's (and GPT-2's Conv1D), bitsandbytes' 8- and 4-bit."""
-    from peft.tuners.lora import Linear, bnb
+    import peft.tuners.lora as lora  # its bitsandbytes layers exist only where bitsandbytes is installed
 
-    return (Linear, *(getattr(bnb, name) for name in ("Linear8bitLt", "Linear4bit") if hasattr(bnb, name)))
+    quantized = (getattr(lora, name, None) for name in ("Linear8bitLt", "Linear4bit"))
+    return (lora.Linear, *(cls for cls in quantized if cls is not None))
 
 
 def check(cfg) -> None:

@@ -175,6 +175,9 @@ def build_base(cfg, num_labels: int, pad_token_id: int | None, lm_head: bool = F
         model = _built_short(cfg, spec, name, num_labels, pad_token_id, lm_head)
     if cfg.torch_dtype != "float32" and spec.family != "auto":  # built in float32, the frozen base then cast
         model = model.to(dtype_of(cfg.torch_dtype))
+    if cfg.torch_dtype != "float32" and spec.inputs == "image":
+        # pixels enter in the base's dtype (not every image model casts them itself); read by logits_of
+        model.flasc_pixel_dtype = dtype_of(cfg.torch_dtype)
     return checkpointed(model) if cfg.gradient_checkpointing else model
 
 
@@ -356,11 +359,13 @@ def _matched_by(model, expression: str, heads: tuple[str, ...]) -> str:
     except re.error as e:
         raise ConfigError(f"lora_target_modules: {expression!r} is not a regular expression ({e})") from None
     matched = [n for n, m in model.named_modules() if pattern.fullmatch(n)]
+    output = getattr(model, "get_output_embeddings", lambda: None)()
+    heads = (*heads, *(n for n, m in model.named_modules() if output is not None and m is output))
     in_head = [n for n in matched if any(n == h or n.startswith(h + ".") for h in heads)]
     linear = [n for n, m in model.named_modules() if n in matched and isinstance(m, (torch.nn.Linear, Conv1D))]
     if in_head or not linear or len(linear) < len(matched):
         what = (
-            f"also matches {in_head[0]}, a layer of the trained head"
+            f"also matches {in_head[0]}, the head or the output layer"
             if in_head
             else f"matches {next(n for n in matched if n not in linear)}, which is not a linear layer"
             if matched
@@ -392,12 +397,7 @@ def add_adapters(model, cfg, lm_head: bool = False):
     every parameter trains. Whatever trains is float32, whatever the base's dtype."""
     spec = spec_of(cfg)
     heads = head_modules(model, spec, lm_head)
-    if cfg.quantization != "none":
-        from peft import prepare_model_for_kbit_training
-
-        # peft's k-bit preparation (layer norms and other unquantized tensors in float32); the
-        # activations are checkpointed by build_base when gradient_checkpointing asks for it
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = prepared_for_kbit(model, cfg)
     if cfg.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -413,6 +413,13 @@ def add_adapters(model, cfg, lm_head: bool = False):
             use_rslora=cfg.use_rslora,
             init_lora_weights=True if cfg.init_lora_weights == "default" else cfg.init_lora_weights,
         )
+        if cfg.init_lora_weights == "olora" and lora.fan_in_fan_out:
+            from flasc.options import ConfigError
+
+            raise ConfigError(
+                f"init_lora_weights: peft's olora does not handle the transposed weights of {resolve_name(cfg)}'s "
+                "Conv1D layers; expected init_lora_weights: default, gaussian, orthogonal or pissa"
+            )
         torch.manual_seed(seeding.derive_seed(cfg.seed, "model_init", 1))  # LoRA A init
         model = get_peft_model(model, lora)
         if rewrites_base(cfg):  # kept to save the adapter for the original base (saving.save_trained)
@@ -427,31 +434,49 @@ def add_adapters(model, cfg, lm_head: bool = False):
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-    return _float32_trained(model)
+    return float32_trained(model, lambda name, p: p.requires_grad)
 
 
-def _float32_trained(model):
-    """Trained tensors in float32 over a base of lower precision: each module holding one (a head)
-    gets its input cast to its own dtype; peft's LoRA layers cast theirs already."""
+def prepared_for_kbit(model, cfg):
+    """A quantized base through peft's k-bit preparation (the unquantized tensors, embeddings and
+    norms, in float32); the activations are checkpointed by build_base when asked for."""
+    if cfg.quantization == "none":
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def float32_trained(model, trained: Callable[[str, torch.Tensor], bool]):
+    """The trained tensors (`trained(name, parameter)`) in float32 over a base of lower precision.
+    A module that holds one (a head) is cast whole, buffers too, and gets its floating inputs cast
+    to float32; peft's LoRA layers cast their own inputs."""
     from peft.tuners.lora import LoraLayer
 
     lora_parts = {id(m) for layer in model.modules() if isinstance(layer, LoraLayer) for m in layer.modules()}
-    for module in model.modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype != torch.float32]
-        if not own:
-            continue
-        for p in own:
-            p.data = p.data.float()
+    owner = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+    cast = {
+        id(owner[id(p)]): owner[id(p)]
+        for n, p in model.named_parameters()
+        if trained(n, p) and p.dtype != torch.float32
+    }
+    for module in cast.values():
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.float()
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_floating_point():
+                setattr(module, name, b.float())
         if id(module) not in lora_parts:
-            module.register_forward_pre_hook(_inputs_as(torch.float32))
+            module.register_forward_pre_hook(_inputs_as_float32, with_kwargs=True)
     return model
 
 
-def _inputs_as(dtype: torch.dtype):
-    def hook(module, args):
-        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+def _inputs_as_float32(module, args, kwargs):
+    def as32(a):
+        return a.float() if torch.is_tensor(a) and a.is_floating_point() else a
 
-    return hook
+    return tuple(as32(a) for a in args), {k: as32(v) for k, v in kwargs.items()}
 
 
 def build_model(cfg, num_labels: int, pad_token_id: int | None, lm_head: bool = False):

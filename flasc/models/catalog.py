@@ -178,6 +178,17 @@ class ModelSpec:
                 f"adapter, which a {cfg.quantization} base cannot hold; expected init_lora_weights: default, "
                 "gaussian or orthogonal, or quantization: none"
             )
+        if cfg.init_lora_weights == "orthogonal" and cfg.lora_rank % 2:
+            raise ConfigError(
+                f"init_lora_weights: orthogonal draws A and B from one orthogonal matrix split in two halves; "
+                f"expected an even lora_rank (got {cfg.lora_rank}) or another init_lora_weights"
+            )
+        if rewrites_base(cfg) and (cfg.tiers > 1 or cfg.algorithm == "hetlora"):
+            raise ConfigError(
+                f"init_lora_weights: {cfg.init_lora_weights} keeps the base's principal part in the adapter; a "
+                "client of a lower rank (tiers, HetLoRA's pruning) would lose part of it; expected "
+                "init_lora_weights: default, gaussian or orthogonal, or tiers: 1 and another algorithm"
+            )
         if rewrites_base(cfg) and cfg.use_dora:
             raise ConfigError(
                 f"init_lora_weights: {cfg.init_lora_weights} saves the adapter for the original base as the "

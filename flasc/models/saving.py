@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from flasc.federation import base_weights
-from flasc.models.build import build_base, return_freed_memory
+from flasc.models.build import build_base, float32_trained, prepared_for_kbit, return_freed_memory
 
 FULL_STATE = "trainable.pt"
 
@@ -76,8 +76,15 @@ def load_trained(cfg, folder: Path, num_labels: int, pad_token_id: int | None, l
     base = build_base(cfg, num_labels, pad_token_id, lm_head)
     if cfg.lora_rank > 0:
         from peft import PeftModel
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
 
-        model = PeftModel.from_pretrained(base, str(folder))
+        model = PeftModel.from_pretrained(prepared_for_kbit(base, cfg), str(folder))
+        if cfg.torch_dtype != "float32" or cfg.quantization != "none":
+            # in the precision the run trained them: float32, the head's copy (made in the base's
+            # dtype) cast first and then given the saved values again, unrounded
+            float32_trained(model, lambda name, p: "lora_" in name or "modules_to_save" in name)
+            set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
         base_weights.load_into(model, folder)  # FedEx-LoRA / FLoRA runs changed the base weights too
         return_freed_memory()
         return model

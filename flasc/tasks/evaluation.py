@@ -23,8 +23,12 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
 
 
 def logits_of(model, batch: dict, device: torch.device, bf16: bool) -> torch.Tensor:
+    inputs = model_inputs(batch, device)
+    pixels = getattr(model, "flasc_pixel_dtype", None)  # models.build_base: a base of lower precision
+    if pixels is not None and "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(pixels)
     with autocast(device, bf16):
-        out = model(**model_inputs(batch, device))
+        out = model(**inputs)
     return out.logits.float()
 
 

@@ -75,6 +75,31 @@ def tiny_overrides(tmp_path):
     }
 
 
+def argv_of(overrides: dict) -> list[str]:
+    """train_lora's command line that sets these options."""
+    import config
+
+    return [f"--{k.replace('_', '-')}={config.yaml_value(v)}" for k, v in overrides.items()]
+
+
+def image_overrides(tmp_path: Path, dataset: str, model: str, **extra) -> dict:
+    """A one-round run of a tiny image task whose files task_fixtures wrote to tmp_path."""
+    return dict(
+        dataset=dataset,
+        model=model,
+        data_dir=str(tmp_path),
+        dir=str(tmp_path / "runs"),
+        name="run",
+        clients=3,
+        server_batch=2,
+        server_rounds=1,
+        lora_rank=2,
+        client_batch=4,
+        gpu="cpu",
+        **extra,
+    )
+
+
 def reloaded_test_metrics(run_dir: Path, batch: int = 64) -> dict:
     """The saved adapter of a finished run, loaded into a fresh base model as its config.yaml
     says, scored on the test split: what the run reported, recomputed independently."""

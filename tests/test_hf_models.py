@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import SMALL, reloaded_test_metrics
+from conftest import SMALL, argv_of, image_overrides, reloaded_test_metrics
 
 import config
 import train_lora
@@ -55,7 +55,7 @@ STATEFUL = {
 def test_a_saved_model_folder_trains_and_its_adapter_rescores(model_folders, tiny_overrides, tmp_path, arch, algorithm):
     """fedavg on every architecture; stateful and product-space algorithms on some."""
     overrides = {**tiny_overrides, "model": str(model_folders[arch]), "server_rounds": 2, "algorithm": algorithm}
-    argv = [f"--{k.replace('_', '-')}={config.yaml_value(v)}" for k, v in overrides.items()]
+    argv = argv_of(overrides)
     assert train_lora.main(argv) == 0
     run_dir = tmp_path / "runs" / "run"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -75,7 +75,7 @@ def test_a_saved_model_folder_trains_and_its_adapter_rescores(model_folders, tin
 
 
 def test_a_model_that_is_neither_a_name_nor_a_folder_is_one_line(tiny_overrides, capsys, tmp_path):
-    argv = [f"--{k.replace('_', '-')}={config.yaml_value(v)}" for k, v in tiny_overrides.items() if k != "model"]
+    argv = argv_of({k: v for k, v in tiny_overrides.items() if k != "model"})
     assert train_lora.main([*argv, "--model", "minlm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: model: 'minlm' is out of range; expected auto, one of ")
@@ -103,7 +103,7 @@ def test_lora_target_modules_chooses_where_lora_goes(model_folders, tiny_overrid
 
 def test_a_lora_target_the_model_lacks_is_one_line(model_folders, tiny_overrides, capsys):
     overrides = {**tiny_overrides, "model": str(model_folders["llama"]), "lora_target_modules": ["query"]}
-    argv = [f"--{k.replace('_', '-')}={config.yaml_value(v)}" for k, v in overrides.items()]
+    argv = argv_of(overrides)
     assert train_lora.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
@@ -179,20 +179,8 @@ def test_a_saved_image_model_folder_trains_and_its_adapter_rescores(tmp_path):
     ViTModel(ViTConfig(hidden_size=16, intermediate_size=32, image_size=224, patch_size=32, **SMALL)).save_pretrained(
         folder
     )
-    overrides = dict(
-        dataset="cifar10",
-        model=str(folder),
-        data_dir=str(tmp_path),
-        dir=str(tmp_path / "runs"),
-        name="run",
-        clients=3,
-        server_batch=2,
-        server_rounds=1,
-        lora_rank=2,
-        client_batch=4,
-        gpu="cpu",
-    )
-    argv = [f"--{k.replace('_', '-')}={config.yaml_value(v)}" for k, v in overrides.items()]
+    overrides = image_overrides(tmp_path, "cifar10", str(folder))
+    argv = argv_of(overrides)
     assert train_lora.main(argv) == 0
     run_dir = tmp_path / "runs" / "run"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -218,7 +206,7 @@ def test_a_hub_id_reads_model_path_and_says_how_to_go_offline(model_folders, tin
         raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {source}")
 
     monkeypatch.setattr(AutoConfig, "from_pretrained", offline)
-    argv = [f"--{k.replace('_', '-')}={config.yaml_value(v)}" for k, v in tiny_overrides.items() if k != "model"]
+    argv = argv_of({k: v for k, v in tiny_overrides.items() if k != "model"})
     assert train_lora.main([*argv, "--model", "Qwen/Qwen2.5-0.5B"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: model: Qwen/Qwen2.5-0.5B could not be fetched"), err

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reloaded_test_metrics
+from conftest import argv_of, image_overrides, reloaded_test_metrics
 
 import config
 import train_lora
@@ -28,7 +28,7 @@ def federation(overrides: dict):
 
 
 def run(overrides: dict) -> dict:
-    argv = [f"--{k.replace('_', '-')}={config.yaml_value(v)}" for k, v in overrides.items()]
+    argv = argv_of(overrides)
     assert train_lora.main(argv) == 0
     return json.loads((Path(overrides["dir"]) / overrides["name"] / "summary.json").read_text())
 
@@ -116,20 +116,7 @@ def test_a_bfloat16_convolutional_network_gets_its_pixels_in_bfloat16(tmp_path):
     import task_fixtures
 
     task_fixtures.fashion_mnist(tmp_path, n_train=24, n_test=8)
-    overrides = dict(
-        dataset="fashion_mnist",
-        model="tiny-efficientnet",
-        torch_dtype="bfloat16",
-        data_dir=str(tmp_path),
-        dir=str(tmp_path / "runs"),
-        name="run",
-        clients=3,
-        server_batch=2,
-        server_rounds=1,
-        lora_rank=2,
-        client_batch=8,
-        gpu="cpu",
-    )
+    overrides = image_overrides(tmp_path, "fashion_mnist", "tiny-efficientnet", torch_dtype="bfloat16")
     summary = run(overrides)
     assert reloaded_test_metrics(tmp_path / "runs" / "run", batch=8)["accuracy"] == summary["test_accuracy"]
 
@@ -272,7 +259,7 @@ def test_a_regular_expression_chooses_whole_module_names(model_folders, tiny_ove
 )
 def test_a_regular_expression_that_misses_is_one_line(model_folders, tiny_overrides, capsys, expression, said):
     overrides = llama(model_folders, tiny_overrides, lora_target_modules=expression)
-    argv = [f"--{k.replace('_', '-')}={config.yaml_value(v)}" for k, v in overrides.items()]
+    argv = argv_of(overrides)
     assert train_lora.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: lora_target_modules: ") and said in err[0], err
@@ -309,7 +296,7 @@ def test_combinations_that_mean_nothing_are_refused(model_folders, tiny_override
 
 def test_olora_on_transposed_conv1d_weights_is_one_line(model_folders, tiny_overrides, capsys):
     overrides = {**tiny_overrides, "model": str(model_folders["gpt2"]), "init_lora_weights": "olora"}
-    argv = [f"--{k.replace('_', '-')}={config.yaml_value(v)}" for k, v in overrides.items()]
+    argv = argv_of(overrides)
     assert train_lora.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "init_lora_weights: peft's olora does not handle the transposed weights" in err[0], err

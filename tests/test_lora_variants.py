@@ -305,3 +305,16 @@ def test_olora_on_transposed_conv1d_weights_is_one_line(model_folders, tiny_over
 def test_quantization_of_a_short_name_is_refused(tiny_overrides):
     with pytest.raises(config.ConfigError, match="quantization: applies to a Hugging Face model given by id or folder"):
         config.load_config(overrides={**tiny_overrides, "quantization": "4bit"})
+
+
+@pytest.mark.parametrize("double", [True, False])
+def test_the_4bit_options_reach_the_quantized_layers(model_folders, tiny_overrides, double):
+    import bitsandbytes as bnb
+
+    extra = dict(quantization="4bit", bnb_4bit_quant_type="fp4", bnb_4bit_double_quant=double)
+    extra["bnb_4bit_compute_dtype"] = "bfloat16"
+    fed = federation(llama(model_folders, tiny_overrides, **extra))
+    layers = [m for m in fed.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.quant_state.quant_type == "fp4" for m in layers)
+    assert all(m.weight.quant_state.nested == double for m in layers)  # double quantization: nested constants
+    assert all(m.compute_dtype == torch.bfloat16 for m in layers)

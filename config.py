@@ -29,11 +29,12 @@ BASIC = "basic_config"
 
 @dataclass(frozen=True)
 class Option:
-    kind: type  # bool, int, float or str
+    kind: type  # bool, int, float, str, list (of names) or dict (names -> names)
     check: Callable[[Any], bool] | None = None  # extra constraint on the typed value
     allowed: str | Callable[[], str] = ""  # words for the error message (or what makes them, when asked)
     nullable: bool = False
     registry: bool = False  # check reads a registry of components (which imports torch)
+    lists: str = ""  # dict: its values are lists of names, and a bare list (or name) is this key's
 
 
 def _choice(*names: str) -> Option:
@@ -102,13 +103,30 @@ SCHEMA: dict[str, Option] = {
     "deterministic": Option(bool),
     "dataset": _registry_choice(_datasets),
     "data_dir": Option(str, lambda v: v != "", "a non-empty path"),
-    "max_length": Option(int, lambda v: v == 0 or 8 <= v <= 4096, "0 (dataset default) or an integer in [8, 4096]"),
+    "max_length": Option(
+        int, lambda v: v == 0 or 8 <= v <= 1 << 20, "0 (dataset default) or an integer >= 8 (up to the model's context)"
+    ),
     "clients": Option(int, lambda v: v >= 0, "an integer >= 0 (0: every user, with a natural partition)"),
     "partition": _choice("auto", "natural", "dirichlet", "iid"),
     "iid_alpha": _positive,
     "min_client_size": _nonneg_int,
     "iid_mix": Option(float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0: natural clients, 1: IID)"),
     "augment": Option(bool),
+    "hf_dataset": Option(str, lambda v: v != "", "a Hugging Face dataset id (org/name) or null", nullable=True),
+    "hf_dataset_config": Option(
+        str, lambda v: v != "", "the data set's configuration (subset) name or null", nullable=True
+    ),
+    "data_files": Option(
+        dict,
+        lambda v: set(v) <= {"train", "validation", "test"},
+        "null, a file or list of files (training examples), or a mapping of train, validation, test to files",
+        nullable=True,
+        lists="train",
+    ),
+    "data_format": _choice("auto", "alpaca", "messages", "prompt_response"),
+    "columns": Option(dict, None, "a mapping of record fields to your column names, e.g. {output: response}"),
+    "val_fraction": Option(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "test_fraction": Option(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
     "model": Option(
         str,
         lambda v: v in ("auto", *_models()) or _hub_model(v),
@@ -154,6 +172,15 @@ SCHEMA: dict[str, Option] = {
     "client_lr": _positive,
     "client_batch": _pos_int,
     "client_epochs": _pos_int,
+    "client_steps": Option(int, lambda v: v >= 0, "an integer >= 0 (0: client_epochs passes)"),
+    "grad_accum": _pos_int,
+    "max_grad_norm": Option(float, lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
+    "client_schedule": _choice("constant", "cosine"),
+    "client_lr_min": Option(float, lambda v: v >= 0, "a number >= 0"),
+    "client_beta1": Option(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "client_beta2": Option(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "client_eps": _positive,
+    "client_weight_decay": Option(float, lambda v: v >= 0, "a number >= 0"),
     "client_parallelism": _pos_int,
     "algorithm": _registry_choice(_algorithms),
     "local_head": Option(bool),
@@ -212,6 +239,8 @@ SCHEMA: dict[str, Option] = {
         lambda v: all(_is_shadow(x) for x in v),
         "a list of names that merging_strategy accepts, each alone or as NAME@factors / NAME@product",
     ),
+    "llm_tasks": Option(list, None, "a list of scoring-task files (.jsonl, .json, .csv, .parquet or .yaml)"),
+    "llm_task_freq": _nonneg_int,
     "shadow_freq": _pos_int,
     "shadow_eval_examples": _nonneg_int,
 }
@@ -324,6 +353,8 @@ def coerce(key: str, value: Any, registries: bool = True) -> Any:
     elif opt.kind is list:  # a list of names; one name alone is a list of one
         value = [value] if isinstance(value, str) else value
         ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
+    elif opt.kind is dict:
+        ok, value = _mapping(value, opt.lists)
     if not ok:
         raise ConfigError(f"{key}: {value!r} is not valid; expected {_describe(opt)}")
     if opt.registry and not registries:
@@ -337,10 +368,30 @@ def coerce(key: str, value: Any, registries: bool = True) -> Any:
     return value
 
 
+def _mapping(value: Any, lists: str) -> tuple[bool, Any]:
+    """(whether it is a mapping of names to names, the mapping); with `lists`, to lists of names,
+    and a name or a list alone is the value of key `lists`."""
+    if lists and (isinstance(value, str) or isinstance(value, list)):
+        value = {lists: value}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        return False, value
+    if lists:
+        value = {k: [v] if isinstance(v, str) else v for k, v in value.items()}
+        return all(isinstance(v, list) and v and all(isinstance(x, str) for x in v) for v in value.values()), value
+    return all(isinstance(v, str) and v for v in value.values()), value
+
+
 def _describe(opt: Option) -> str:
     if opt.allowed:
         return opt.allowed() if callable(opt.allowed) else opt.allowed
-    return {bool: "true or false", int: "an integer", float: "a number", str: "text", list: "a list"}[opt.kind]
+    return {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "text",
+        list: "a list",
+        dict: "a mapping",
+    }[opt.kind]
 
 
 def resolved_partition(cfg) -> str:
@@ -361,6 +412,7 @@ def components(cfg: Config) -> list:
     from flasc.diagnostics import shadows
     from flasc.federation import optimizers, privacy, tiers
     from flasc.models import spec_of
+    from flasc.tasks import llm_eval
 
     class Shadows:  # shadows check each entry as a whole run, with this module's checks
         options = shadows.options
@@ -381,6 +433,7 @@ def components(cfg: Config) -> list:
         ALGORITHMS[cfg.algorithm],
         local,
         stacked,
+        llm_eval,
     ]
 
 

@@ -34,7 +34,7 @@ import yaml
 
 import config as config_mod
 import merging
-from data import DataUnavailable, Task, load_task, resolved_partition
+from data import DATASETS, DataUnavailable, Task, load_task_for, resolved_partition
 from data import partition as partition_mod
 from flasc import algorithms, models
 from flasc.client.state_store import ClientStateStore
@@ -52,6 +52,7 @@ from flasc.round import Diverged, Reduced, RoundCallback, RoundPlan, kept_result
 from flasc.runtime import checkpoint, distributed, files, seeding, tracking
 from flasc.runtime.distributed import pick_device
 from flasc.runtime.interrupts import INTERRUPTS, Interrupted, end_with_parent
+from flasc.tasks import llm_eval
 
 EXIT_CODE, DIVERGED_FILE = tracking.EXIT_CODE, tracking.DIVERGED_FILE
 __all__ = ["Federation", "Diverged", "build", "train", "main", "pick_device", "make_clients", "hold_out_local_tests"]
@@ -256,7 +257,7 @@ def build(cfg, device: torch.device, world: distributed.World | None = None) -> 
     users, and the run records the resolved config."""
     world = world or distributed.World()
     tokenizer = functools.cache(lambda: models.load_tokenizer(cfg))
-    task = load_task(cfg.dataset, cfg.data_dir, tokenizer, cfg.max_length, cfg.augment)
+    task = load_task_for(cfg, tokenizer)
     clients, tests = hold_out_local_tests(cfg, make_clients(cfg, task))
     if cfg.clients != len(clients):
         cfg = config_mod.from_mapping({**cfg, "clients": len(clients)})
@@ -269,7 +270,9 @@ def build(cfg, device: torch.device, world: distributed.World | None = None) -> 
     fed = Federation(cfg, model, task, clients, device, world, tests)
     scores = ServerScores(fed.resident, task, world, cfg.eval_batch, cfg.eval_masked)
     fed.evaluation = Evaluation(
-        scores, PersonalScores(scores, tests, fed.client_tier, fed.algorithm, fed.client_states) if tests else None
+        scores,
+        PersonalScores(scores, tests, fed.client_tier, fed.algorithm, fed.client_states) if tests else None,
+        llm_eval.RunScores(cfg, tok, world) if cfg.llm_tasks else None,
     )
     if cfg.drift_stats:
         linear = models.spec_of(cfg).linear_lora
@@ -304,7 +307,7 @@ def round_record(fed: Federation, rnd: int, progress: Progress) -> dict:
     evaluated = (rnd + 1) % cfg.eval_freq == 0 or rnd + 1 == cfg.server_rounds
     if evaluated:
         t_eval = time.perf_counter()
-        scores = fed.evaluation(fed.server_state)
+        scores = fed.evaluation(fed.server_state, rnd=rnd)
         record.update(scores)
         record["eval_seconds"] = time.perf_counter() - t_eval
         progress.eval_keys = [*scores, "eval_seconds"]
@@ -356,10 +359,10 @@ def describe_setup(fed: Federation, run, logger) -> None:
         f"{cfg.merging_strategy} "
         f"in {cfg.merge_space} space, density down {cfg.dl_density:g} / up {cfg.ul_density:g}"
     )
-    labels = getattr(fed.task.train, "labels", None)
-    report = partition_mod.report(
-        [c.numpy() for c in fed.clients], None if labels is None else labels.numpy(), fed.task.label_names
-    )
+    labels, label_names = fed.task.skew_labels()
+    report = partition_mod.report([c.numpy() for c in fed.clients], labels, label_names)
+    if fed.task.dropped is not None:  # instructions: examples whose response does not fit in max_length
+        report["summary"]["dropped_examples"] = fed.task.dropped
     tracking.write_json_atomic(run.dir / "partition.json", report)
     part = report["summary"]
     logger.info(
@@ -372,6 +375,14 @@ def describe_setup(fed: Federation, run, logger) -> None:
             else ""
         )
     )
+    dropped = part.get("dropped_examples")
+    if dropped and any(dropped.values()):
+        logger.info(
+            "dropped: "
+            + ", ".join(f"{n} {split}" for split, n in dropped.items())
+            + " examples whose response (with its end token) does not fit in max_length "
+            + str(cfg.max_length or DATASETS[cfg.dataset].default_max_length)
+        )
 
 
 def summarize(fed: Federation, progress: Progress, wall_time_s: float) -> dict:
@@ -382,7 +393,7 @@ def summarize(fed: Federation, progress: Progress, wall_time_s: float) -> dict:
     up_total, down_total = totals.get("bytes_up", 0), totals.get("bytes_down", 0)
     summary = {
         "primary_metric": p,
-        **{k: v for k, v in final.items() if k.startswith(("test_", "val_", "personal_"))},
+        **{k: v for k, v in final.items() if k.startswith(("test_", "val_", "personal_", "llm_"))},
         f"best_test_{p}": max(r[f"test_{p}"] for r in evals),
         f"best_val_{p}": best[f"val_{p}"],
         f"test_{p}_at_best_val": best[f"test_{p}"],

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 import train_lora  # noqa: E402
 from flasc import models  # noqa: E402
+from flasc.client.local import LocalSettings  # noqa: E402
 from flasc.client.optimizers import CLIENT_OPTIMIZERS  # noqa: E402
 from flasc.tasks.evaluation import logits_of  # noqa: E402
 
@@ -28,7 +29,7 @@ from flasc.tasks.evaluation import logits_of  # noqa: E402
 def bare_loop(fed, rnd: int) -> int:
     """The same optimizer steps as round `rnd`, in a plain loop on the same resident model."""
     cfg = fed.cfg
-    opt = CLIENT_OPTIMIZERS[cfg.client_opt](fed.flat.params, cfg.client_lr)
+    opt = CLIENT_OPTIMIZERS[cfg.client_opt](fed.flat.params, cfg.client_lr, LocalSettings.of(cfg).hyper)
     models.training_mode(fed.model, cfg.base_dropout)
     steps = 0
     for client in fed.sample_clients(rnd):

@@ -31,6 +31,21 @@ class Task:
     test: object
     objective: object  # objectives.SingleLabel | MultiLabel | NextToken
     users: np.ndarray | None = None  # the natural user (0..U-1) of every training example
+    # a category of every training example that partition: dirichlet skews when the task's labels
+    # are not classes (instructions: a category column), with its names
+    categories: np.ndarray | None = None
+    category_names: list[str] | None = None
+    dropped: dict[str, int] | None = None  # per split: examples left out because they do not fit
+
+    def skew_labels(self) -> tuple[np.ndarray | None, list[str]]:
+        """What partition: dirichlet skews and the partition report counts: the categories where
+        the task has them, else its single or multi-hot labels (None: it has neither)."""
+        if self.categories is not None:
+            return self.categories, list(self.category_names)
+        labels = getattr(self.train, "labels", None)
+        if labels is None or labels.dim() not in (1, 2) or (labels.dim() == 2 and not self.label_names):
+            return None, []
+        return labels.numpy(), self.label_names
 
     @property
     def num_labels(self) -> int:

@@ -106,13 +106,13 @@ def reloaded_test_metrics(run_dir: Path, batch: int = 64) -> dict:
     import torch
 
     import config
-    from data import load_task
+    from data import load_task_for
     from flasc import models
     from flasc.tasks.evaluation import evaluate
 
     cfg = config.from_mapping(config.yaml_load((Path(run_dir) / "config.yaml").read_text()))
     tokenizer = lambda: models.load_tokenizer(cfg)  # noqa: E731
-    task = load_task(cfg.dataset, cfg.data_dir, tokenizer, cfg.max_length)
+    task = load_task_for(cfg, tokenizer)
     tok = tokenizer()[0]
     pad = None if tok is None else tok.pad_token_id
     model = models.load_trained(cfg, Path(run_dir) / "adapter", task.num_labels, pad, task.objective.lm_head)

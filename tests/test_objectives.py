@@ -45,7 +45,7 @@ def _lm_example():
 
 def test_next_token_counts_exclude_padding():
     ids, mask, logits = _lm_example()
-    loss_sum, correct, count = objectives.next_token_counts(logits, ids, mask)
+    loss_sum, correct, count = objectives.next_token_counts(logits, {"input_ids": ids, "attention_mask": mask})
     assert count == 2 and correct == 1
     assert loss_sum.item() == pytest.approx(-math.log(3 / 5) + math.log(3))  # = ln 5
 

@@ -6,6 +6,7 @@ A client's optimizer starts fresh for every client every round (it has no state 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -13,13 +14,31 @@ from flasc.federation.optimizers import AdaptiveFedOpt
 
 Params = Iterable[torch.nn.Parameter]
 
+
+@dataclass(frozen=True)
+class OptimizerOptions:
+    """client_beta1, client_beta2, client_eps, client_weight_decay (torch's defaults, no decay)."""
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
 # Client optimizers start fresh for every client every round. sgd: momentum 0.9 as in the FLASC
-# seeds; adam and adagrad: torch defaults; yogi: Zaheer et al. (2018) with their ε = 1e-3.
-CLIENT_OPTIMIZERS: dict[str, Callable[[Params, float], torch.optim.Optimizer]] = {
-    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
-    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
-    "adagrad": lambda params, lr: torch.optim.Adagrad(params, lr=lr),
-    "yogi": lambda params, lr: AdaptiveFedOpt(params, lr, "yogi", beta1=0.9, beta2=0.999, tau=1e-3),
+# seeds; adam, adamw and adagrad: torch's, with the client_* options above (adagrad: its own ε; adam's weight decay
+# is added to the gradient, adamw's decoupled, Loshchilov & Hutter 2019); yogi: Zaheer et al.
+# (2018) with their ε = 1e-3 and the betas above.
+CLIENT_OPTIMIZERS: dict[str, Callable[[Params, float, OptimizerOptions], torch.optim.Optimizer]] = {
+    "sgd": lambda params, lr, o: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=o.weight_decay),
+    "adam": lambda params, lr, o: torch.optim.Adam(
+        params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+    ),
+    "adamw": lambda params, lr, o: torch.optim.AdamW(
+        params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+    ),
+    "adagrad": lambda params, lr, o: torch.optim.Adagrad(params, lr=lr, weight_decay=o.weight_decay),
+    "yogi": lambda params, lr, o: AdaptiveFedOpt(params, lr, "yogi", beta1=o.beta1, beta2=o.beta2, tau=1e-3),
 }
 
 

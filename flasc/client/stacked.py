@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from flasc.options import ConfigError
 from flasc.runtime.seeding import ClientStreams
 from flasc.tasks.evaluation import logits_of
+from flasc.tasks.objectives import IGNORE
 
 options = ("client_parallelism",)
 
@@ -84,16 +85,16 @@ class Rows:
 
 def concatenate(batches: list[dict], pad_token_id: int | None) -> tuple[dict, list[int] | None, int]:
     """The minibatches as one: text padded on the right to the longest width (pad token, attention
-    mask 0), everything else concatenated. Returns the batch, each one's width (None for images)
+    mask 0, token labels IGNORE), everything else concatenated. Returns the batch, each one's width (None for images)
     and the common width."""
     if "input_ids" not in batches[0]:
         return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}, None, 0
     widths = [b["input_ids"].shape[1] for b in batches]
     width = max(widths)
-    pads = {"input_ids": 0 if pad_token_id is None else pad_token_id, "attention_mask": 0}
+    pads = {"input_ids": 0 if pad_token_id is None else pad_token_id, "attention_mask": 0, "labels": IGNORE}
     out = {}
     for key in batches[0]:
-        if key in pads:
+        if key in pads and batches[0][key].dim() == 2:  # (a text batch's 2-D labels are token labels)
             out[key] = torch.cat([F.pad(b[key], (0, width - b[key].shape[1]), value=pads[key]) for b in batches])
         else:
             out[key] = torch.cat([b[key] for b in batches])

@@ -18,6 +18,7 @@ does not depend on the group, the rank or the order it is trained in.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -97,10 +98,13 @@ class ClientWorker:
 
     # -- a client's data, in seeded orders
     def client_epochs(self, rnd: int, client: int):
-        """For each local epoch, the client's minibatches in a seeded order."""
+        """For each local epoch, the client's minibatches in a seeded order (client_steps: epoch
+        after epoch until local training has taken its steps)."""
         g = seeding.torch_generator(self.cfg.seed, "client", rnd, client)
         idx = self.clients[client]
-        for _ in range(self.cfg.client_epochs):
+        if not len(idx):
+            return
+        for _ in itertools.count() if self.cfg.client_steps else range(self.cfg.client_epochs):
             order = idx[torch.randperm(len(idx), generator=g)]
             yield (
                 self.task.train.batch(order[s : s + self.cfg.client_batch])
@@ -139,7 +143,7 @@ class ClientWorker:
             params,
             self.flat.names,
             self.client_epochs(rnd, client),
-            LocalSettings.of(self.cfg),
+            LocalSettings.of(self.cfg, rnd),
             anchors,
             grad_mask,
             extras,

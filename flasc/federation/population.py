@@ -23,9 +23,7 @@ def make_clients(cfg, task: Task) -> list[torch.Tensor]:
         elif partition == "iid":
             parts = partition_mod.iid(len(task.train), cfg.clients, rng, cfg.min_client_size)
         else:
-            parts = partition_mod.dirichlet(
-                task.train.labels.numpy(), cfg.clients, cfg.iid_alpha, rng, cfg.min_client_size
-            )
+            parts = partition_mod.dirichlet(task.skew_labels()[0], cfg.clients, cfg.iid_alpha, rng, cfg.min_client_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.iid_mix > 0:

@@ -104,14 +104,17 @@ class Evaluation:
     """A round's evaluation: each tier's model, the personalised metrics, then the server model on
     validation and test (left loaded in the resident model)."""
 
-    def __init__(self, scores: ServerScores, personal: PersonalScores | None = None):
-        self.scores, self.personal = scores, personal
+    def __init__(self, scores: ServerScores, personal: PersonalScores | None = None, llm=None):
+        """llm: the run's scoring tasks (tasks/llm_eval.RunScores), or None."""
+        self.scores, self.personal, self.llm = scores, personal, llm
 
-    def __call__(self, server_state, splits=("val", "test")) -> dict:
+    def __call__(self, server_state, splits=("val", "test"), rnd: int | None = None) -> dict:
         out = self.scores.tiers(server_state)
         if self.personal is not None:
             out.update(self.personal(server_state))
         self.scores.load(server_state)
         for split in splits:
             out.update({f"{split}_{k}": v for k, v in self.scores.on(getattr(self.scores.task, split)).items()})
+        if self.llm is not None and rnd is not None and self.llm.due(rnd):
+            out.update(self.llm(self.scores.resident))
         return out

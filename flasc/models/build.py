@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -482,6 +483,41 @@ def _inputs_as_float32(module, args, kwargs):
 def build_model(cfg, num_labels: int, pad_token_id: int | None, lm_head: bool = False):
     model = add_adapters(build_base(cfg, num_labels, pad_token_id, lm_head), cfg, lm_head)
     return_freed_memory()
+    return with_lm_parts(model) if lm_head else model
+
+
+@dataclass(frozen=True)
+class LMParts:
+    body: torch.nn.Module  # input ids -> last hidden states (the decoder without its output layer)
+    head: torch.nn.Module  # the output layer: hidden states -> logits
+
+
+def with_lm_parts(model):
+    """Mark a causal LM whose logits are its output layer applied to its decoder's last hidden
+    state (model.flasc_lm, read by tasks.evaluation.logits_of): then the loss applies the output
+    layer a chunk of positions at a time. Checked once on a probe: a model that changes its logits
+    after the output layer (Gemma 2's soft-capping, a logit scale) keeps its own logits: its
+    logits must be the output layer's own outputs, and the layer's inputs the decoder's outputs."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body, head = getattr(base, getattr(base, "base_model_prefix", ""), None), base.get_output_embeddings()
+    if body is None or not isinstance(head, torch.nn.Linear):
+        return model
+    device = head.weight.device
+    probe = torch.arange(1, 5, device=device).clamp(max=head.weight.shape[0] - 1).unsqueeze(0)
+    seen = {}
+    hook = head.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=probe).logits
+            states = body(input_ids=probe)[0]
+    finally:
+        hook.remove()
+        model.train(was_training)
+    # exact: a soft-cap or a scale changes the last bits of small logits too
+    if torch.equal(logits, seen["y"]) and torch.equal(states.to(seen["x"].dtype), seen["x"]):
+        model.flasc_lm = LMParts(body, head)
     return model
 
 
@@ -520,12 +556,12 @@ def freeze_unreached(model, batch: dict, device: torch.device) -> list[str]:
 
     The probe runs in eval mode under a forked generator, so it draws nothing from the run's
     random streams."""
-    from flasc.tasks.evaluation import logits_of
+    from flasc.tasks.evaluation import full_logits, logits_of
 
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        logits_of(model, batch, device, bf16=False).sum().backward()
+        full_logits(logits_of(model, batch, device, bf16=False)).sum().backward()
     unreached = []
     for name, p in model.named_parameters():
         if p.requires_grad and p.grad is None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from flasc.federation import base_weights
-from flasc.models.build import build_base, float32_trained, prepared_for_kbit, return_freed_memory
+from flasc.models.build import build_base, float32_trained, prepared_for_kbit, return_freed_memory, with_lm_parts
 
 FULL_STATE = "trainable.pt"
 
@@ -87,10 +87,10 @@ def load_trained(cfg, folder: Path, num_labels: int, pad_token_id: int | None, l
             set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
         base_weights.load_into(model, folder)  # FedEx-LoRA / FLoRA runs changed the base weights too
         return_freed_memory()
-        return model
+        return with_lm_parts(model) if lm_head else model
     state = torch.load(folder / FULL_STATE, weights_only=True)
     missing = set(state) - {n for n, _ in base.named_parameters()}
     if missing:
         raise ValueError(f"saved tensors not in the model: {sorted(missing)[:3]}")
     base.load_state_dict(state, strict=False)
-    return base
+    return with_lm_parts(base) if lm_head else base

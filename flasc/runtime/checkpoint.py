@@ -125,6 +125,12 @@ def load(run_dir: Path, cfg, numel: int, rounds_given: bool = False) -> dict:
             f"cannot continue to {cfg.server_rounds} rounds as a run started with {cfg.server_rounds} would; "
             "expected server_schedule: constant"
         )
+    if planned != cfg.server_rounds and cfg.client_schedule != "constant":
+        raise CheckpointError(
+            f"--server-rounds: the clients' lr schedule ({cfg.client_schedule}) spans server_rounds, so {run_dir} "
+            f"cannot continue to {cfg.server_rounds} rounds as a run started with {cfg.server_rounds} would; "
+            "expected client_schedule: constant"
+        )
     if state["federation"]["server"].numel() != numel:
         raise CheckpointError(
             f"--resume: {path} holds {state['federation']['server'].numel()} trainable values but the "

@@ -22,14 +22,52 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
 
 
-def logits_of(model, batch: dict, device: torch.device, bf16: bool) -> torch.Tensor:
+class Hidden:
+    """A causal LM's last hidden states and its output layer, in place of logits: the objective
+    applies the output layer a chunk of positions at a time (objectives.py), so that logits over
+    the whole vocabulary are never held for every position at once. Sliced like logits."""
+
+    def __init__(self, states: torch.Tensor, head: torch.nn.Module, bf16: bool):
+        self.states, self.head, self.bf16 = states, head, bf16
+
+    def __getitem__(self, key) -> Hidden:
+        return Hidden(self.states[key], self.head, self.bf16)
+
+    def dim(self) -> int:
+        return self.states.dim()
+
+    def detach(self) -> Hidden:
+        return Hidden(self.states.detach(), self.head, self.bf16)
+
+    @property
+    def device(self) -> torch.device:
+        return self.states.device
+
+    def logits(self, states: torch.Tensor | None = None) -> torch.Tensor:
+        """The output layer on `states` (default: all of them), in float32."""
+        states = self.states if states is None else states
+        with autocast(states.device, self.bf16):
+            return self.head(states.to(self.head.weight.dtype)).float()
+
+
+def logits_of(model, batch: dict, device: torch.device, bf16: bool) -> torch.Tensor | Hidden:
+    """The model's outputs on a batch: its logits, or for a causal LM whose logits are its output
+    layer on its last hidden state (models.lm_parts), those hidden states (Hidden)."""
     inputs = model_inputs(batch, device)
     pixels = getattr(model, "flasc_pixel_dtype", None)  # models.build_base: a base of lower precision
     if pixels is not None and "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(pixels)
+    parts = getattr(model, "flasc_lm", None)
     with autocast(device, bf16):
+        if parts is not None:
+            return Hidden(parts.body(**inputs)[0], parts.head, bf16)
         out = model(**inputs)
     return out.logits.float()
+
+
+def full_logits(outputs: torch.Tensor | Hidden) -> torch.Tensor:
+    """Logits from logits_of's outputs, for the few places that need all of them (small probes)."""
+    return outputs.logits() if isinstance(outputs, Hidden) else outputs
 
 
 class Subset:

@@ -8,7 +8,11 @@ these methods and never branch on the task. Three objectives:
   averaged over examples × labels, a label is predicted when its probability exceeds 1/2);
   micro/macro F1, precision and recall.
 - NextToken: causal language modelling; every non-padding token after the first is predicted
-  from the ones before it; token accuracy and perplexity, padding excluded.
+  from the ones before it, or, where a batch has token labels (instructions: the response's
+  tokens, IGNORE elsewhere), every labelled token; token accuracy and perplexity over them.
+  Given a causal LM's hidden states (evaluation.Hidden), the output layer is applied
+  CHUNK_LOGITS values at a time (recomputed in the backward pass), so the float32 logits of the
+  whole vocabulary are never held for every position at once.
 
 A tally accumulates a split's metrics batch by batch; tallies of disjoint batches merge (sharded
 evaluation, distributed.py). Losses are summed exactly (math.fsum), so neither the batch order nor
@@ -26,6 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score, precision_recall_fscore_support
+from torch.utils.checkpoint import checkpoint
+
+from flasc.tasks.evaluation import Hidden
 
 
 # ---------------------------------------------------------------- metric functions
@@ -42,21 +49,50 @@ def multilabel_scores(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     return out
 
 
-def _next_token_targets(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, wanted): the logits at t and the token at t + 1, for target positions that are not
-    padding."""
-    keep = batch["attention_mask"][:, 1:].to(logits.device).bool()
-    return logits[:, :-1][keep].float(), batch["input_ids"][:, 1:].to(logits.device)[keep]
+IGNORE = -100  # a token label the loss skips (transformers' convention)
+CHUNK_LOGITS = 1 << 25  # float32 logits per chunk of positions: 128 MB (Qwen2's 151,936 words: 220 positions)
 
 
-def next_token_counts(
-    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> tuple[torch.Tensor, int, int]:
-    """(sum of token losses, correct tokens, tokens) of predicting input_ids[t + 1] from the logits
-    at t, over target positions that are not padding."""
-    scores, wanted = _next_token_targets(logits, {"input_ids": input_ids, "attention_mask": attention_mask})
-    loss_sum = F.cross_entropy(scores, wanted, reduction="sum")
-    return loss_sum, int((scores.argmax(-1) == wanted).sum()), len(wanted)
+def _next_token_targets(outputs, batch: dict):
+    """(outputs at the target positions, the tokens they predict): position t predicts token t + 1,
+    where t + 1 is a label (a batch with token labels) or not padding (one without)."""
+    labels = batch.get("labels")
+    if labels is not None and labels.dim() == 2:
+        wanted = labels[:, 1:].to(outputs.device)
+        keep = wanted != IGNORE
+    else:
+        keep = batch["attention_mask"][:, 1:].to(outputs.device).bool()
+        wanted = batch["input_ids"][:, 1:].to(outputs.device)
+    rows = outputs[:, :-1][keep]
+    return (rows if isinstance(rows, Hidden) else rows.float()), wanted[keep]
+
+
+def _chunk_terms(logits: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return F.cross_entropy(logits, wanted, reduction="sum"), (logits.argmax(-1) == wanted).sum()
+
+
+def token_terms(rows, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the token losses, correct tokens) of rows (logits, or Hidden states of the target
+    positions) predicting `wanted`. Hidden states meet the output layer in chunks; with gradients
+    each chunk's logits are recomputed in the backward pass instead of kept."""
+    if not isinstance(rows, Hidden):
+        return _chunk_terms(rows, wanted)
+    size = max(1, CHUNK_LOGITS // rows.head.weight.shape[0])
+    grad = torch.is_grad_enabled() and rows.states.requires_grad
+    loss, correct = rows.states.new_zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.long)
+    for start in range(0, len(wanted), size):
+        h, y = rows.states[start : start + size], wanted[start : start + size]
+        chunk = lambda h, y: _chunk_terms(rows.logits(h), y)  # noqa: E731
+        part, hits = checkpoint(chunk, h, y, use_reentrant=False) if grad else chunk(h, y)
+        loss, correct = loss + part, correct + hits.cpu()
+    return loss, correct
+
+
+def next_token_counts(outputs, batch: dict) -> tuple[torch.Tensor, int, int]:
+    """(sum of token losses, correct tokens, tokens) of a batch's target tokens (_next_token_targets)."""
+    rows, wanted = _next_token_targets(outputs, batch)
+    loss_sum, correct = token_terms(rows, wanted)
+    return loss_sum, int(correct), len(wanted)
 
 
 # ---------------------------------------------------------------- objectives
@@ -68,6 +104,11 @@ class _Classification:
     def __init__(self, num_labels: int):
         self.num_labels = num_labels
 
+    def train_terms(self, logits, batch) -> tuple[torch.Tensor, int, int]:
+        """(the loss, hits, units) of one training batch."""
+        hits, n = self.hits(logits.detach(), batch)
+        return self.loss(logits, batch), hits, n
+
 
 class SingleLabel(_Classification):
     primary = "accuracy"
@@ -78,6 +119,10 @@ class SingleLabel(_Classification):
     def hits(self, logits, batch) -> tuple[int, int]:
         labels = batch["labels"].to(logits.device)
         return int((logits.argmax(-1) == labels).sum()), len(labels)
+
+    def units(self, batch) -> int:
+        """What the loss averages over: examples."""
+        return len(batch["labels"])
 
     def fisher_terms(self, logits_one: torch.Tensor):
         """(log p(y|x), p(y|x)) for every label y: the Fisher is Σ_y p(y|x) (∂ log p(y|x))²."""
@@ -129,6 +174,10 @@ class MultiLabel(_Classification):
         target = batch["labels"].to(logits.device).bool()
         return int(((logits > 0) == target).sum()), target.numel()
 
+    def units(self, batch) -> int:
+        """What the loss averages over: examples × labels."""
+        return batch["labels"].numel()
+
     def fisher_terms(self, logits_one: torch.Tensor):
         """Labels are independent Bernoullis: Σ_labels Σ_{y in 0,1} p(y) (∂ log p(y))²."""
         z = logits_one.reshape(-1)
@@ -164,12 +213,23 @@ class NextToken:
     lm_head = True
 
     def loss(self, logits, batch):
-        scores, wanted = _next_token_targets(logits, batch)
-        return F.cross_entropy(scores, wanted, reduction="sum") / max(len(wanted), 1)
+        return self.train_terms(logits, batch)[0]
 
     def hits(self, logits, batch) -> tuple[int, int]:
-        scores, wanted = _next_token_targets(logits, batch)  # no second cross-entropy in the hot loop
-        return int((scores.argmax(-1) == wanted).sum()), len(wanted)
+        _, correct, n = next_token_counts(logits, batch)
+        return correct, n
+
+    def train_terms(self, logits, batch) -> tuple[torch.Tensor, int, int]:
+        """(mean token loss, correct tokens, tokens) in one pass over the output layer."""
+        loss_sum, correct, n = next_token_counts(logits, batch)
+        return loss_sum / max(n, 1), correct, n
+
+    def units(self, batch) -> int:
+        """The tokens a batch's loss averages over (gradient accumulation weighs batches by them)."""
+        labels = batch.get("labels")
+        if labels is not None and labels.dim() == 2:
+            return int((labels[:, 1:] != IGNORE).sum())
+        return int(batch["attention_mask"][:, 1:].sum())
 
     def fisher_terms(self, logits_one):
         return None  # an exact expectation over the whole vocabulary at every token is out of reach
@@ -183,7 +243,7 @@ class _NextTokenTally:
         self.losses, self.correct, self.count = [], 0, 0
 
     def add(self, logits, batch):
-        loss_sum, correct, count = next_token_counts(logits, batch["input_ids"], batch["attention_mask"])
+        loss_sum, correct, count = next_token_counts(logits, batch)
         self.losses.append(loss_sum.item())
         self.correct += correct
         self.count += count

@@ -127,6 +127,7 @@ SCHEMA: dict[str, Option] = {
     "columns": Option(dict, None, "a mapping of record fields to your column names, e.g. {output: response}"),
     "val_fraction": Option(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
     "test_fraction": Option(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "train_examples": Option(int, lambda v: v >= 0, "an integer >= 0 (0: all the training examples)"),
     "model": Option(
         str,
         lambda v: v in ("auto", *_models()) or _hub_model(v),
@@ -251,14 +252,16 @@ def _is_shadow(entry: str) -> bool:
     return name in _strategies() and space in ("", "factors", "product")
 
 
-PRESET_DIR = "paper"  # configs/paper/NAME.yaml: the FLASC code's exact settings, --config paper/NAME
+# configs/DIR/NAME.yaml, --config DIR/NAME: paper/ the FLASC code's exact settings; flowertune/,
+# openfedllm/ and fsllm/ the LLM setups of FlowerTune, OpenFedLLM and FederatedScope-LLM
+PRESET_DIRS = ("paper", "flowertune", "openfedllm", "fsllm")
 
 
 def list_configs() -> list[str]:
-    """Every name --config accepts: configs/NAME.yaml, then the presets as paper/NAME."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) + sorted(
-        f"{PRESET_DIR}/{p.stem}" for p in (CONFIG_DIR / PRESET_DIR).glob("*.yaml")
-    )
+    """Every name --config accepts: configs/NAME.yaml, then the presets as DIR/NAME."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) + [
+        f"{d}/{p.stem}" for d in PRESET_DIRS for p in sorted((CONFIG_DIR / d).glob("*.yaml"))
+    ]
 
 
 def describe_config(name: str) -> str:

@@ -5,7 +5,7 @@ the training split, a mapping names the splits train / validation / test) or `hf
 Hugging Face dataset id, read with `datasets`; needs a network or a copy in its cache). A split
 the source lacks is carved from the training examples in a seeded order that is the same for every
 run seed (val_fraction and test_fraction of them), so runs of different seeds are scored on the
-same examples.
+same examples; train_examples > 0 then keeps a seeded sample of that many training examples.
 
 Shapes (`data_format`, auto: chosen by the columns present), with `columns` renaming
 {field: the data set's column}:
@@ -60,6 +60,7 @@ options = (
     "columns",
     "val_fraction",
     "test_fraction",
+    "train_examples",
 )
 
 
@@ -186,6 +187,15 @@ def carve(splits: dict[str, list], val_fraction: float, test_fraction: float) ->
         start += n
     out["train"] = [train[i] for i in sorted(order[start:])]
     return out
+
+
+def sample(rows: list, n: int) -> list:
+    """n of the rows in a seeded sample, in their order (0 or n >= len: all of them): OpenFedLLM's
+    dataset_sample. The same for every run seed, as the carved splits are."""
+    if not n or n >= len(rows):
+        return rows
+    chosen = np.random.default_rng([SPLIT_SEED, 1]).choice(len(rows), n, replace=False)
+    return [rows[i] for i in sorted(chosen)]
 
 
 # ---------------------------------------------------------------- records -> conversations
@@ -397,6 +407,7 @@ def load(data_dir: str, tokenizer, tag: str, max_length: int, settings: dict) ->
         else _hub_splits(settings["hf_dataset"], settings["hf_dataset_config"], data_dir)
     )
     raw = carve(_canonical_splits(raw, where), settings["val_fraction"], settings["test_fraction"])
+    raw["train"] = sample(raw["train"], settings["train_examples"])
     columns = dict(settings["columns"] or {})
     if not raw["train"]:
         raise DataUnavailable(f"dataset instructions: {where} has no training examples")

@@ -209,7 +209,13 @@ def test_every_shape_and_file_type_gives_the_same_tokens(tmp_path, tok):
         tmp_path / "p.parquet",
     )
     settings = dict(
-        hf_dataset=None, hf_dataset_config=None, data_format="auto", columns={}, val_fraction=0.2, test_fraction=0.2
+        hf_dataset=None,
+        hf_dataset_config=None,
+        data_format="auto",
+        columns={},
+        val_fraction=0.2,
+        test_fraction=0.2,
+        train_examples=0,
     )
     sources = {
         "alpaca": {"data_files": {"train": [str(tmp_path / "a.json")]}},
@@ -232,10 +238,20 @@ def test_own_splits_are_kept_and_missing_ones_carved_the_same_for_every_seed(tmp
         "test": [write_jsonl(tmp_path / "e.jsonl", rows[40:])],
     }
     settings = dict(
-        hf_dataset=None, hf_dataset_config=None, data_format="alpaca", columns={}, val_fraction=0.1, test_fraction=0.5
+        hf_dataset=None,
+        hf_dataset_config=None,
+        data_format="alpaca",
+        columns={},
+        val_fraction=0.1,
+        test_fraction=0.5,
+        train_examples=0,
     )
     loaded = instructions.load(str(tmp_path / "d"), tok, "tok", 48, {**settings, "data_files": files})
     assert [len(loaded.splits[s]) for s in instructions.SPLITS] == [36, 4, 10]  # test: the file's own
+    sampled = instructions.sample(list(range(100)), 10)  # train_examples: OpenFedLLM's dataset_sample
+    assert (
+        sampled == sorted(set(sampled)) and len(sampled) == 10 and sampled == instructions.sample(list(range(100)), 10)
+    )
     again = instructions.carve({"train": list(range(40))}, 0.1, 0.5)
     assert again == instructions.carve({"train": list(range(40))}, 0.1, 0.5)
     assert sorted(again["train"] + again["validation"] + again["test"]) == list(range(40))
@@ -291,6 +307,7 @@ def test_data_files_on_another_data_set_and_an_offline_hub_id_are_refused(tmp_pa
         columns={},
         val_fraction=0.1,
         test_fraction=0.1,
+        train_examples=0,
     )
     with pytest.raises(
         data.DataUnavailable, match="hf_dataset flwrlabs/alpaca-gpt4 is not read here.*point data_files"
@@ -329,6 +346,7 @@ def test_client_steps_take_that_many_steps_and_accumulation_equals_the_larger_ba
         client_steps=4,
         val_fraction=0.1,
         test_fraction=0.1,
+        train_examples=0,
     )
     results = {}
     for name, extra in {"accumulated": {"client_batch": 4, "grad_accum": 2}, "one_batch": {"client_batch": 8}}.items():
@@ -382,3 +400,32 @@ def test_an_instruction_run_trains_on_responses(tmp_path, model_folders):
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rounds[-1]["val_loss"] < rounds[0]["val_loss"]
     assert rounds[-1]["val_perplexity"] == pytest.approx(math.exp(rounds[-1]["val_loss"]))
+
+
+@pytest.mark.parametrize(
+    "preset, fetch",
+    [
+        ("flowertune/general_nlp", "flwrlabs/alpaca-gpt4"),
+        ("flowertune/finance", "flwrlabs/fingpt-sentiment-train"),
+        ("flowertune/medical", "flwrlabs/medical-meadow-medical-flashcards"),
+        ("flowertune/code", "flwrlabs/code-alpaca-20k"),
+        ("openfedllm/alpaca", "vicgalle/alpaca-gpt4"),
+        ("fsllm/dolly", "databricks/databricks-dolly-15k"),
+    ],
+)
+def test_the_llm_presets_validate_and_say_what_to_fetch(preset, fetch, tmp_path, model_folders, monkeypatch):
+    """With a copy of the model (here a tiny one's folder), a 0-round run stops at the data, saying what to fetch."""
+    monkeypatch.setenv("FLASC_OFFLINE", "1")
+    cfg = config.load_config(
+        preset, {"model_path": str(model_folders["llama"]), "server_rounds": 0, "dir": str(tmp_path), "gpu": "cpu"}
+    )
+    assert cfg.dataset == "instructions" and cfg.hf_dataset == fetch
+    with pytest.raises(data.DataUnavailable, match=f"hf_dataset {fetch} is not read here.*point data_files"):
+        train_lora.train(cfg)
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_preset_without_the_model_says_what_to_fetch(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(config.ConfigError, match="model: mistralai/Mistral-7B-v0.3 could not be fetched"):
+        config.load_config("flowertune/code")

@@ -323,6 +323,9 @@ def generic_spec(source: str, revision: str | None = None, trust_remote_code: bo
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:  # pragma: no cover - transformers is a requirement
         raise ConfigError("model: a Hugging Face model needs the package transformers") from None
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # its own line about a failed request would come before flasc's
     try:
         config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

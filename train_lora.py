@@ -712,7 +712,8 @@ def finish(fed: Federation, run, progress: Progress, checkpoints: Checkpoints, l
     summary = summarize(fed, progress, checkpoints.elapsed())
     run.write_summary(summary)
     logger.info(
-        f"done: {fed.cfg.algorithm}, {own_figure(fed, summary)}, {summary['bytes_total'] / 1e6:.2f} MB communicated, "
+        f"done: {fed.cfg.algorithm}, {own_figure(fed, summary)}, {tracking.megabytes(summary['bytes_total'])} "
+        "communicated, "
         f"{summary['wall_time_s']:.0f} s; results in {run.dir}"
     )
     return run.dir

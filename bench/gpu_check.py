@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timing-rounds", type=int, default=3)
     parser.add_argument(
+        "--timing-clients", type=int, default=10, help="clients of a timed round (80 examples each; CPU tests: fewer)"
+    )
+    parser.add_argument(
         "--skip", default="", help="comma-separated parts to skip: correctness, determinism, together, speed"
     )
     parser.add_argument("--out", help="also write the rows as JSON here")
@@ -393,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp))
         synthetic.register_shapes(Path(tmp) / "shape_tokenizers")
-        synthetic.register_timing_tasks(examples_per_client=80, clients=10, length=128)
+        synthetic.register_timing_tasks(examples_per_client=80, clients=args.timing_clients, length=128)
         jobs = []
         if "correctness" not in skip:
             jobs += [("correctness", n) for n in names]
@@ -413,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif kind == "together":
                     row = check_together(ws, what, gpu, args.rounds)
                 else:
-                    row = time_shape(ws, what[0], device, what[1], args.timing_rounds)
+                    row = time_shape(ws, what[0], device, what[1], args.timing_rounds, args.timing_clients)
             except Exception as e:  # report every failure, then go on with the next check
                 row = {
                     "check": kind,

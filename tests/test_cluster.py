@@ -95,7 +95,7 @@ def test_a_preempted_slurm_job_resumes_to_the_uninterrupted_run(study_file, tmp_
     pytest.importorskip("submitit")
     study = yaml.safe_load(study_file.read_text())
     study["seeds"] = [0]
-    study["defaults"].update(server_rounds=30, ckpt_freq=1, eval_freq=10)  # about 15 s
+    study["defaults"].update(server_rounds=16, ckpt_freq=1, eval_freq=4)  # about 8 s
     spec = rx.expand(study, str(tmp_path / "slurm"))[0]
     uninterrupted = rx.expand(study, str(tmp_path / "local"))
     assert rx.run_all(uninterrupted, tmp_path / "local", 1)[spec.name] == "ok"

@@ -83,6 +83,19 @@ def test_world_size_two_equals_one_for_every_strategy(tiny_overrides, tmp_path, 
     settings = {**SETTINGS, "llama": {"model": str(model_folders["llama"]), "algorithm": "fedsa"}}
     if importlib.util.find_spec("bitsandbytes") is not None:
         settings["llama_4bit"] = {"model": str(model_folders["llama"]), "quantization": "4bit"}
+    from test_instructions import topic_rows, write_jsonl
+    from test_llm_eval import QUESTIONS
+
+    settings["instructions"] = {  # local steps with accumulation; its scoring task sharded over the ranks
+        "dataset": "instructions",
+        "data_files": write_jsonl(tmp_path / "train.jsonl", topic_rows(60)),
+        "model": str(model_folders["llama"]),
+        "max_length": 48,
+        "client_steps": 2,
+        "grad_accum": 2,
+        "client_opt": "adamw",
+        "llm_tasks": [write_jsonl(tmp_path / "topics.jsonl", QUESTIONS)],
+    }
     specs = [
         {**tiny_overrides, "server_batch": 4, "eval_batch": 8, "name": name, **extra}
         for name, extra in settings.items()

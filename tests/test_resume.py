@@ -239,18 +239,37 @@ STATEFUL = (
 ).split()
 
 
+def instruction_base(tmp_path, model_folders) -> list[str]:
+    """STATEFUL on dataset instructions: a tiny Llama, local steps with accumulation, AdamW."""
+    from test_instructions import topic_rows, write_jsonl
+
+    files = write_jsonl(tmp_path / "train.jsonl", topic_rows(60))
+    return [
+        *("--dataset instructions --max-length 48 --client-steps 3 --grad-accum 2 --client-batch 4".split()),
+        *("--client-opt adamw --client-lr 0.01 --client-schedule cosine --client-lr-min 0.001".split()),
+        *("--clients 3 --server-batch 2 --server-rounds 4 --eval-freq 2 --lora-rank 4 --gpu cpu".split()),
+        *("--eval-personalized true --data-files", files, "--model", str(model_folders["llama"])),
+    ]
+
+
 @pytest.mark.parametrize(
-    "algorithm, crash, ckpt_freq",
-    [("fedsa", "mid_round:4", 2), ("scaffold", "after_log:3", 1), ("fedex", "checkpoint_write:2", 1)],
+    "algorithm, crash, ckpt_freq, task",
+    [
+        ("fedsa", "mid_round:4", 2, "instructions"),
+        ("scaffold", "after_log:3", 1, "bbcnews"),
+        ("fedex", "checkpoint_write:2", 1, "bbcnews"),
+    ],
 )
-def test_stateful_algorithm_resumes_exactly(tmp_path, algorithm, crash, ckpt_freq):
+def test_stateful_algorithm_resumes_exactly(tmp_path, model_folders, algorithm, crash, ckpt_freq, task):
     """Client states (FedSA's B and head, SCAFFOLD's c_i), the server's extras (c, the base delta)
     survive a kill: 3 clients, 2 a round, so clients train again between checkpoints (fedsa
-    checkpoints every 2 rounds and dies in round 4, after round 3 rewrote some states)."""
+    checkpoints every 2 rounds and dies in round 4, after round 3 rewrote some states; it runs
+    on an instruction task, whose local steps, accumulation and client lr schedule resume too)."""
     args = ["--algorithm", algorithm, "--ckpt-freq", str(ckpt_freq)]
+    base = instruction_base(tmp_path, model_folders) if task == "instructions" else STATEFUL
 
     def run(name, crash=None, resume=None):
-        return train(tmp_path, name, *args, crash=crash, resume=resume, base=STATEFUL)
+        return train(tmp_path, name, *args, crash=crash, resume=resume, base=base)
 
     assert run("ref").returncode == 0
     assert run("run", crash=crash).returncode == -9

@@ -100,6 +100,11 @@ def lock_run_dir(folder: Path, what: str):
     return handle
 
 
+def megabytes(n: int) -> str:
+    """Bytes as the screen says them: MB, and past 1000 MB also GB (as FlowerTune reports them)."""
+    return f"{n / 1e6:.2f} MB" + (f" ({n / 1e9:.2f} GB)" if n >= 1e9 else "")
+
+
 class DamagedRecord(config_mod.ConfigError):
     """A run's record (metrics.jsonl, summary.json) that cannot be read as written; the message
     names the file and what is wrong."""
@@ -431,7 +436,13 @@ class Screen:
             self.logger.info(
                 f"round {record['round']}: train loss {record['train_loss']:.4f}, "
                 f"val {p} {record[f'val_{p}']:.4f}, test {p} {record[f'test_{p}']:.4f}, "
-                f"MB up/down {totals['bytes_up'] / 1e6:.2f}/{totals['bytes_down'] / 1e6:.2f}{eps}"
+                f"MB up/down {totals['bytes_up'] / 1e6:.2f}/{totals['bytes_down'] / 1e6:.2f}"
+                + (
+                    f" (GB {totals['bytes_up'] / 1e9:.2f}/{totals['bytes_down'] / 1e9:.2f})"
+                    if totals["bytes_up"] >= 1e9
+                    else ""
+                )
+                + eps
             )
 
     def close(self) -> None:

@@ -5,7 +5,7 @@ names one (`data_files`, relative to the YAML) with its settings:
 
     name: topics                 # default: the file's name
     kind: multiple_choice        # multiple_choice | generation; default: multiple_choice where rows have choices
-    columns: {question: text}    # fields question, choices, answer -> the file's columns
+    columns: {question: text}    # fields question, input (optional), choices, answer -> the file's columns
     template: plain              # plain | instruction (see below)
     choices_as: letters          # multiple_choice: letters | text
     scorer: exact_match          # generation: exact_match | contains | final_number
@@ -21,9 +21,10 @@ harness writes it, "{question}\nA. {choice 0}\nB. {choice 1}\n...\nAnswer:" with
 (choices_as text). Tokens as the harness makes them: a trailing space of the prompt moves to the
 continuation, prompt + continuation is tokenized whole and the prompt's own tokens are cut from
 its start; the tokenizer's start tokens (Llama's BOS; GPT-2 and Qwen have none) come first.
-With template instruction the question is the instruction of a prompt written as training
-wrote it (data/instructions.py: chat template or the default one, with the tokenizer's start
-tokens), and the continuations are the choices' own text (or letters, listed after the question).
+A row's optional input follows its question after a blank line. With template instruction the
+question is the instruction (and the input Alpaca's input) of a prompt written as training wrote
+it (data/instructions.py: chat template or the default one, with the tokenizer's start tokens),
+and the continuations are the choices' own text (or letters, listed after the question).
 
 Generation: greedy decoding of at most max_new_tokens after the prompt ("Question: {question}\n
 Answer:" plain, or the instruction prompt), stopped by the end-of-sequence token or a stop
@@ -134,7 +135,11 @@ def _row(raw: dict, index: int, columns: dict, where) -> dict:
             f"row {index} lacks '{col('question')}' or '{col('answer')}'; name your columns with "
             "columns: {question: .., answer: ..}",
         )
-    row = {"question": str(raw[col("question")]), "answer": raw[col("answer")]}
+    row = {
+        "question": str(raw[col("question")]),
+        "answer": raw[col("answer")],
+        "input": str(raw.get(col("input")) or ""),
+    }
     choices = raw.get(col("choices"))
     if isinstance(choices, str):
         choices = yaml_load(choices)  # a CSV cell
@@ -177,11 +182,11 @@ def _answer_index(answer, choices: list[str], i: int, where) -> int:
 
 
 # ---------------------------------------------------------------- prompts and tokens
-def instruction_prompt(tokenizer, question: str) -> list[int]:
-    """The question as training writes an instruction's prompt (data/instructions.py), in tokens."""
+def instruction_prompt(tokenizer, question: str, input: str = "") -> list[int]:
+    """The question (and its input) as training writes an instruction's prompt (data/instructions.py), in tokens."""
     from data.instructions import Conversation, render, start_tokens
 
-    prompt, _ = render(tokenizer, Conversation(question, ""))
+    prompt, _ = render(tokenizer, Conversation(question, "", input=input))
     head = [] if getattr(tokenizer, "chat_template", None) else start_tokens(tokenizer)
     return head + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
@@ -194,9 +199,9 @@ def choice_requests(tokenizer, task: ScoringTask, row: dict) -> list[tuple[list[
         question = row["question"]
         if task.choices_as == "letters":
             question += "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(choices))
-        context = instruction_prompt(tokenizer, question)
+        context = instruction_prompt(tokenizer, question, row.get("input", ""))
         return [(context, tokenizer(s, add_special_tokens=False)["input_ids"], s) for s in shown]
-    text = row["question"]
+    text = row["question"] + (f"\n\n{row['input']}" if row.get("input") else "")
     if task.choices_as == "letters":
         text += "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(choices))
     return [(*_encode_pair(tokenizer, text + "\nAnswer:", " " + s), " " + s) for s in shown]
@@ -269,9 +274,10 @@ def _pad(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def generation_prompt(tokenizer, task: ScoringTask, question: str) -> list[int]:
+def generation_prompt(tokenizer, task: ScoringTask, question: str, input: str = "") -> list[int]:
     if task.template == "instruction":
-        return instruction_prompt(tokenizer, question)
+        return instruction_prompt(tokenizer, question, input)
+    question = question + (f"\n\n{input}" if input else "")
     from data.instructions import start_tokens
 
     return start_tokens(tokenizer) + tokenizer(f"Question: {question}\nAnswer:", add_special_tokens=False)["input_ids"]
@@ -343,7 +349,7 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 def score_generation(model, tokenizer, task: ScoringTask, device, rows=None) -> dict:
     rows = task.rows if rows is None else rows
-    prompts = [generation_prompt(tokenizer, task, r["question"]) for r in rows]
+    prompts = [generation_prompt(tokenizer, task, r["question"], r.get("input", "")) for r in rows]
     outputs = [cut_at_stop(t, task.stop) for t in generate(model, tokenizer, prompts, task.max_new_tokens, device)]
     return {task.scorer: sum(scored(o, r["answer"], task.scorer) for o, r in zip(outputs, rows)), "n": len(rows)}
 

@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.adapter)
     from flasc.models import ModelUnavailable
     from flasc.options import ConfigError
+    from flasc.tasks.prompts import PromptError
 
     try:
         run_dir = run_folder(path)
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         model = model.to(device).eval()
         with torch.no_grad():
             results = scores_of(model, tok, args, device)
-    except (Refused, ConfigError, ModelUnavailable) as e:
+    except (Refused, ConfigError, ModelUnavailable, PromptError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     from flasc.runtime import tracking

@@ -50,6 +50,7 @@ class DatasetSpec:
         "min_client_size",
         "iid_mix",
         "augment",
+        "llm_tasks",
     )
 
     def settings(self, cfg) -> dict:
@@ -91,6 +92,11 @@ class DatasetSpec:
             raise ConfigError(
                 f"{key}: dataset {name} reads its own files; data_files and hf_dataset name the examples of "
                 "dataset: instructions; expected null (or dataset: instructions)"
+            )
+        if cfg.llm_tasks and self.objective != "next_token":
+            raise ConfigError(
+                f"llm_tasks: scoring tasks score a causal LM, and dataset {name} trains a classifier; expected "
+                "[] or a language-modelling dataset (instructions, reddit)"
             )
         if cfg.augment and self.inputs != "image":
             raise ConfigError(

@@ -16,18 +16,18 @@ Shapes (`data_format`, auto: chosen by the columns present), with `columns` rena
 Optional fields of every shape: system (a system prompt), category (partition: dirichlet) and
 user (partition: natural).
 
-How a prompt is written and what the loss counts is docs/llm.md's; this module does it:
-`conversation` (a record -> its turns), `render` (turns -> prompt and response text by the
-tokenizer's chat template or the default template), `encode` (text -> token ids, truncation).
+How a prompt is written and what the loss counts is docs/llm.md's; the templates themselves are
+flasc/tasks/prompts.py's (scoring writes its prompts with them too). This module reads the
+records (`conversation`: a record -> its turns), tokenizes them (`encode`: truncation, the
+labels) and caches the tokens.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,18 @@ import torch
 
 from data.base import DataUnavailable, downloads_allowed
 from flasc.runtime import files
+from flasc.tasks.prompts import (  # noqa: F401  (instructions.X for callers)
+    PREAMBLE,
+    PREAMBLE_WITH_INPUT,
+    Conversation,
+    PromptError,
+    RecordsError,
+    default_prompt,
+    end_token,
+    read_records,
+    render,
+    start_tokens,
+)
 
 IGNORE = -100  # transformers' label for a position the loss skips
 SPLIT_SEED = 0  # carving validation and test examples: fixed, independent of the run's seed
@@ -42,14 +54,6 @@ SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "valid", "dev"), "test": ("test",)}
 FIELDS = ("instruction", "input", "output", "messages", "prompt", "response", "system", "category", "user")
 SHAPES = {"alpaca": ("instruction", "output"), "messages": ("messages",), "prompt_response": ("prompt", "response")}
-
-# The default template (no chat template): Alpaca's (Taori et al. 2023), whose two preambles say
-# whether an input follows. Earlier turns of a conversation come first as instruction/response pairs.
-PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-PREAMBLE_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request."
-)
 
 # the options this data set reads, besides the common ones (data/__init__.py)
 options = (
@@ -64,65 +68,12 @@ options = (
 )
 
 
-@dataclass
-class Conversation:
-    """One example: an optional system prompt, earlier (user, assistant) turns, the last
-    instruction (with its input, Alpaca's second field) and the response that is trained."""
-
-    instruction: str
-    response: str
-    input: str = ""
-    system: str | None = None
-    history: list[tuple[str, str]] = field(default_factory=list)
-    category: str | None = None
-    user: str | None = None
-
-    def messages(self) -> list[dict]:
-        """The prompt as chat messages (the instruction and its input in one user message)."""
-        out = [] if self.system is None else [{"role": "system", "content": self.system}]
-        for question, answer in self.history:
-            out += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        content = self.instruction if not self.input else f"{self.instruction}\n\n{self.input}"
-        return [*out, {"role": "user", "content": content}]
-
-
 # ---------------------------------------------------------------- reading records
-def _read_file(path: Path) -> list[dict]:
-    """The rows of one local file (by its suffix: .json, .jsonl, .parquet, .csv)."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
-        if suffix == ".json":
-            rows = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
-                rows = next(iter(rows.values()))  # {"data": [...]} as some data sets ship
-            if not isinstance(rows, list):
-                raise ValueError("not a list of records")
-            return rows
-        if suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as f:
-                return list(csv.DictReader(f))
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-    except FileNotFoundError:
-        raise DataUnavailable(f"dataset instructions: data_files: {path} not found") from None
-    except (OSError, ValueError, UnicodeDecodeError, ImportError) as e:
-        raise DataUnavailable(f"dataset instructions: {path} cannot be read as {suffix[1:]} ({e})") from None
-    raise DataUnavailable(
-        f"dataset instructions: data_files: {path} has suffix {suffix or '(none)'}; expected .json, .jsonl, "
-        ".parquet or .csv"
-    )
-
-
 def _local_splits(data_files: dict[str, list[str]]) -> dict[str, list[dict]]:
-    out = {}
-    for split, paths in data_files.items():
-        out[split] = [row for p in paths for row in _read_file(Path(p))]
-    return out
+    try:
+        return {split: [row for p in paths for row in read_records(Path(p))] for split, paths in data_files.items()}
+    except RecordsError as e:
+        raise DataUnavailable(f"dataset instructions: data_files: {e}") from None
 
 
 def _hub_splits(hf_id: str, config_name: str | None, data_dir: str) -> dict[str, list[dict]]:
@@ -261,55 +212,6 @@ def conversation(row: dict, index: int, shape: str, columns: dict[str, str]) -> 
 
 
 # ---------------------------------------------------------------- conversations -> text -> tokens
-def default_prompt(c: Conversation) -> str:
-    """The default template (the exact text; docs/llm.md shows it)."""
-    preamble = c.system if c.system is not None else (PREAMBLE_WITH_INPUT if c.input else PREAMBLE)
-    text = preamble + "\n\n"
-    for question, answer in c.history:
-        text += f"### Instruction:\n{question}\n\n### Response:\n{answer}\n\n"
-    text += f"### Instruction:\n{c.instruction}\n\n"
-    if c.input:
-        text += f"### Input:\n{c.input}\n\n"
-    return text + "### Response:\n"
-
-
-def render(tokenizer, c: Conversation) -> tuple[str, str]:
-    """(prompt, response) text: by the tokenizer's chat template when it has one (the response is
-    what the template adds for the assistant's turn), else the default template."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = c.messages()
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": c.response}], tokenize=False)
-        if not full.startswith(prompt):
-            raise DataUnavailable(
-                "dataset instructions: the tokenizer's chat template writes a conversation whose prompt is not "
-                "the start of the conversation with its response; the response's tokens cannot be told apart"
-            )
-        return prompt, full[len(prompt) :]
-    return default_prompt(c), c.response
-
-
-def end_token(tokenizer) -> int:
-    """The token a response ends with: the tokenizer's end-of-sequence token (BERT-style
-    tokenizers, which have none: their separator)."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    if eos is None:
-        raise DataUnavailable(
-            "dataset instructions: the tokenizer has no end-of-sequence token for responses to end with"
-        )
-    return int(eos)
-
-
-def start_tokens(tokenizer) -> list[int]:
-    """What the tokenizer puts before a text of its own (Llama's <s>, BERT's [CLS]; GPT-2 and Qwen: nothing)."""
-    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
-    whole = tokenizer("a", add_special_tokens=True)["input_ids"]
-    for i in range(len(whole) - len(bare) + 1):
-        if whole[i : i + len(bare)] == bare:
-            return list(whole[:i])
-    return []
-
-
 def encode(tokenizer, c: Conversation, max_length: int) -> tuple[list[int], int] | None:
     """(token ids, prompt length) of one example within max_length tokens, or None when its
     response (with its end token) leaves no room for a prompt token.
@@ -419,7 +321,10 @@ def load(data_dir: str, tokenizer, tag: str, max_length: int, settings: dict) ->
     if cached is None:
         cached = {}
         for s in SPLITS:
-            split, kept = tokenize_split(tokenizer, examples[s], max_length)
+            try:
+                split, kept = tokenize_split(tokenizer, examples[s], max_length)
+            except PromptError as e:
+                raise DataUnavailable(f"dataset instructions: {e}") from None
             cached[s] = {**vars(split), "kept": torch.tensor(kept, dtype=torch.long)}
         _write_cache(path, cached, data_dir, max_length)
     splits = {s: InstructionSplit(**{k: v for k, v in cached[s].items() if k != "kept"}) for s in SPLITS}

@@ -3,6 +3,7 @@ uninterrupted run with the same seed."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -50,6 +51,21 @@ def without_timing(run_dir):
 
 
 @pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """A run killed after logging round 3 (its checkpoint of round 3 kept), made once: tests that
+    damage or edit it work on their own copy (killed_copy)."""
+    tmp = tmp_path_factory.mktemp("killed")
+    assert train(tmp, "run", crash="after_log:3").returncode == -9
+    return tmp / "runs" / "run"
+
+
+def killed_copy(killed_run, tmp_path):
+    run_dir = tmp_path / "runs" / "run"
+    shutil.copytree(killed_run, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     proc = train(tmp, "ref")
@@ -80,10 +96,8 @@ def test_resuming_a_finished_run_does_nothing(reference, tmp_path):
     assert (reference / "metrics.jsonl").read_text() == before
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
-    killed = train(tmp_path, "run", crash="after_log:3")
-    assert killed.returncode == -9
-    run_dir = tmp_path / "runs" / "run"
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, killed_run):
+    run_dir = killed_copy(killed_run, tmp_path)
     (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
     proc = train(tmp_path, "run", resume=run_dir)
     assert proc.returncode == 2
@@ -91,24 +105,20 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     assert len(lines) == 1 and "damaged" in lines[0] and "Traceback" not in proc.stderr
 
 
-def test_incompatible_checkpoint_is_a_clear_error(tmp_path):
-    killed = train(tmp_path, "run", crash="after_log:3")
-    assert killed.returncode == -9
-    run_dir = tmp_path / "runs" / "run"
+def test_incompatible_checkpoint_is_a_clear_error(tmp_path, killed_run):
+    run_dir = killed_copy(killed_run, tmp_path)
     cfg = (run_dir / "config.yaml").read_text().replace("client_lr: 0.05", "client_lr: 0.07")
     (run_dir / "config.yaml").write_text(cfg)
     proc = train(tmp_path, "run", resume=run_dir)
     assert proc.returncode == 2 and "another configuration" in proc.stderr
 
 
-def test_run_made_before_an_option_existed_resumes(tmp_path, reference):
+def test_run_made_before_an_option_existed_resumes(tmp_path, reference, killed_run):
     """A run started by a flasc without an option (its config.yaml and checkpoint fingerprint do not
     have it) resumes with the option at its default, and ends as the uninterrupted run."""
     import config
 
-    killed = train(tmp_path, "run", crash="after_log:3")
-    assert killed.returncode == -9
-    run_dir = tmp_path / "runs" / "run"
+    run_dir = killed_copy(killed_run, tmp_path)
     saved = config.yaml_load((run_dir / "config.yaml").read_text())
     older = {k: v for k, v in saved.items() if k != "client_parallelism"}
     assert len(older) == len(saved) - 1

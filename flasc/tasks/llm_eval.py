@@ -45,9 +45,10 @@ from pathlib import Path
 import torch
 
 from flasc.options import ConfigError, read_text, yaml_load
+from flasc.tasks.prompts import Conversation, RecordsError, end_token, read_records, render, start_tokens
 
 # the options scoring during a run reads (train_lora.py; evaluate_adapter.py scores a saved adapter)
-options = ("llm_tasks", "llm_task_freq", "eval_freq", "dataset")
+options = ("llm_tasks", "llm_task_freq", "eval_freq")
 
 KINDS = ("multiple_choice", "generation")
 SCORERS = ("exact_match", "contains", "final_number")
@@ -85,9 +86,6 @@ def _refuse(where, message: str):
 
 def load_task_file(path: str) -> ScoringTask:
     """A scoring task from a data file or a YAML file naming one (ConfigError says what is wrong)."""
-    from data.base import DataUnavailable
-    from data.instructions import _read_file
-
     path = Path(path)
     settings: dict = {}
     if path.suffix.lower() in (".yaml", ".yml"):
@@ -103,11 +101,9 @@ def load_task_file(path: str) -> ScoringTask:
     else:
         data_path = path
     try:
-        raw = _read_file(data_path)
-    except DataUnavailable as e:
-        raise ConfigError(
-            str(e).replace("dataset instructions: data_files: ", "").replace("dataset instructions: ", "")
-        ) from None
+        raw = read_records(data_path)
+    except RecordsError as e:
+        raise ConfigError(str(e)) from None
     columns = dict(settings.get("columns") or {})
     rows = [_row(r, i, columns, data_path) for i, r in enumerate(raw)]
     if not rows:
@@ -184,8 +180,6 @@ def _answer_index(answer, choices: list[str], i: int, where) -> int:
 # ---------------------------------------------------------------- prompts and tokens
 def instruction_prompt(tokenizer, question: str, input: str = "") -> list[int]:
     """The question (and its input) as training writes an instruction's prompt (data/instructions.py), in tokens."""
-    from data.instructions import Conversation, render, start_tokens
-
     prompt, _ = render(tokenizer, Conversation(question, "", input=input))
     head = [] if getattr(tokenizer, "chat_template", None) else start_tokens(tokenizer)
     return head + tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -210,8 +204,6 @@ def choice_requests(tokenizer, task: ScoringTask, row: dict) -> list[tuple[list[
 def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-evaluation-harness's split: trailing spaces move to the continuation; the whole is
     tokenized (after the tokenizer's start tokens) and the context's tokens cut from its start."""
-    from data.instructions import start_tokens
-
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -278,16 +270,12 @@ def generation_prompt(tokenizer, task: ScoringTask, question: str, input: str = 
     if task.template == "instruction":
         return instruction_prompt(tokenizer, question, input)
     question = question + (f"\n\n{input}" if input else "")
-    from data.instructions import start_tokens
-
     return start_tokens(tokenizer) + tokenizer(f"Question: {question}\nAnswer:", add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, batch: int = 16) -> list[str]:
     """Greedy continuations of the prompts (left-padded batches), decoded without special tokens."""
-    from data.instructions import end_token
-
     was_training = model.training
     model.eval()
     eos, pad = end_token(tokenizer), _pad(tokenizer)
@@ -381,17 +369,10 @@ def score(model, tokenizer, task: ScoringTask, device, bf16: bool = False, world
 
 # ---------------------------------------------------------------- during a run
 def check(cfg) -> None:
-    """Scoring tasks need a causal LM (a next-token data set), are scored with an evaluation, and
-    each file must read as a task (its own line otherwise)."""
+    """Scoring tasks are scored with an evaluation, and each file must read as a task (its own line
+    otherwise); that they need a causal LM, the data set checks (data/__init__.py)."""
     if not cfg.llm_tasks:
         return
-    from data import DATASETS
-
-    if DATASETS[cfg.dataset].objective != "next_token":
-        raise ConfigError(
-            f"llm_tasks: scoring tasks score a causal LM, and dataset {cfg.dataset} trains a classifier; expected "
-            "[] or a language-modelling dataset (instructions, reddit)"
-        )
     if cfg.llm_task_freq and cfg.llm_task_freq % cfg.eval_freq:
         raise ConfigError(
             f"llm_task_freq: {cfg.llm_task_freq} is not a multiple of eval_freq {cfg.eval_freq}; the tasks are "

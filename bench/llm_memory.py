@@ -63,9 +63,10 @@ PRECISIONS = {
 
 def make_folder(shape: str, root: Path) -> Path:
     """The shape's random-weight model saved (bfloat16 on disk), with the synthetic task's tokenizer."""
-    import synthetic
     import torch
     import transformers
+
+    from flasc.models import minilm_dir
 
     folder = root / shape
     if (folder / "config.json").exists():
@@ -75,7 +76,10 @@ def make_folder(shape: str, root: Path) -> Path:
     torch.manual_seed(0)
     model = transformers.AutoModel.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
-    synthetic.write_tokenizer(folder, 1000)
+    # MiniLM's WordPiece files: transformers 5 loads a qwen2 folder's tokenizer as Qwen2Tokenizer
+    # whatever the files say, which reads bench/synthetic.py's word-level tokenizer as no tokens at
+    # all (every text empty); MiniLM's vocabulary it reads letter by letter, a token each
+    transformers.AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(folder)
     return folder
 
 

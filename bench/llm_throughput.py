@@ -6,7 +6,7 @@
 
 A Qwen2.5-0.5B-shaped causal LM of random weights (bench/llm_memory.py's shape: 24 layers, hidden
 896, 151,936 words, tied embeddings) trained as dataset instructions trains it: sequences of
---length tokens (512: a ~390-token prompt, the rest its response), LoRA rank 16 on peft's
+--length tokens (512: the prompt cut to fit, a 129-token response with its end token), LoRA rank 16 on peft's
 default modules, one client taking --steps local steps of --batch sequences (AdamW), the loss
 on the response tokens with the output layer applied in chunks. Each precision runs in a fresh
 process, so each peak is its own (CPU: the process's VmHWM, Python and torch included; GPU:
@@ -38,30 +38,26 @@ PRECISIONS = {
 }
 
 
-def write_data(folder: Path, examples: int, prompt_words: int, response_words: int) -> Path:
-    """Alpaca records of random words (one token each in the shape's word-level tokenizer)."""
+def write_data(folder: Path, examples: int, prompt_tokens: int, response_tokens: int) -> Path:
+    """Alpaca records of random letters, one token each (llm_memory.py's folder: MiniLM's
+    vocabulary, read letter by letter by the Qwen2 tokenizer transformers picks)."""
     import numpy as np
 
     rng = np.random.default_rng(0)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     path = folder / "records.jsonl"
     with path.open("w") as f:
         for _ in range(examples):
-            words = lambda n: " ".join(f"w{i}" for i in rng.integers(1, 990, n))  # noqa: E731
-            f.write(json.dumps({"instruction": words(prompt_words), "output": words(response_words)}) + "\n")
+            text = lambda n: "".join(rng.choice(letters, n))  # noqa: E731
+            f.write(json.dumps({"instruction": text(prompt_tokens), "output": text(response_tokens)}) + "\n")
     return path
 
 
 def model_folder(root: Path) -> Path:
-    """llm_memory.py's Qwen2-0.5B-shaped folder, its tokenizer given an end-of-sequence token."""
+    """llm_memory.py's Qwen2-0.5B-shaped folder."""
     from llm_memory import make_folder
-    from transformers import AutoTokenizer
 
-    folder = make_folder("qwen2-0.5b", root)
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    if tok.eos_token is None:
-        tok.eos_token = "w0"
-        tok.save_pretrained(str(folder))
-    return folder
+    return make_folder("qwen2-0.5b", root)
 
 
 def measure(folder: str, precision: str, args) -> dict:
@@ -75,7 +71,7 @@ def measure(folder: str, precision: str, args) -> dict:
 
     Path("/proc/self/clear_refs").write_text("5")
     data_dir = Path(tempfile.mkdtemp())
-    records = write_data(data_dir, 40 * args.batch * args.steps, args.length * 3 // 4, args.length // 4)
+    records = write_data(data_dir, 40 * args.batch * args.steps, args.length, args.length // 4)
     overrides = {
         "dataset": "instructions",
         "data_files": str(records),

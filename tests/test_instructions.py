@@ -464,15 +464,11 @@ def test_clients_trained_together_equal_clients_trained_alone(tmp_path, model_fo
         {"dl_density": 0.25, "ul_density": 0.25},
         {"merging_strategy": "ties", "merge_space": "product", "density": 0.5},
         {"noise_multiplier": 0.5, "l2_clip_norm": 0.5},
-        {"tiers": 2, "lora_rank": 4, "syshet": "rankl1"},
-        {"algorithm": "fedsa"},
-        {"freeze_a": True},  # FFA-LoRA
+        {"tiers": 2, "lora_rank": 4, "syshet": "rankl1", "freeze_a": True},  # FFA-LoRA on rank tiers
     ],
-    ids=["flasc", "ties_product", "dp", "tiers", "fedsa", "ffa_lora"],
+    ids=["flasc", "ties_product", "dp", "ffa_lora_tiers"],
 )
-def test_instruction_runs_take_flascs_communication_merging_privacy_tiers_and_algorithms(
-    tmp_path, model_folders, extra
-):
+def test_instruction_runs_take_flascs_communication_merging_privacy_and_tiers(tmp_path, model_folders, extra):
     """One round each; with FLASC's densities every client sends a quarter of the values, with the
     top-k's bytes (4 per value plus the smaller of a bitmap and 4-byte indices)."""
     files = write_jsonl(tmp_path / "train.jsonl", topic_rows(60))

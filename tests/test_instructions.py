@@ -288,6 +288,7 @@ def test_iid_dirichlet_over_categories_and_natural_users(tmp_path, model_folders
         ({"hf_dataset": "org/name"}, "exactly one of them; got both"),
         ({"client_steps": 10, "early_stopping": 0.9}, "early_stopping: a client stops after an epoch"),
         ({"client_lr_min": 0.001}, "client_lr_min: the lr a client schedule decays to"),
+        ({"max_length": 4096}, "max_length: 4096 tokens is more than model .* has positions for \\(2048\\)"),
     ],
 )
 def test_refusals(tmp_path, model_folders, extra, message):

@@ -49,6 +49,7 @@ class ModelSpec:
     inputs: str = "text"  # what it reads: "text" | "image"
     lm_head: bool = False  # can also be built as a causal language model (next_token)
     linear_lora: bool = True  # LoRA on linear layers (product-space merging and RegMean need it)
+    context: int | None = None  # the tokens its positions cover (a Hugging Face model's config), None: unbounded
 
     # what building the model reads (flasc/models/build.py)
     options = (
@@ -96,6 +97,12 @@ class ModelSpec:
             raise ConfigError(
                 f"model: {name} does not fit dataset {cfg.dataset}, which needs {what}; "
                 f"expected auto or one of {', '.join(fitting)}"
+            )
+        length = cfg.max_length or data.default_max_length
+        if self.context and data.inputs == "text" and length > self.context:
+            raise ConfigError(
+                f"max_length: {length} tokens is more than model {name} has positions for ({self.context}); "
+                f"expected at most {self.context}"
             )
         hub_only = {  # option -> (given, its default)
             "model_revision": (cfg.model_revision is not None, "null"),
@@ -350,6 +357,7 @@ def generic_spec(source: str, revision: str | None = None, trust_remote_code: bo
         head_modules=(),
         inputs="image" if image else "text",
         lm_head=config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        context=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
     )
     _GENERIC[key] = spec
     return spec

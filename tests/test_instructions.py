@@ -18,7 +18,7 @@ from flasc import models
 from flasc.client.local import NO_EXTRAS, client_lr_at
 from flasc.federation.population import make_clients
 from flasc.runtime import seeding
-from flasc.tasks import objectives
+from flasc.tasks import llm_eval, objectives
 from flasc.tasks.evaluation import Hidden
 
 CHATML = (
@@ -79,6 +79,12 @@ def overrides(tmp_path, model_folders, files, **extra) -> dict:
         ),
         **extra,
     }
+
+
+def load_settings(**given) -> dict:
+    """instructions.load's settings: the data set's own options at their defaults, as given."""
+    defaults = {k: config.load_config()[k] for k in instructions.options}
+    return {**defaults, **given}
 
 
 # ---------------------------------------------------------------- templates
@@ -208,15 +214,7 @@ def test_every_shape_and_file_type_gives_the_same_tokens(tmp_path, tok):
         pa.Table.from_pylist([{"prompt": r["instruction"], "response": r["output"]} for r in rows]),
         tmp_path / "p.parquet",
     )
-    settings = dict(
-        hf_dataset=None,
-        hf_dataset_config=None,
-        data_format="auto",
-        columns={},
-        val_fraction=0.2,
-        test_fraction=0.2,
-        train_examples=0,
-    )
+    settings = load_settings(val_fraction=0.2, test_fraction=0.2)
     sources = {
         "alpaca": {"data_files": {"train": [str(tmp_path / "a.json")]}},
         "messages": {"data_files": {"train": [str(tmp_path / "m.jsonl")]}},
@@ -237,15 +235,7 @@ def test_own_splits_are_kept_and_missing_ones_carved_the_same_for_every_seed(tmp
         "train": [write_jsonl(tmp_path / "t.jsonl", rows[:40])],
         "test": [write_jsonl(tmp_path / "e.jsonl", rows[40:])],
     }
-    settings = dict(
-        hf_dataset=None,
-        hf_dataset_config=None,
-        data_format="alpaca",
-        columns={},
-        val_fraction=0.1,
-        test_fraction=0.5,
-        train_examples=0,
-    )
+    settings = load_settings(data_format="alpaca", val_fraction=0.1, test_fraction=0.5)
     loaded = instructions.load(str(tmp_path / "d"), tok, "tok", 48, {**settings, "data_files": files})
     assert [len(loaded.splits[s]) for s in instructions.SPLITS] == [36, 4, 10]  # test: the file's own
     sampled = instructions.sample(list(range(100)), 10)  # train_examples: OpenFedLLM's dataset_sample
@@ -300,16 +290,7 @@ def test_data_files_on_another_data_set_and_an_offline_hub_id_are_refused(tmp_pa
     with pytest.raises(config.ConfigError, match="data_files: dataset bbcnews reads its own files"):
         config.load_config(overrides={"data_files": "x.jsonl"})
     monkeypatch.setenv("FLASC_OFFLINE", "1")
-    settings = dict(
-        hf_dataset="flwrlabs/alpaca-gpt4",
-        hf_dataset_config=None,
-        data_files=None,
-        data_format="auto",
-        columns={},
-        val_fraction=0.1,
-        test_fraction=0.1,
-        train_examples=0,
-    )
+    settings = load_settings(hf_dataset="flwrlabs/alpaca-gpt4", data_files=None)
     with pytest.raises(
         data.DataUnavailable, match="hf_dataset flwrlabs/alpaca-gpt4 is not read here.*point data_files"
     ):
@@ -483,3 +464,14 @@ def test_instruction_runs_take_flascs_communication_merging_privacy_and_tiers(tm
         k = int(n * 0.25)
         sparse = 4 * k + min(math.ceil(n / 8), 4 * k)
         assert record["bytes_up"] == cfg.server_batch * sparse
+
+
+def test_scoring_tasks_are_due_every_llm_task_freq_rounds_and_at_the_last(tmp_path, model_folders):
+    mc = write_jsonl(tmp_path / "topics.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 0}])
+    base = overrides(tmp_path, model_folders, "x.jsonl", llm_tasks=[mc], server_rounds=10, eval_freq=2)
+    scores = llm_eval.RunScores(config.load_config(overrides={**base, "llm_task_freq": 4}), None)
+    assert [r + 1 for r in range(10) if scores.due(r)] == [4, 8, 10]
+    scores = llm_eval.RunScores(config.load_config(overrides=base), None)
+    assert [r + 1 for r in range(10) if scores.due(r)] == [10]
+    with pytest.raises(config.ConfigError, match="llm_task_freq: 3 is not a multiple of eval_freq 2"):
+        config.load_config(overrides={**base, "llm_task_freq": 3})

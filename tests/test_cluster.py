@@ -69,7 +69,11 @@ def without_timing(run_dir) -> list[dict]:
 def test_slurm_and_ray_launchers_give_the_local_table(study_file, tmp_path):
     pytest.importorskip("submitit")
     pytest.importorskip("ray")
-    base = ["--config-list", str(study_file)]
+    # one seed of the study: each launcher's runs are subprocesses, the lion's share of CI's time
+    study = yaml.safe_load(study_file.read_text())
+    study["seeds"] = [0]
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    base = ["--config-list", str(tmp_path / "study.yaml")]
     assert rx.main([*base, "--dir", str(tmp_path / "local"), "--jobs", "1"]) == 0
     assert (
         rx.main(
@@ -79,12 +83,11 @@ def test_slurm_and_ray_launchers_give_the_local_table(study_file, tmp_path):
     )
     assert rx.main([*base, "--dir", str(tmp_path / "ray"), "--launcher", "ray", "--cpus-per-run", THREADS]) == 0
     local = table(tmp_path / "local")
-    assert len(local) == 1 and local[0]["seeds"] == "2"
+    assert len(local) == 1 and local[0]["seeds"] == "1"
     assert table(tmp_path / "slurm") == local and table(tmp_path / "ray") == local
-    for launcher in ("slurm", "ray"):  # the runs themselves, not only their means
-        for seed in (0, 1):
-            name = f"fedavg-seed{seed}"
-            assert without_timing(tmp_path / launcher / name) == without_timing(tmp_path / "local" / name)
+    for launcher in ("slurm", "ray"):  # the run itself, not only the table
+        run = "fedavg-seed0"
+        assert without_timing(tmp_path / launcher / run) == without_timing(tmp_path / "local" / run)
     # a second time, everything is finished: nothing is submitted
     assert rx.main([*base, "--dir", str(tmp_path / "slurm"), "--launcher", "slurm", "--slurm-local"]) == 0
     assert not any("resume" in p.read_text() for p in (tmp_path / "slurm" / "logs").iterdir())

@@ -2,15 +2,12 @@
 short federated runs with tiny random models, and the one-line errors for missing data."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import task_fixtures
 import torch
-from conftest import ROOT, reloaded_test_metrics
+from conftest import reloaded_test_metrics
 
 import config
 import train_lora
@@ -308,32 +305,16 @@ def test_reddit_run_is_next_token_prediction(tmp_path):
 
 
 # ---------------------------------------------------------------- missing data: one line, exit 2
-@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["cifar10", "reddit", "flair"])
-def test_missing_data_fails_with_one_clear_line(tmp_path, dataset):
+def test_missing_data_fails_with_one_clear_line(tmp_path, monkeypatch, capsys, dataset):
+    """train_lora.py's main, in this process (tests/test_config.py runs the script itself): exit 2,
+    stderr one line naming the data set, nothing else."""
+    monkeypatch.setenv("FLASC_OFFLINE", "1")
     empty = tmp_path / "empty"
-    env = {**os.environ, "FLASC_OFFLINE": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "train_lora.py",
-            "--config",
-            "fedavg",
-            "--dataset",
-            dataset,
-            "--data-dir",
-            str(empty),
-            "--dir",
-            str(tmp_path / "runs"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: dataset {dataset}"), proc.stderr
-    assert "Traceback" not in proc.stderr
+    argv = ["--config", "fedavg", "--dataset", dataset, "--data-dir", str(empty), "--dir", str(tmp_path / "runs")]
+    assert train_lora.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: dataset {dataset}"), err
+    assert "Traceback" not in err
     assert not (tmp_path / "runs").exists() and not empty.exists()

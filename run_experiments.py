@@ -574,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, table in (
                 ("shadows.md", study_tables.shadow_table(specs, out_dir)),
                 ("drift.md", study_tables.drift_table(specs, out_dir)),
+                ("paired.md", study_tables.paired_table(specs, out_dir)),
             )
             if table
         ]

@@ -2,6 +2,8 @@
 trained parameters are set by the test (start + a known offset), so every aggregate can be worked
 out here from the clients' factors with plain matrix algebra."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -105,8 +107,13 @@ def test_flora_folds_the_stacked_module_into_the_base(tiny_overrides, monkeypatc
     torch.testing.assert_close(fed.server.detach()[fed.algorithm.lora], server_lora_before)
 
 
-def test_flexlora_factors_are_the_truncated_svd_at_every_tier_rank(tiny_overrides, monkeypatch):
-    cfg, fed = build(tiny_overrides, algorithm="flexlora", weighting="num_examples", tiers=2, server_batch=4)
+@pytest.mark.parametrize("split", ["b", "balanced"])
+def test_flexlora_factors_are_the_truncated_svd_at_every_tier_rank(tiny_overrides, monkeypatch, split):
+    """split b: σ in B, A orthonormal; balanced: √σ on each side, B's columns and A's rows equally
+    long (√(σ_j / s))."""
+    cfg, fed = build(
+        tiny_overrides, algorithm="flexlora", weighting="num_examples", tiers=2, server_batch=4, flexlora_split=split
+    )
     seen = fake_clients(fed, monkeypatch)
     fed.run_round(0)
     ids = sorted(seen)
@@ -120,8 +127,11 @@ def test_flexlora_factors_are_the_truncated_svd_at_every_tier_rank(tiny_override
             a, b = factors(fed, pair, fed.server_state.masked(fed.tier_masks[0 if rank == 1 else 1]))
             best = (u[:, :rank] * s[:rank]) @ vt[:rank]
             np.testing.assert_allclose((pair.scaling * (b @ a)).numpy(), best, atol=1e-6)
-        a, _ = factors(fed, pair, fed.server.detach())
-        np.testing.assert_allclose((a @ a.T).numpy(), np.eye(a.shape[0]), atol=1e-5)  # orthonormal rows
+        a, b = factors(fed, pair, fed.server.detach())
+        lengths = np.ones(a.shape[0]) if split == "b" else np.sqrt(s[: a.shape[0]] / pair.scaling)
+        np.testing.assert_allclose((a @ a.T).numpy(), np.diag(lengths**2), atol=1e-5)  # orthogonal rows
+        if split == "balanced":
+            np.testing.assert_allclose(np.linalg.norm(b.numpy(), axis=0), lengths, atol=1e-5)
         assert all(float(row[row.abs().argmax()]) > 0 for row in a)  # the sign convention
 
 
@@ -386,6 +396,14 @@ def test_stateless_personal_model_is_the_global_model(tiny_overrides):
         ({"algorithm": "flora", "noise_multiplier": 1.0, "l2_clip_norm": 1.0}, "noise_multiplier"),
         ({"algorithm": "flexlora", "server_opt": "adam"}, "server_opt"),
         ({"algorithm": "fedsa", "freeze_a": True}, "freeze_a"),
+        ({"algorithm": "rolora", "freeze_a": True}, "freeze_a"),
+        ({"algorithm": "rolora", "server_opt": "sgdm"}, "server_opt"),
+        ({"algorithm": "fedsvd", "server_opt": "adam"}, "server_opt"),
+        ({"algorithm": "fedsvd", "tiers": 2}, "tiers"),
+        ({"algorithm": "fedsvd", "freeze_a": True}, "freeze_a"),
+        ({"algorithm": "lorafair", "server_opt": "adam"}, "server_opt"),
+        ({"algorithm": "lorafair", "tiers": 2}, "tiers"),
+        ({"algorithm": "lorafair", "noise_multiplier": 1.0, "l2_clip_norm": 1.0}, "noise_multiplier"),
         ({"algorithm": "fedex", "tiers": 2}, "tiers"),
         ({"algorithm": "hetlora", "tiers": 2, "syshet": "density"}, "syshet"),
         ({"algorithm": "fedsa", "lora_rank": 0}, "algorithm"),
@@ -530,3 +548,145 @@ def test_hetlora_penalty_is_lambda_times_the_tail_norms_by_hand(tiny_overrides):
         float(named[p.b][:, 2:4].norm()) * float(named[p.a][2:4].norm()) for p in fed.aggregator.pairs
     )
     assert float(fed.algorithm.penalty(rank, cut)(named)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_rolora_alternates_b_and_a_and_its_average_is_the_mean_of_the_products(tiny_overrides, monkeypatch):
+    """Rounds 1 and 3 train B (and the head) with A frozen, rounds 2 and 4 A (and the head) with B
+    frozen; the server takes the weighted mean of what was trained, so s·B̄·A (and s·B·Ā) equals
+    the weighted mean of the clients' products; each client sends the trained factor and the head."""
+    cfg, fed = build(tiny_overrides, algorithm="rolora", clients=4, server_batch=3)
+    seen = fake_clients(fed, monkeypatch)
+    b_mask = torch.zeros(fed.flat.numel, dtype=torch.bool)
+    for pair in fed.aggregator.pairs:
+        fed.flat.named(b_mask)[pair.b][:] = True
+    head = ~fed.algorithm.lora
+    a_mask = fed.algorithm.lora & ~b_mask
+    n = fed.flat.numel
+    for rnd in range(4):
+        before = fed.server.detach().clone()
+        stats = fed.run_round(rnd)
+        ids = sorted(seen)
+        w = weights_of(cfg, fed, ids)
+        trained, frozen = (b_mask, a_mask) if rnd % 2 == 0 else (a_mask, b_mask)
+        for c in ids:
+            start, end = seen[c]
+            torch.testing.assert_close(start, before)  # everyone starts from the server's model
+            assert torch.equal(end[frozen], start[frozen]) and not torch.equal(end[trained], start[trained])
+        after = fed.server.detach()
+        assert torch.equal(after[frozen], before[frozen])
+        expected = sum(wk * seen[c][1].double() for wk, c in zip(w, ids))
+        torch.testing.assert_close(after[trained | head].double(), expected[trained | head], rtol=0, atol=1e-6)
+        for pair in fed.aggregator.pairs:
+            a, b = factors(fed, pair, after)
+            mean_of_products = sum(
+                wk * (factors(fed, pair, seen[c][1])[1] @ factors(fed, pair, seen[c][1])[0]) for wk, c in zip(w, ids)
+            )
+            torch.testing.assert_close(b @ a, mean_of_products, rtol=0, atol=1e-6)
+        assert stats["bytes_up"] == 3 * 4 * int((trained | head).sum())
+        assert stats["bytes_down"] == 3 * 4 * n
+        seen.clear()
+
+
+def test_rolora_with_dp_noise_keeps_the_frozen_factor_and_noises_what_was_sent(tiny_overrides, monkeypatch):
+    dp = {"noise_multiplier": 1.0, "l2_clip_norm": 1.0, "weighting": "uniform"}
+    cfg, fed = build(tiny_overrides, algorithm="rolora", clients=4, server_batch=3, **dp)
+    seen = fake_clients(fed, monkeypatch, scale=0.001)  # small enough that no update is clipped
+    a_mask = fed.algorithm.lora & ~fed.algorithm.trains["b"]
+    before = fed.server.detach().clone()
+    fed.run_round(0)
+    after, mean = fed.server.detach(), sum(seen[c][1] for c in seen) / 3
+    assert torch.equal(after[a_mask], before[a_mask])
+    assert float((after - mean)[~a_mask].abs().max()) > 0.01  # noise of std 1/3 on what was sent
+
+
+@pytest.mark.parametrize("algorithm", ["rolora", "fedsvd", "lorafair"])
+def test_a_stopped_run_of_a_2025_method_resumes_to_the_uninterrupted_run(tiny_overrides, monkeypatch, algorithm):
+    """Stopped while round 3 trains (round 2 checkpointed), resumed: the same metrics and adapter
+    (RoLoRA: the resumed run trains B in round 3 and A in round 4, as the uninterrupted one)."""
+    from test_faults import argv_of, same_adapter, stopped_in_round, without_timing
+
+    overrides = {**tiny_overrides, "algorithm": algorithm, "server_rounds": 4, "eval_freq": 1}
+    assert train_lora.main(argv_of({**overrides, "name": "ref"})) == 0
+    stopped_in_round(argv_of({**overrides, "name": "run"}), monkeypatch, 3)
+    runs = Path(tiny_overrides["dir"])
+    assert len(without_timing(runs / "run")) == 2
+    assert train_lora.main(["--resume", str(runs / "run")]) == 0
+    assert without_timing(runs / "run") == without_timing(runs / "ref")
+    assert same_adapter(runs / "run", runs / "ref")
+
+
+def test_fedsvd_trains_b_then_refactors_the_mean_product_with_an_orthonormal_a(tiny_overrides, monkeypatch):
+    """Clients train B (and the head) from the global A; the server's new factors are the SVD of
+    B̄·A (numpy's, by hand): A = Vᵀ with orthonormal rows, B = UΣ, their product B̄·A exactly."""
+    cfg, fed = build(tiny_overrides, algorithm="fedsvd", clients=4, server_batch=3)
+    seen = fake_clients(fed, monkeypatch)
+    pairs = fed.aggregator.pairs
+    b_and_head = fed.algorithm.trained(0)
+    for rnd in range(2):
+        before = fed.server.detach().clone()
+        stats = fed.run_round(rnd)
+        ids = sorted(seen)
+        w = weights_of(cfg, fed, ids)
+        for c in ids:
+            start, end = seen[c]
+            torch.testing.assert_close(start, before)
+            assert torch.equal(end[~b_and_head], start[~b_and_head])  # A untouched by the client
+        after = fed.server.detach()
+        head = ~fed.algorithm.lora
+        mean = sum(wk * seen[c][1].double() for wk, c in zip(w, ids))
+        torch.testing.assert_close(after[head].double(), mean[head], rtol=0, atol=1e-6)
+        for pair in pairs:
+            a0 = factors(fed, pair, before)[0]
+            b_mean = sum(wk * factors(fed, pair, seen[c][1])[1] for wk, c in zip(w, ids))
+            target = (b_mean @ a0).numpy()
+            a, b = factors(fed, pair, after)
+            np.testing.assert_allclose((b @ a).numpy(), target, atol=1e-6)
+            np.testing.assert_allclose((a @ a.T).numpy(), np.eye(pair.rank), atol=1e-6)
+            sigma = np.linalg.svd(target, compute_uv=False)[: pair.rank]
+            np.testing.assert_allclose(np.linalg.norm(b.numpy(), axis=0), sigma, atol=1e-6)  # B = UΣ
+        assert stats["bytes_up"] == 3 * 4 * int(b_and_head.sum())
+        assert stats["bytes_down"] == 3 * 4 * fed.flat.numel
+        seen.clear()
+
+
+def test_fedsvd_period_refactors_after_every_pth_round_only(tiny_overrides, monkeypatch):
+    cfg, fed = build(tiny_overrides, algorithm="fedsvd", fedsvd_period=2, clients=4, server_batch=3)
+    fake_clients(fed, monkeypatch)
+    pair = fed.aggregator.pairs[0]
+    a0 = factors(fed, pair, fed.server.detach())[0].clone()
+    fed.run_round(0)
+    assert torch.equal(factors(fed, pair, fed.server.detach())[0], a0)  # B trained, A as it was
+    fed.run_round(1)
+    a = factors(fed, pair, fed.server.detach())[0]
+    np.testing.assert_allclose((a @ a.T).numpy(), np.eye(pair.rank), atol=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.01, 0.0])
+def test_lorafair_corrects_the_averaged_b_by_the_ridge_least_squares_residual(tiny_overrides, monkeypatch, lam):
+    """ΔB by numpy's least squares on the augmented system [Ā, √λ·I] (an independent solve of
+    min ‖(B̄ + ΔB)Ā − ΔW‖² + λ‖ΔB‖²); A and the head are the plain weighted means."""
+    cfg, fed = build(tiny_overrides, algorithm="lorafair", lorafair_lambda=lam, clients=4, server_batch=3)
+    seen = fake_clients(fed, monkeypatch, scale=0.2)
+    stats = fed.run_round(0)
+    ids = sorted(seen)
+    w = weights_of(cfg, fed, ids)
+    after = fed.server.detach()
+    head = ~fed.algorithm.lora
+    mean = sum(wk * seen[c][1].double() for wk, c in zip(w, ids))
+    torch.testing.assert_close(after[head].double(), mean[head], rtol=0, atol=1e-6)
+    for pair in fed.aggregator.pairs:
+        a_bar, b_bar = factors(fed, pair, mean)
+        target = sum(
+            wk * (factors(fed, pair, seen[c][1])[1] @ factors(fed, pair, seen[c][1])[0]) for wk, c in zip(w, ids)
+        )
+        residual = (target - b_bar @ a_bar).numpy()
+        r = pair.rank
+        system = np.concatenate([a_bar.numpy().T, np.sqrt(lam) * np.eye(r)])  # rows: in + r, columns: r
+        rhs = np.concatenate([residual.T, np.zeros((r, residual.shape[0]))])
+        delta_b = np.linalg.lstsq(system, rhs, rcond=None)[0].T
+        a, b = factors(fed, pair, after)
+        np.testing.assert_allclose(a.numpy(), a_bar.numpy(), atol=1e-6)
+        np.testing.assert_allclose(b.numpy(), b_bar.numpy() + delta_b, atol=1e-5)
+        assert np.linalg.norm(b.numpy() @ a.numpy() - target.numpy()) < np.linalg.norm(residual)
+    assert 0 < stats["lorafair_residual"] < 1
+    assert stats["bytes_up"] == stats["bytes_down"] == 3 * 4 * fed.flat.numel

@@ -136,10 +136,15 @@ def test_cli_bad_input_is_one_clear_line(args, tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing half-written
 
 
-@pytest.mark.slow
-def test_cli_lists_configs(tmp_path):
-    proc = run_cli("--list-configs", cwd=tmp_path)
-    assert proc.returncode == 0 and "fedavg" in proc.stdout.split() and "flasc" in proc.stdout.split()
+def test_cli_lists_every_config_file_with_its_description(capsys):
+    """Every configs/**/*.yaml but the data sets' defaults, by its name, with its first comment."""
+    import train_lora
+
+    assert train_lora.main(["--list-configs"]) == 0
+    listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    files = [p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "datasets"]
+    assert set(listed) == {str(p.relative_to(ROOT / "configs").with_suffix("")) for p in files}
+    assert "FedAvg with dense LoRA" in listed["fedavg"] and "RoLoRA" in listed["rolora"]
 
 
 def test_dataset_defaults_sit_between_basic_config_and_the_chosen_config(tmp_path, monkeypatch):

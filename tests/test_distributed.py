@@ -75,6 +75,9 @@ SETTINGS = {  # name -> overrides on the tiny toy run; eval_batch 8 spreads eval
     "scaffold": {"algorithm": "scaffold", "server_rounds": 4},
     "fedex": {"algorithm": "fedex"},
     "hetlora_tiers": {"algorithm": "hetlora", "tiers": 2, "hetlora_prune": True},
+    "rolora_tiers": {"algorithm": "rolora", "tiers": 2, "syshet": "rank"},  # B, then A
+    "fedsvd_dp": {"algorithm": "fedsvd", "noise_multiplier": 0.5, "l2_clip_norm": 0.5},
+    "lorafair": {"algorithm": "lorafair"},
 }
 
 

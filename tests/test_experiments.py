@@ -339,3 +339,24 @@ def test_the_baselines_study_compares_every_method_on_the_same_clients():
     )
     assert all(s.resolved[k] == specs[0].resolved[k] for s in specs for k in same)
     assert specs[0].resolved["iid_alpha"] == 0.1 and len({s.resolved["seed"] for s in specs}) >= 2
+
+
+def test_paired_differences_to_the_studys_first_group_by_hand(tmp_path):
+    """Per seed, run minus the first group's run of that seed; mean ± std/√n over the common seeds,
+    a * beyond two standard errors; a seed only one of the two finished is left out."""
+    from flasc.studies import tables as study_tables
+
+    study = {"seeds": [0, 1, 2], "experiments": [{"config": "fedavg"}, {"config": "ffa"}, {"config": "flasc"}]}
+    specs = rx.expand(study, str(tmp_path))
+    acc = {"fedavg": [0.80, 0.70, 0.90], "ffa": [0.85, 0.76, 0.93], "flasc": [0.82, 0.68, None]}
+    for spec in specs:
+        value = acc[spec.group][spec.resolved["seed"]]
+        if value is not None:
+            fake_run(tmp_path / spec.name, spec.resolved, value)
+    md = study_tables.paired_table(specs, tmp_path)
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ff") or "| flasc" in line}
+    # ffa: differences 0.05, 0.06, 0.03 -> mean 0.0467, std 0.01528, se 0.00882: beyond 2 se
+    assert rows["ffa"] == "| ffa | 3 | +0.0467 ± 0.0088 * |"
+    # flasc: seeds 0 and 1 only, differences 0.02, -0.02 -> mean 0, se 0.02
+    assert rows["flasc"] == "| flasc | 2 | +0.0000 ± 0.0200 |"
+    assert (tmp_path / "paired.md").read_text() == md

@@ -32,18 +32,19 @@ ARCHITECTURES = [
 
 # one algorithm with client or server state per architecture: client states (FedSA's A, SCAFFOLD's
 # control variates), base weights folded by the server (FedEx-LoRA, FLoRA; GPT-2's Conv1D transposed),
-# rank tiers' SVD and truncation (FlexLoRA, HetLoRA)
+# rank tiers' SVD and truncation (FlexLoRA, HetLoRA), and the 2025 methods (RoLoRA's alternation,
+# FedSVD's re-factoring, LoRA-FAIR's correction)
 STATEFUL = {
     "llama": "fedsa",
     "qwen2": "flexlora",
     "mistral": "scaffold",
     "gemma2": "fedex",
     "phi3": "flora",
-    "gpt_neox": "fedsa",
+    "gpt_neox": "rolora",
     "opt": "hetlora",
-    "roberta": "scaffold",
+    "roberta": "lorafair",
     "deberta-v2": "fedex",
-    "distilbert": "fedsa",
+    "distilbert": "fedsvd",
     "gpt2": "flora",
 }
 

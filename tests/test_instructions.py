@@ -18,7 +18,7 @@ from flasc import models
 from flasc.client.local import NO_EXTRAS, client_lr_at
 from flasc.federation.population import make_clients
 from flasc.runtime import seeding
-from flasc.tasks import llm_eval, objectives
+from flasc.tasks import llm_eval, objectives, prompts
 from flasc.tasks.evaluation import Hidden
 
 CHATML = (
@@ -475,3 +475,70 @@ def test_scoring_tasks_are_due_every_llm_task_freq_rounds_and_at_the_last(tmp_pa
     assert [r + 1 for r in range(10) if scores.due(r)] == [10]
     with pytest.raises(config.ConfigError, match="llm_task_freq: 3 is not a multiple of eval_freq 2"):
         config.load_config(overrides={**base, "llm_task_freq": 3})
+
+
+def test_the_offline_demo_writes_bbc_news_as_instructions_and_a_model_reading_minilms_embeddings(tmp_path):
+    """docs/llm.md's demo: each split's records are its BBC News articles (first words) answered by
+    their topics, the scoring task asks the test split's, and the model ties MiniLM's embeddings to
+    its output layer, with [CLS] opening a text and [SEP] ending a response."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from data import bbc_instructions, bbcnews
+    from flasc.models import catalog, demo_llm
+
+    assert bbc_instructions.main(["--out", str(tmp_path), "--words", "4"]) == 0
+    raw = bbcnews.load_raw("")
+    for split, name in (("train", "train"), ("val", "validation"), ("test", "test")):
+        rows = [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        texts, labels = raw.splits[split]
+        assert [r["output"] for r in rows] == [raw.label_names[y] for y in labels]
+        assert [r["category"] for r in rows] == [r["output"] for r in rows]
+        assert all(r["input"].split() == t.split()[:4] for r, t in zip(rows, texts))
+    task = llm_eval.load_task_file(str(tmp_path / "topics.yaml"))
+    assert (task.kind, task.template, task.choices_as) == ("multiple_choice", "instruction", "text")
+    assert len(task.rows) == len(raw.splits["test"][1])
+    assert all(r["choices"] == raw.label_names for r in task.rows)
+    assert [r["choices"][r["answer"]] for r in task.rows] == [raw.label_names[y] for y in raw.splits["test"][1]]
+
+    demo_llm.write(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "model"))
+    minilm = AutoModel.from_pretrained(str(catalog.minilm_dir())).get_input_embeddings().weight
+    assert torch.equal(model.get_input_embeddings().weight, minilm)
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert prompts.start_tokens(tok) == [tok.cls_token_id] and prompts.end_token(tok) == tok.sep_token_id
+
+
+@pytest.mark.parametrize("client_opt", ["adamw", "sgd"])
+def test_weight_decay_leaves_the_entries_a_mask_freezes_and_decays_the_rest_as_torch_does(client_opt):
+    """A client_freeze / tier / alternating mask freezes entries; the optimizer's weight decay would
+    still shrink them. The trained entries follow torch's optimizer on the masked gradient."""
+    from flasc.client.local import LocalClient, LocalSettings
+    from flasc.client.optimizers import OptimizerOptions
+
+    torch.manual_seed(0)
+    w0 = torch.randn(3, 4)
+    mask = (torch.arange(12).reshape(3, 4) % 3 == 0).float()
+    grads = [torch.randn(3, 4) for _ in range(3)]
+    settings = LocalSettings(client_opt, 0.1, 0.0, 0.0, client_steps=3, hyper=OptimizerOptions(weight_decay=0.5))
+    w = w0.clone().requires_grad_(True)
+    client = LocalClient([w], ["w"], iter([iter([{}] * 3)]), settings, None, [mask])
+
+    class OneUnit:  # the objective's count of a minibatch's units
+        units = staticmethod(lambda batch: 1)
+
+    for g in grads:  # each step: a minibatch drawn, its gradient given, the step taken
+        client.next_batch(OneUnit)
+        w.grad = g.clone()
+        client.last = (torch.tensor(0.0), 0, 1)
+        client.step()
+    ref = w0.clone().requires_grad_(True)
+    opt = (torch.optim.AdamW if client_opt == "adamw" else torch.optim.SGD)(
+        [ref], lr=0.1, weight_decay=0.5, **({"momentum": 0.9} if client_opt == "sgd" else {})
+    )
+    for g in grads:
+        ref.grad = g * mask
+        opt.step()
+    assert torch.equal(w.detach()[mask == 0], w0[mask == 0])
+    assert torch.allclose(w.detach()[mask == 1], ref.detach()[mask == 1])
+    assert not torch.allclose(w.detach()[mask == 1], w0[mask == 1])

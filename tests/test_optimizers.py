@@ -126,3 +126,18 @@ def test_client_optimizers_train(tiny_overrides, client_opt):
     start = fed.server.detach().clone()
     after, stats = fed.worker.train_client(0, 0, start, None)
     assert stats["count"] == len(fed.clients[0]) and not torch.equal(after, start)
+
+
+def test_client_momentum_zero_is_plain_sgd_by_hand():
+    from flasc.client.local import LocalSettings
+    from flasc.client.optimizers import CLIENT_OPTIMIZERS
+
+    hyper = LocalSettings.of(config.load_config(overrides={"client_momentum": 0.0})).hyper
+    w = torch.zeros(3, requires_grad=True)
+    opt = CLIENT_OPTIMIZERS["sgd"]([w], 0.1, hyper)
+    for g in (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, -1.0, 0.0])):
+        w.grad = g
+        opt.step()
+    torch.testing.assert_close(w.detach(), torch.tensor([-0.2, -0.1, -0.3]))  # w − lr (g1 + g2)
+    assert LocalSettings.of(config.load_config()).hyper.momentum == 0.9  # the FLASC seeds' default
+    assert config.load_config("scaffold").client_momentum == 0.0

@@ -10,6 +10,9 @@ rounds, what it sends, and how the server turns what it receives into the next g
     flexlora  FlexLoRA: the weighted mean of the clients' B·A, truncated by SVD to each rank
     hetlora   HetLoRA: zero-padded ranks, weights by the norm of each client's B·A, optional
               rank self-pruning
+    rolora    RoLoRA: rounds alternate between training B (A frozen) and A (B frozen), each averaged
+    fedsvd    FedSVD: B trained and averaged, then B̄·A re-factored by SVD (A orthonormal)
+    lorafair  LoRA-FAIR: A and B averaged, B̄ corrected by a ridge least-squares residual
 
 An algorithm has these hooks, called in this order each round by train_lora.Federation.run_round:
 `prepare` (a client's job from its tier's download and its stored state; pure), the local training
@@ -45,6 +48,16 @@ def _named_factors(flat, pair, vector: torch.Tensor) -> tuple[torch.Tensor, torc
     named = flat.named(vector)
     a = pair.frozen_a.to(vector.device) if pair.a is None else named[pair.a]
     return a, named[pair.b]
+
+
+def _factor_and_head(flat, pairs, factor: str, lora: torch.Tensor) -> torch.Tensor:
+    """Flat mask of every layer's factor `factor` ("a" or "b") and of everything that is not LoRA
+    (the head): what a client trains while the other factor stays frozen."""
+    mask = ~lora
+    named = flat.named(mask)
+    for pair in pairs:
+        named[getattr(pair, factor)][:] = True
+    return mask
 
 
 def _components(pair, mask: torch.Tensor | None, flat) -> int:
@@ -212,3 +225,40 @@ class FedAvg:
         self.held = np.asarray(state["held"]).copy()
         if self.base is not None:
             self.base.load_state_dict(state["base"])
+
+
+class TrainsPart:
+    """For an algorithm (mixed in before FedAvg) whose clients train and send only part of the
+    trainable vector each round, the flat mask its method `trained(rnd)` returns (e.g. one factor
+    and the head): the rest stays exactly where every client holds it, also against the DP noise
+    the release draws for it (nothing of it was sent). Its server optimizer must be stateless
+    (check)."""
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        if cfg.server_opt != "sgd":
+            raise ConfigError(
+                f"server_opt: algorithm {cls.name} keeps what a round does not train where every client "
+                f"holds it, which a server optimizer with momentum or moments ({cfg.server_opt}) would move; "
+                "expected server_opt: sgd"
+            )
+
+    def prepare(self, rnd, job, state):
+        job = super().prepare(rnd, job, state)
+        own = self.trained(rnd).to(job.start.device)
+        plan = job.plan
+        train = own if plan.train is None else plan.train.bool() & own
+        restrict = own if plan.restrict is None else plan.restrict.bool() & own
+        return replace(job, plan=replace(plan, train=train, restrict=restrict))
+
+    def aggregate(self, kept, jobs, rnd, start):
+        self.untrained_values = self.current[~self.trained(rnd)].clone()  # where every client holds it
+        return super().aggregate(kept, jobs, rnd, start)
+
+    def after_step(self, server_state, kept, jobs, rnd):
+        """What the round did not train back where it was: the server step moved it only by the DP
+        noise drawn for it (the pseudo-gradient of an entry nobody trained is zero)."""
+        with torch.no_grad():
+            server_state.params[~self.trained(rnd)] = self.untrained_values
+        return super().after_step(server_state, kept, jobs, rnd)

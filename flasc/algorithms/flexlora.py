@@ -11,15 +11,17 @@ from flasc.runtime import seeding
 class FlexLoRA(FedAvg):
     """FlexLoRA: Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous
     Tasks and Client Resources", NeurIPS 2024. The server forms ΔW_g = Σ p_k s B_k A_k per layer
-    and factors it by SVD, U Σ Vᵀ: B = U Σ / s (the singular values in B), A = Vᵀ, components in
-    decreasing σ. A client of rank r_k (a rank tier) downloads the first r_k components, so its
+    and factors it by SVD, U Σ Vᵀ: B = U Σ / s (the singular values in B, the paper's choice), A =
+    Vᵀ, components in decreasing σ; flexlora_split: balanced puts √σ on each side instead (B =
+    U √Σ / √s, A = √Σ Vᵀ / √s), which keeps the factors' scales equal and so the local steps on
+    them alike. A client of rank r_k (a rank tier) downloads the first r_k components, so its
     adapter is exactly the best rank-r_k approximation of ΔW_g; the base is never modified; the
     head is averaged. All tiers use the adapter's scaling s (lora_alpha / lora_rank; rsLoRA:
     lora_alpha / √lora_rank), so s·B·A means the same at every rank. docs/algorithms.md ("What is
     sent") gives its bytes each way."""
 
     name = "flexlora"
-    options = (*FedAvg.options, "seed")
+    options = (*FedAvg.options, "seed", "flexlora_split")
     sets_server = True
     needs_linear_lora = True
     learns_a = "by SVD"
@@ -40,6 +42,7 @@ class FlexLoRA(FedAvg):
                 pair.rank,
                 pair.scaling,
                 seeding.torch_generator(self.cfg.seed, "flexlora_complement", rnd, layer),
+                self.cfg.flexlora_split,
             )
             server[pair.a].copy_(current[pair.a] - a_new)
             server[pair.b].copy_(current[pair.b] - b_new)
@@ -50,9 +53,15 @@ class FlexLoRA(FedAvg):
 
 
 def svd_factors(
-    target: torch.Tensor, rank: int, scaling: float, generator: torch.Generator | None = None
+    target: torch.Tensor,
+    rank: int,
+    scaling: float,
+    generator: torch.Generator | None = None,
+    split: str = "b",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, A, σ): target ≈ s·B·A truncated to `rank` by SVD, σ in B, A with orthonormal rows.
+    """(B, A, σ): target ≈ s·B·A truncated to `rank` by SVD. split "b": σ in B, A with orthonormal
+    rows (B = UΣ/s, A = Vᵀ); "balanced": √σ on each side (B = U√Σ/√s, A = √Σ Vᵀ/√s), so that B
+    and A have equal column and row norms.
 
     What the SVD leaves open is fixed, so that every device gives the same factors: a singular
     pair's sign (LAPACK and cuSOLVER choose differently) makes the largest-magnitude entry of its
@@ -60,7 +69,7 @@ def svd_factors(
     training is unchanged); and components beyond the target's numerical rank (σ_j at most
     eps·max(m, n)·σ_1, the float rounding of the SVD of an m × n matrix, as numpy's matrix_rank
     counts; an aggregate of low-rank clients), whose singular vectors are arbitrary, get B = 0 and
-    rows of A that complete A's rows to an orthonormal set, drawn from `generator` on the CPU in
+    unit rows of A orthogonal to each other and to the kept rows, drawn from `generator` on the CPU in
     float64, as a fresh LoRA component starts (B = 0, A random). Every component above the
     rounding is kept, so s·B·A is the best rank-`rank` approximation of the target."""
     u, sigma, vh = torch.linalg.svd(target, full_matrices=False)
@@ -73,8 +82,13 @@ def svd_factors(
     u, vh = u[:, :r] * signs, vh[:r] * signs[:, None]
     b = torch.zeros(target.shape[0], rank, dtype=target.dtype, device=target.device)
     a = torch.zeros(rank, target.shape[1], dtype=target.dtype, device=target.device)
-    b[:, :r] = u * sigma[:r] / scaling
-    a[:r] = vh
+    if split == "balanced":
+        root = (sigma[:r] / scaling).sqrt()
+        b[:, :r] = u * root
+        a[:r] = vh * root[:, None]
+    else:
+        b[:, :r] = u * sigma[:r] / scaling
+        a[:r] = vh
     free = min(rank, target.shape[1]) - r
     if free > 0:
         a[r : r + free] = orthonormal_complement(vh, free, generator).to(a)

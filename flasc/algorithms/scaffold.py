@@ -18,9 +18,10 @@ class Scaffold(FedAvg):
     head). Each local gradient g becomes g − c_i + c; after K local steps at client_lr η, c_i⁺ = c_i
     − c + (x − y)/(K η); the client sends Δy and Δc_i = c_i⁺ − c_i; the server steps on the mean Δy
     (server_lr is η_g) and sets c ← c + (|S|/N)·mean Δc_i; x and c go down, Δy and Δc up.
-    docs/algorithms.md ("What is sent") gives its bytes each way. With client_opt sgd (momentum 0.9)
-    or an adaptive local optimizer the correction is added to the gradient before the optimizer, as
-    the paper's derivation assumes plain SGD (approximate, as it is everywhere it is used so)."""
+    docs/algorithms.md ("What is sent") gives its bytes each way. The derivation assumes plain SGD,
+    which its config sets (client_momentum: 0); with momentum or an adaptive local optimizer the
+    correction is added to the gradient before the optimizer (approximate, as it is everywhere it
+    is used so)."""
 
     name = "scaffold"
     options = (*FedAvg.options, "client_lr")

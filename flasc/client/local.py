@@ -52,6 +52,7 @@ options = (
     "client_schedule",
     "client_lr_min",
     "server_rounds",
+    "client_momentum",
     "client_beta1",
     "client_beta2",
     "client_eps",
@@ -130,7 +131,9 @@ class LocalSettings:
             cfg.client_steps,
             cfg.grad_accum,
             cfg.max_grad_norm,
-            OptimizerOptions(cfg.client_beta1, cfg.client_beta2, cfg.client_eps, cfg.client_weight_decay),
+            OptimizerOptions(
+                cfg.client_momentum, cfg.client_beta1, cfg.client_beta2, cfg.client_eps, cfg.client_weight_decay
+            ),
         )
 
     def param_groups(self, params: list[torch.Tensor], names: list[str]) -> list[dict]:
@@ -253,7 +256,15 @@ class LocalClient:
         adjust_gradients(self.params, self.extras.grad_offset, self.anchors, self.settings.mu, self.grad_mask)
         if self.settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.settings.max_grad_norm)
+        # A zero gradient leaves an entry where it is, except for weight decay, which the optimizer
+        # applies to every entry: the entries the mask freezes are put back after the step.
+        frozen = self.grad_mask is not None and self.settings.hyper.weight_decay > 0
+        held = [p.detach().clone() for p in self.params] if frozen else None
         self.opt.step()
+        if frozen:
+            with torch.no_grad():
+                for p, m, before in zip(self.params, self.grad_mask, held):
+                    p.copy_(torch.where(m.bool(), p, before))
         self.metrics["steps"] += 1
 
     def result(self) -> tuple[torch.Tensor, dict]:

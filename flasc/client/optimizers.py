@@ -17,20 +17,22 @@ Params = Iterable[torch.nn.Parameter]
 
 @dataclass(frozen=True)
 class OptimizerOptions:
-    """client_beta1, client_beta2, client_eps, client_weight_decay (torch's defaults, no decay)."""
+    """client_momentum (sgd), client_beta1, client_beta2, client_eps, client_weight_decay (the
+    FLASC seeds' momentum, torch's defaults, no decay)."""
 
+    momentum: float = 0.9
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
 
 
-# Client optimizers start fresh for every client every round. sgd: momentum 0.9 as in the FLASC
-# seeds; adam, adamw and adagrad: torch's, with the client_* options above (adagrad: its own ε; adam's weight decay
-# is added to the gradient, adamw's decoupled, Loshchilov & Hutter 2019); yogi: Zaheer et al.
-# (2018) with their ε = 1e-3 and the betas above.
+# Client optimizers start fresh for every client every round. sgd: client_momentum (0.9, as in
+# the FLASC seeds; 0: plain SGD); adam, adamw and adagrad: torch's, with the client_* options above
+# (adagrad: its own ε; adam's weight decay is added to the gradient, adamw's decoupled, Loshchilov &
+# Hutter 2019); yogi: Zaheer et al. (2018) with their ε = 1e-3 and the betas above.
 CLIENT_OPTIMIZERS: dict[str, Callable[[Params, float, OptimizerOptions], torch.optim.Optimizer]] = {
-    "sgd": lambda params, lr, o: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=o.weight_decay),
+    "sgd": lambda params, lr, o: torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay),
     "adam": lambda params, lr, o: torch.optim.Adam(
         params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
     ),

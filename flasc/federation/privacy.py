@@ -26,7 +26,7 @@ options = (
 
 # algorithms whose pseudo-gradient is the (weighted) mean of the clients' clipped updates, so that
 # dividing it by the clipping norm (dp_divide_by_clip) scales the server step and nothing else
-_MEAN_OF_UPDATES = ("fedavg", "fedsa")
+_MEAN_OF_UPDATES = ("fedavg", "fedsa", "rolora", "fedsvd")
 
 
 def check(cfg) -> None:
@@ -58,7 +58,7 @@ def check(cfg) -> None:
             raise ConfigError(
                 f"noise_multiplier: the Gaussian mechanism covers a uniform mean of clipped updates; "
                 f"algorithm {cfg.algorithm} uses the updates otherwise (products, control variates); "
-                "expected 0 (or algorithm fedavg or fedsa)"
+                f"expected 0 (or algorithm {' or '.join(_MEAN_OF_UPDATES)})"
             )
 
 

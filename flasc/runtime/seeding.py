@@ -28,6 +28,7 @@ PURPOSES = {
     "local_test": 10,
     "flora_init": 11,
     "flexlora_complement": 12,
+    "fedsvd_complement": 13,
 }
 
 

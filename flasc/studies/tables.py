@@ -8,10 +8,18 @@ where the shadow scored higher than the run.
 
 drift.md, per group: each client-drift statistic (flasc/diagnostics/drift.py) averaged over the rounds, then
 mean ± sample std over the seeds.
+
+paired.md, every group against the study's first (its reference, e.g. fedavg), seed by seed: a
+seed gives every run of it the same partition and client samples, so the difference of two runs of
+one seed is a paired observation. Per group, over the seeds both finished: the mean of the
+differences in the final test score (and the personalised score where both have one) ± its
+standard error (sample std / √n); a * where the mean exceeds two standard errors, which is what
+docs/algorithms.md calls a finding.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -129,4 +137,49 @@ def drift_table(specs, out_dir: Path) -> str | None:
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n"
     files.write_atomic(out_dir / "drift.md", md)
+    return md
+
+
+def paired_table(specs, out_dir: Path) -> str | None:
+    groups = list(dict.fromkeys(s.group for s in specs))
+    summaries = {
+        g: {
+            s.resolved["seed"]: tracking.read_json(out_dir / s.name / "summary.json")
+            for s in specs
+            if s.group == g and (out_dir / s.name / "summary.json").is_file()
+        }
+        for g in groups
+    }
+    reference, others = groups[0], [g for g in groups[1:] if set(summaries[g]) & set(summaries[groups[0]])]
+    if not others:
+        return None
+    metric = next(iter(summaries[reference].values())).get("primary_metric", "accuracy")
+    short = "acc" if metric == "accuracy" else metric
+    scores = [(f"test_{metric}", f"Δ test {short}"), (f"personal_{metric}_mean", f"Δ personal {short}")]
+    scores = [(k, label) for k, label in scores if any(k in s for s in summaries[reference].values())]
+    lines = [
+        f"**Paired differences to {reference}** (per seed, the run minus {reference}'s run of that seed; "
+        "mean ± standard error over the seeds; * beyond two standard errors)",
+        "",
+        "| run | seeds | " + " | ".join(label for _, label in scores) + " |",
+        "|" + "---|" * (len(scores) + 2),
+    ]
+    for group in others:
+        seeds = sorted(set(summaries[group]) & set(summaries[reference]))
+        cells = []
+        for key, _ in scores:
+            pairs = [(summaries[group][s].get(key), summaries[reference][s].get(key)) for s in seeds]
+            if any(a is None or b is None for a, b in pairs):
+                cells.append("-")
+                continue
+            diffs = [a - b for a, b in pairs]
+            mean = statistics.fmean(diffs)
+            if len(diffs) < 2:
+                cells.append(f"{mean:+.4f} (one seed)")
+                continue
+            se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+            cells.append(f"{mean:+.4f} ± {se:.4f}{' *' if abs(mean) > 2 * se else ''}")
+        lines.append(f"| {group} | {len(seeds)} | " + " | ".join(cells) + " |")
+    md = "\n".join(lines) + "\n"
+    files.write_atomic(out_dir / "paired.md", md)
     return md

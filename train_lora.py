@@ -86,12 +86,14 @@ class Federation:
 
     def __post_init__(self):
         cfg = self.cfg
+        algorithm = algorithms.ALGORITHMS[cfg.algorithm]
+        # before the trainable tensors are read: an algorithm may change what trains (Fed-SB's R)
+        setup = algorithm.adapt_model(cfg, self.model, self.task, self.clients, self.device, self.world)
         self.resident = ResidentModel(self.model, self.device, cfg.bf16)
         self.server_state = ServerState(self.flat.read(), cfg)
         self.aggregator = merging.Aggregator(cfg, self.model, self.flat)
-        self.algorithm = algorithms.ALGORITHMS[cfg.algorithm](
-            cfg, self.flat, self.aggregator.pairs, self.aggregator, self.server_state
-        )
+        self.algorithm = algorithm(cfg, self.flat, self.aggregator.pairs, self.aggregator, self.server_state)
+        self.algorithm.adapted(setup)
         self.statistics = {
             self.aggregator.statistic_key: (self.aggregator.statistic, self.aggregator.space.name == "product")
         }

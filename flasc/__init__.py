@@ -17,4 +17,11 @@ The aggregation strategies (merging.py), the config (config.py) and the data set
 the top level of the repository, beside the entry scripts.
 """
 
+import logging
+
 __version__ = "0.22.0"
+
+# bitsandbytes' CPU backend, on a CPU with AVX512-BF16, fetches a kernel from the Hugging Face hub
+# when it is imported and warns on stderr when it cannot (offline); it then runs its own kernels.
+# The warning would be a second line before any one-line error of flasc's.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

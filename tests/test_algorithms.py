@@ -402,6 +402,16 @@ def test_stateless_personal_model_is_the_global_model(tiny_overrides):
         ({"algorithm": "fedsvd", "tiers": 2}, "tiers"),
         ({"algorithm": "fedsvd", "freeze_a": True}, "freeze_a"),
         ({"algorithm": "lorafair", "server_opt": "adam"}, "server_opt"),
+        ({"algorithm": "fedsb", "tiers": 2}, "tiers"),
+        ({"algorithm": "fedsb", "freeze_a": True}, "freeze_a"),
+        ({"algorithm": "fedsb", "use_dora": True}, "use_dora"),
+        ({"algorithm": "fedsb", "init_lora_weights": "gaussian"}, "init_lora_weights"),
+        ({"algorithm": "fedsb", "lora_plus_ratio": 4.0}, "lora_plus_ratio"),
+        ({"algorithm": "fedsb", "merge_space": "product"}, "merging_strategy"),
+        (
+            {"algorithm": "fedsb", "fedsb_init_data": "clients", "noise_multiplier": 1.0, "l2_clip_norm": 1.0},
+            "fedsb_init_data",
+        ),
         ({"algorithm": "lorafair", "tiers": 2}, "tiers"),
         ({"algorithm": "lorafair", "noise_multiplier": 1.0, "l2_clip_norm": 1.0}, "noise_multiplier"),
         ({"algorithm": "fedex", "tiers": 2}, "tiers"),
@@ -599,7 +609,7 @@ def test_rolora_with_dp_noise_keeps_the_frozen_factor_and_noises_what_was_sent(t
     assert float((after - mean)[~a_mask].abs().max()) > 0.01  # noise of std 1/3 on what was sent
 
 
-@pytest.mark.parametrize("algorithm", ["rolora", "fedsvd", "lorafair"])
+@pytest.mark.parametrize("algorithm", ["rolora", "fedsb", "fedsvd", "lorafair"])
 def test_a_stopped_run_of_a_2025_method_resumes_to_the_uninterrupted_run(tiny_overrides, monkeypatch, algorithm):
     """Stopped while round 3 trains (round 2 checkpointed), resumed: the same metrics and adapter
     (RoLoRA: the resumed run trains B in round 3 and A in round 4, as the uninterrupted one)."""
@@ -690,3 +700,125 @@ def test_lorafair_corrects_the_averaged_b_by_the_ridge_least_squares_residual(ti
         assert np.linalg.norm(b.numpy() @ a.numpy() - target.numpy()) < np.linalg.norm(residual)
     assert 0 < stats["lorafair_residual"] < 1
     assert stats["bytes_up"] == stats["bytes_down"] == 3 * 4 * fed.flat.numel
+
+
+# ---------------------------------------------------------------- Fed-SB
+def fedsb_layers(fed):
+    """(module, B, A, R) of every LoRA layer of a Fed-SB run's model (R as the server holds it)."""
+    from flasc.models.params import fixed_b, lora_modules
+
+    out = []
+    for _, m in lora_modules(fed.model):
+        r = m.lora_B["default"].parametrizations.weight.original
+        out.append((m, fixed_b(m).double(), m.lora_A["default"].weight.detach().double(), r))
+    return out
+
+
+def test_fedsb_starts_from_the_rank_r_svd_of_the_signed_first_step_by_hand(tiny_overrides):
+    """B, R, A against an independent computation: the loss gradient of each base weight by autograd
+    (the base's weight made trainable, the fresh adapter's B = 0), over the seeded validation
+    examples in one batch, ΔW = −η·sign(G), numpy's SVD truncated to r: s·B·R·A equals it
+    (to 1e-6 of its largest entry: the factors are float32), B and A have orthonormal columns and
+    rows, R is Σ/s. Only R and the head train."""
+    from flasc.runtime import seeding
+
+    extra = {"algorithm": "fedsb", "fedsb_init_examples": 12, "client_batch": 16, "fedsb_init_lr": 0.01}
+    cfg, fed = build(tiny_overrides, **extra)
+    layers = fedsb_layers(fed)
+    assert {n for n in fed.flat.names if "lora" in n} == {
+        n for n in fed.flat.names if n.endswith("lora_B.default.parametrizations.weight.original")
+    }
+    assert sum(r.numel() for *_, r in layers) == len(layers) * cfg.lora_rank**2
+
+    ref_cfg = config.load_config(overrides={**tiny_overrides, **extra, "algorithm": "fedavg"})
+    ref = train_lora.build(ref_cfg, torch.device("cpu"))
+    from flasc.models.params import lora_modules
+
+    modules = [m for _, m in lora_modules(ref.model)]
+    for m in modules:
+        m.get_base_layer().weight.requires_grad_(True)
+    idx = torch.randperm(len(ref.task.val), generator=seeding.torch_generator(cfg.seed, "fedsb_init"))[:12]
+    batch = ref.task.val.batch(idx)
+    ref.model.eval()
+    loss, _, _ = ref.task.objective.train_terms(logits_of(ref.model, batch, torch.device("cpu"), False), batch)
+    loss.backward()
+    for m, (_, b, a, r) in zip(modules, layers):
+        target = (-0.01 * torch.sign(m.get_base_layer().weight.grad.double())).numpy()
+        u, s, vt = np.linalg.svd(target)
+        best = (u[:, :4] * s[:4]) @ vt[:4]
+        s_br_a = float(m.scaling["default"]) * (b @ r.detach().double() @ a).numpy()
+        np.testing.assert_allclose(s_br_a, best, rtol=0, atol=1e-6 * np.abs(best).max())  # float32 factors
+        np.testing.assert_allclose((b.T @ b).numpy(), np.eye(4), atol=1e-6)
+        np.testing.assert_allclose((a @ a.T).numpy(), np.eye(4), atol=1e-6)
+        np.testing.assert_allclose(r.detach().double().numpy(), np.diag(s[:4]) / float(m.scaling["default"]), atol=1e-6)
+
+
+def test_fedsb_averages_r_exactly_and_sends_r_squared_values_a_layer(tiny_overrides, monkeypatch):
+    """The server's R and head are the weighted means of the clients'; B·R̄·A is the mean of the
+    clients' products B·R_k·A. Bytes: up r² a layer and the head; down the same, and B and A once
+    per client (Σ r·(out + in) values), with its first download."""
+    cfg, fed = build(tiny_overrides, algorithm="fedsb", clients=4, server_batch=3)
+    seen = fake_clients(fed, monkeypatch)
+    layers = fedsb_layers(fed)
+    factor_values = sum(cfg.lora_rank * (m.out_features + m.in_features) for m, *_ in layers)
+    had = set()
+    for rnd in range(2):
+        stats = fed.run_round(rnd)
+        ids = sorted(seen)
+        w = weights_of(cfg, fed, ids)
+        mean = sum(wk * seen[c][1].double() for wk, c in zip(w, ids))
+        torch.testing.assert_close(fed.server.detach().double(), mean, rtol=0, atol=1e-6)
+        for (_, b, a, _), name in zip(layers, [n for n in fed.flat.names if n.endswith(".original")]):
+            products = [b @ fed.flat.named(seen[c][1])[name].double() @ a for c in ids]
+            r_bar = fed.flat.named(fed.server.detach())[name].double()
+            torch.testing.assert_close(b @ r_bar @ a, sum(wk * p for wk, p in zip(w, products)), rtol=0, atol=1e-6)
+        new = [c for c in ids if c not in had]
+        assert stats["bytes_up"] == 3 * 4 * fed.flat.numel
+        assert stats["bytes_down"] == 3 * 4 * fed.flat.numel + len(new) * 4 * factor_values
+        assert rnd == 1 or stats["setup_bytes_up"] == 0  # validation examples: nothing sent
+        had.update(ids)
+        seen.clear()
+
+
+def test_fedsb_initialised_on_the_clients_data_counts_their_gradient_uploads(tiny_overrides, monkeypatch):
+    """fedsb_init_data clients with every training example drawn: every client holding one uploads
+    its gradient sum, out × in values a layer, in round 1's bytes_up."""
+    cfg, fed = build(
+        tiny_overrides, algorithm="fedsb", fedsb_init_data="clients", fedsb_init_examples=100000, clients=4
+    )
+    fake_clients(fed, monkeypatch)
+    holders = sum(1 for c in fed.clients if len(c))
+    weights = sum(m.out_features * m.in_features for m, *_ in fedsb_layers(fed))
+    stats = fed.run_round(0)
+    assert stats["fedsb_init_examples"] == sum(len(c) for c in fed.clients)
+    assert stats["setup_bytes_up"] == holders * 4 * weights
+    assert stats["bytes_up"] == 3 * 4 * fed.flat.numel + holders * 4 * weights
+
+
+def test_fedsb_saves_a_plain_lora_adapter_that_reproduces_the_final_evaluation(tiny_overrides):
+    """peft loads the saved adapter as plain LoRA (lora_B = B·R) and scores the test split as the run did."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from data import load_task
+    from flasc import models
+    from flasc.tasks.evaluation import evaluate
+
+    cfg = config.load_config(overrides={**tiny_overrides, "algorithm": "fedsb", "server_rounds": 2, "client_lr": 0.5})
+    run_dir = train_lora.train(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert not any("parametrizations" in k for k in saved)
+    assert any(k.endswith("lora_B.weight") and v.shape == (32, 4) for k, v in saved.items())
+    tok, tag = models.load_tokenizer(cfg)
+    task = load_task(cfg.dataset, cfg.data_dir, lambda: (tok, tag), cfg.max_length)
+    model = models.load_trained(cfg, run_dir / "adapter", task.num_labels, tok.pad_token_id)
+    again = evaluate(model, task.test, task.objective, 64, torch.device("cpu"), False)
+    assert again["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+
+
+def test_fedsb_refuses_a_rank_above_a_layers_size(tiny_overrides):
+    cfg = config.load_config(overrides={**tiny_overrides, "algorithm": "fedsb", "lora_rank": 40, "lora_alpha": 40})
+    with pytest.raises(config.ConfigError, match=r"^lora_rank: algorithm fedsb's B and A are the top 40 .* 32 × 32"):
+        train_lora.build(cfg, torch.device("cpu"))

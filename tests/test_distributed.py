@@ -78,6 +78,7 @@ SETTINGS = {  # name -> overrides on the tiny toy run; eval_batch 8 spreads eval
     "rolora_tiers": {"algorithm": "rolora", "tiers": 2, "syshet": "rank"},  # B, then A
     "fedsvd_dp": {"algorithm": "fedsvd", "noise_multiplier": 0.5, "l2_clip_norm": 0.5},
     "lorafair": {"algorithm": "lorafair"},
+    "fedsb_dp": {"algorithm": "fedsb", "noise_multiplier": 0.5, "l2_clip_norm": 0.5},  # factors from rank 0
 }
 
 

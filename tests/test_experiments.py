@@ -360,3 +360,31 @@ def test_paired_differences_to_the_studys_first_group_by_hand(tmp_path):
     # flasc: seeds 0 and 1 only, differences 0.02, -0.02 -> mean 0, se 0.02
     assert rows["flasc"] == "| flasc | 2 | +0.0000 ± 0.0200 |"
     assert (tmp_path / "paired.md").read_text() == md
+
+
+def test_the_2025_study_joins_the_24_round_study_and_the_density_study_sweeps_flascs_densities():
+    """baselines_2025: the 24-round study's federation and seeds 0 and 1 among at least 4, every
+    2025 method, SCAFFOLD with plain SGD. flasc_density: download = upload density 1, 1/4, 1/16,
+    1/64 at alpha 0.5 and 0.1 on 3 seeds, every other option the quickstart's."""
+    from conftest import ROOT
+
+    load = lambda name: rx.expand(yaml.safe_load((ROOT / "experiments" / name).read_text()), "runs/z")  # noqa: E731
+    new, old = load("baselines_2025.yaml"), load("baselines_long.yaml")
+    same = ("iid_alpha", "clients", "server_batch", "server_rounds", "max_length", "local_test_fraction", "seed")
+    joined = {tuple(s.resolved[k] for k in same) for s in old}
+    assert joined <= {tuple(s.resolved[k] for k in same) for s in new}
+    assert len({s.resolved["seed"] for s in new}) >= 4
+    assert {"rolora", "fedsb", "fedsvd", "lorafair"} <= {s.resolved["algorithm"] for s in new}
+    assert all(s.resolved["client_momentum"] == 0 for s in new if s.resolved["algorithm"] == "scaffold")
+    assert any(s.resolved["flexlora_split"] == "balanced" and s.resolved["tiers"] == 3 for s in new)
+
+    density = load("flasc_density.yaml")
+    quick = config.load_config("fedavg")
+    grid = {(s.resolved["iid_alpha"], s.resolved["dl_density"], s.resolved["seed"]) for s in density}
+    assert grid == {(a, d, seed) for a in (0.5, 0.1) for d in (1, 1 / 4, 1 / 16, 1 / 64) for seed in (0, 1, 2)}
+    ignore = {"iid_alpha", "dl_density", "ul_density", "seed", "name", "dir", "config"}
+    for s in density:
+        assert s.resolved["ul_density"] == s.resolved["dl_density"]
+        assert {k: v for k, v in s.resolved.items() if k not in ignore} == {
+            k: v for k, v in quick.items() if k not in ignore
+        }

@@ -33,7 +33,7 @@ ARCHITECTURES = [
 # one algorithm with client or server state per architecture: client states (FedSA's A, SCAFFOLD's
 # control variates), base weights folded by the server (FedEx-LoRA, FLoRA; GPT-2's Conv1D transposed),
 # rank tiers' SVD and truncation (FlexLoRA, HetLoRA), and the 2025 methods (RoLoRA's alternation,
-# FedSVD's re-factoring, LoRA-FAIR's correction)
+# FedSVD's re-factoring, LoRA-FAIR's correction; Fed-SB's gradients of GPT-2's transposed Conv1D weights)
 STATEFUL = {
     "llama": "fedsa",
     "qwen2": "flexlora",
@@ -45,7 +45,7 @@ STATEFUL = {
     "roberta": "lorafair",
     "deberta-v2": "fedex",
     "distilbert": "fedsvd",
-    "gpt2": "flora",
+    "gpt2": "fedsb",
 }
 
 
@@ -72,7 +72,12 @@ def test_a_saved_model_folder_trains_and_its_adapter_rescores(model_folders, tin
 
     expected = PEFT.get(model.base_model.model.config.model_type)
     assert lora == set(expected) if expected else len(lora) >= 4
-    assert summary["trainable_params"] > sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    # what trained: the head and the LoRA factors (Fed-SB: an r × r R a layer, folded into the saved B)
+    head = sum(p.numel() for n, p in model.named_parameters() if "modules_to_save" in n)
+    layers = [n for n, _ in model.named_parameters() if n.endswith(".lora_A.default.weight")]
+    factors = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert head > 0
+    assert summary["trainable_params"] == head + (len(layers) * 4**2 if algorithm == "fedsb" else factors)
 
 
 def test_a_model_that_is_neither_a_name_nor_a_folder_is_one_line(tiny_overrides, capsys, tmp_path):

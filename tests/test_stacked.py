@@ -190,7 +190,9 @@ def test_vision_transformer_with_augmentation(tmp_path, augment):
     assert_same(*alone_and_together(fed, group=3))
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "scaffold", "hetlora", "fedsa", "rolora", "fedsvd", "lorafair"])
+@pytest.mark.parametrize(
+    "algorithm", ["fedavg", "scaffold", "hetlora", "fedsa", "rolora", "fedsb", "fedsvd", "lorafair"]
+)
 def test_rounds_match_one_client_at_a_time(tiny_overrides, algorithm):
     """Two whole rounds (SCAFFOLD's offsets and HetLoRA's penalty act from round 2): the server
     after them, with three clients at a time and with one."""

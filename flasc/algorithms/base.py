@@ -11,6 +11,8 @@ rounds, what it sends, and how the server turns what it receives into the next g
     hetlora   HetLoRA: zero-padded ranks, weights by the norm of each client's B·A, optional
               rank self-pruning
     rolora    RoLoRA: rounds alternate between training B (A frozen) and A (B frozen), each averaged
+    fedsb     Fed-SB: B and A fixed from LoRA-SB's initialisation, only the r × r R between them
+              trained and averaged
     fedsvd    FedSVD: B trained and averaged, then B̄·A re-factored by SVD (A orthonormal)
     lorafair  LoRA-FAIR: A and B averaged, B̄ corrected by a ridge least-squares residual
 
@@ -153,6 +155,15 @@ class FedAvg:
                     f"algorithm: {a} works on products B·A of linear layers; model {resolve_name(cfg)} "
                     "adapts convolutions; expected another algorithm"
                 )
+
+    @classmethod
+    def adapt_model(cls, cfg, model, task, clients, device, world) -> dict:
+        """Before the run's trainable tensors are read: change the resident model the method trains
+        (Fed-SB's fixed factors around a trained R); returns what `adapted` is then told."""
+        return {}
+
+    def adapted(self, setup: dict) -> None:
+        """What adapt_model did (e.g. the bytes of the factors each client downloads once)."""
 
     def __init__(self, cfg, flat, pairs, aggregator, server_state):
         self.cfg, self.flat, self.pairs, self.aggregator = cfg, flat, pairs, aggregator

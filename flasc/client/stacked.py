@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flasc.models.params import fixed_b
 from flasc.options import ConfigError
 from flasc.runtime.seeding import ClientStreams
 from flasc.tasks.evaluation import logits_of
@@ -113,8 +114,14 @@ class StackedModel:
         self.lora, self.heads = [], []
         for module in model.modules():
             if isinstance(module, lora_linear) and "default" in module.lora_A:
-                a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
-                spec = (module, index.get(id(a)), index[id(b)], a.detach(), float(module.scaling["default"]))
+                a, fixed = module.lora_A["default"].weight, fixed_b(module)
+                # Fed-SB: the trained tensor is R in B·R, B fixed
+                b = (
+                    module.lora_B["default"].weight
+                    if fixed is None
+                    else module.lora_B["default"].parametrizations.weight.original
+                )
+                spec = (module, index.get(id(a)), index[id(b)], a.detach(), float(module.scaling["default"]), fixed)
                 self.lora.append(spec)
                 covered.update(i for i in spec[1:3] if i is not None)
             elif type(module) is torch.nn.Linear and index.get(id(module.weight)) not in covered | {None}:
@@ -150,12 +157,15 @@ class StackedModel:
         )
 
     def lora_forward(self, spec, x, *args, **kwargs):
-        module, a, b, frozen_a, scaling = spec
+        module, a, b, frozen_a, scaling, fixed = spec
         result = module.base_layer(x, *args, **kwargs)
         dtype = result.dtype
         x = module.lora_dropout["default"](x.to(module.lora_A["default"].weight.dtype))  # routed if a dropout
         down = F.linear(x, frozen_a) if a is None else self.per_client_linear(x, a, None)
-        return (result + self.per_client_linear(down, b, None) * scaling).to(dtype)
+        up = self.per_client_linear(down, b, None)  # B, or Fed-SB's R before its fixed B
+        if fixed is not None:
+            up = F.linear(up, fixed)
+        return (result + up * scaling).to(dtype)
 
     def dropout(self, module: torch.nn.Dropout, x: torch.Tensor) -> torch.Tensor:
         """nn.Dropout's forward, each client's rows masked from its own generators at its own width."""

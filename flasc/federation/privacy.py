@@ -26,7 +26,7 @@ options = (
 
 # algorithms whose pseudo-gradient is the (weighted) mean of the clients' clipped updates, so that
 # dividing it by the clipping norm (dp_divide_by_clip) scales the server step and nothing else
-_MEAN_OF_UPDATES = ("fedavg", "fedsa", "rolora", "fedsvd")
+_MEAN_OF_UPDATES = ("fedavg", "fedsa", "rolora", "fedsb", "fedsvd")
 
 
 def check(cfg) -> None:

@@ -35,6 +35,31 @@ class FlatParams:
         return dict(zip(self.names, self.split(flat)))
 
 
+class FixedB(torch.nn.Module):
+    """peft's lora_B weight as B·R: B (out × r, orthonormal columns) fixed, R (r × r) the trained
+    tensor (the parametrization's `original`), so that peft's forward, merge and saving see B·R."""
+
+    def __init__(self, fixed: torch.Tensor):
+        super().__init__()
+        self.register_buffer("fixed", fixed)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        return self.fixed @ r
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.fixed.T @ weight  # B has orthonormal columns: Bᵀ(B R) = R
+
+
+def fixed_b(module) -> torch.Tensor | None:
+    """A LoRA layer's fixed B (Fed-SB), or None for a plain one."""
+    from torch.nn.utils import parametrize
+
+    linear = module.lora_B["default"]
+    if not parametrize.is_parametrized(linear, "weight"):
+        return None
+    return linear.parametrizations.weight[0].fixed
+
+
 class LoraPair:
     """One LoRA-adapted layer: ΔW = scaling · B A, with A (r, in) and B (out, r).
 
@@ -55,14 +80,23 @@ class LoraPair:
             raise ValueError(f"LoRA factors of {name} are not among the trainable tensors")
 
 
-def lora_pairs(model: torch.nn.Module, flat: FlatParams) -> list[LoraPair]:
-    """Every LoRA-adapted layer of a peft model, in module order (empty without LoRA)."""
+def lora_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, layer) of every LoRA-adapted layer of a peft model, in module order."""
     from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A]
+
+
+def lora_pairs(model: torch.nn.Module, flat: FlatParams) -> list[LoraPair]:
+    """Every LoRA-adapted layer of a peft model whose factors train, in module order (empty without
+    LoRA). A layer whose B is parametrized (Fed-SB's fixed B times its trained R) is not a pair: its
+    trained tensor is R, which every algorithm handles as it handles a head's."""
+    from torch.nn.utils import parametrize
 
     return [
         LoraPair(name, module, flat)
-        for name, module in model.named_modules()
-        if isinstance(module, LoraLayer) and "default" in module.lora_A
+        for name, module in lora_modules(model)
+        if not parametrize.is_parametrized(module.lora_B["default"], "weight")
     ]
 
 

@@ -21,11 +21,26 @@ def save_trained(model, folder: Path) -> None:
         if hasattr(model, "flasc_initial_adapter"):
             _save_for_original_base(model, folder)
         else:
-            model.save_pretrained(str(folder))
+            model.save_pretrained(str(folder), state_dict=_plain_state(model))
         _canonical_adapter_config(folder / "adapter_config.json")
     else:
         state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
         torch.save(state, folder / FULL_STATE)
+
+
+def _plain_state(model) -> dict:
+    """The model's state with every parametrized weight as its value (Fed-SB's lora_B: B·R), under
+    the weight's own name: the adapter a plain peft LoRA model loads."""
+    from torch.nn.utils import parametrize
+
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            prefix = f"{name}.parametrizations."
+            state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+            for tensor in module.parametrizations:
+                state[f"{name}.{tensor}"] = getattr(module, tensor).detach()
+    return state
 
 
 def _save_for_original_base(model, folder: Path) -> None:

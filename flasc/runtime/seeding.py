@@ -29,6 +29,7 @@ PURPOSES = {
     "flora_init": 11,
     "flexlora_complement": 12,
     "fedsvd_complement": 13,
+    "fedsb_init": 14,
 }
 
 

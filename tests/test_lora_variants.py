@@ -64,6 +64,36 @@ def test_a_4bit_llama_trains_and_its_adapter_reloads_onto_the_quantized_and_the_
     assert summary["trainable_params"] == sum(p.numel() for n, p in original.named_parameters() if n in o)
 
 
+def test_a_4bit_base_computes_the_gradients_of_training_also_after_an_evaluation(model_folders, tiny_overrides):
+    """On a CPU with AVX512-BF16, bitsandbytes would repack a 4-bit layer's weight at its first
+    no-grad forward in eval mode and then compute with a kernel that has no backward. Off: the
+    adapter's gradients through the 4-bit base are the same after an evaluation as before it."""
+    import bitsandbytes as bnb
+
+    from flasc.tasks.evaluation import logits_of
+
+    fed = federation(llama(model_folders, tiny_overrides, quantization="4bit", lora_dropout=0.0))
+    batch = fed.task.train.batch(torch.arange(8))
+    cpu = torch.device("cpu")
+
+    def gradients():
+        fed.model.train()
+        fed.model.zero_grad(set_to_none=True)
+        loss, _, _ = fed.task.objective.train_terms(logits_of(fed.model, batch, cpu, False), batch)
+        loss.backward()
+        return [p.grad.clone() for p in fed.flat.params]
+
+    before = gradients()
+    fed.model.eval()
+    with torch.no_grad():
+        logits_of(fed.model, batch, cpu, False)
+    after = gradients()
+    layers = [m for m in fed.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(float(g.abs().max()) > 0 for g, n in zip(before, fed.flat.names) if "lora_B" in n)
+
+
 # NF4 rounds each weight to one of 16 levels scaled by the absolute maximum of its block of 64
 # (FP4 alike; 8-bit: 256 levels per row): up to about 7% of that maximum per weight. The tiny
 # Llama's random weights (std 0.02) give logits near zero, where the loss hardly moves: the first

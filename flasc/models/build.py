@@ -249,6 +249,22 @@ def _build_any(cfg, spec: ModelSpec, num_labels: int, pad_token_id: int | None, 
     model = _from_pretrained(auto.from_pretrained, spec.source(), f"model {resolve_name(cfg)}", **extra)
     if spec.inputs == "text":
         model.config.pad_token_id = pad_token_id
+    return one_4bit_kernel(model)
+
+
+def one_4bit_kernel(model):
+    """bitsandbytes' 4-bit layers on a CPU with AVX512-BF16 repack their weight, in place, the first
+    time they run in eval mode without gradients, and from then on compute with a kernel that has
+    no backward: the next round's gradients through the frozen base would be wrong (torch only
+    warns) and layers narrower than 32 outputs fail. Off, every 4-bit layer computes as on any
+    other CPU, in training and evaluation alike."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return model
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 

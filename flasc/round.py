@@ -87,6 +87,7 @@ def round_metrics(reduced: Reduced, tiers: int, server_lr: float) -> dict:
     up = [sum(r.bytes_up for r in results if r.tier == i) for i in range(max(tiers, 1))]
     # bytes sent before the round's training that belong to it (Fed-SB's initialisation, round 1)
     setup_up = reduced.merge_info.get("setup_bytes_up", 0)
+    setup_down = reduced.merge_info.get("setup_bytes_down", 0)
     per_tier = {}
     if tiers > 1:
         for i in range(tiers):
@@ -103,7 +104,7 @@ def round_metrics(reduced: Reduced, tiers: int, server_lr: float) -> dict:
         "diverged_clients": len(results) - len(kept),
         "dl_density": reduced.plan.dl_density,
         "ul_density": reduced.plan.ul_density,
-        "bytes_down": sum(down),
+        "bytes_down": sum(down) + setup_down,
         "bytes_up": sum(up) + setup_up,
         **per_tier,
     }

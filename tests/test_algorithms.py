@@ -781,18 +781,20 @@ def test_fedsb_averages_r_exactly_and_sends_r_squared_values_a_layer(tiny_overri
 
 
 def test_fedsb_initialised_on_the_clients_data_counts_their_gradient_uploads(tiny_overrides, monkeypatch):
-    """fedsb_init_data clients with every training example drawn: every client holding one uploads
-    its gradient sum, out × in values a layer, in round 1's bytes_up."""
+    """fedsb_init_data clients with every training example drawn: every client holding one
+    downloads the initial head and uploads its gradient sum, out × in values a layer, in round 1."""
     cfg, fed = build(
         tiny_overrides, algorithm="fedsb", fedsb_init_data="clients", fedsb_init_examples=100000, clients=4
     )
     fake_clients(fed, monkeypatch)
     holders = sum(1 for c in fed.clients if len(c))
     weights = sum(m.out_features * m.in_features for m, *_ in fedsb_layers(fed))
+    head = sum(p.numel() for n, p in zip(fed.flat.names, fed.flat.params) if "lora_" not in n)
     stats = fed.run_round(0)
     assert stats["fedsb_init_examples"] == sum(len(c) for c in fed.clients)
     assert stats["setup_bytes_up"] == holders * 4 * weights
     assert stats["bytes_up"] == 3 * 4 * fed.flat.numel + holders * 4 * weights
+    assert stats["setup_bytes_down"] == holders * 4 * head
 
 
 def test_fedsb_saves_a_plain_lora_adapter_that_reproduces_the_final_evaluation(tiny_overrides):
@@ -816,6 +818,20 @@ def test_fedsb_saves_a_plain_lora_adapter_that_reproduces_the_final_evaluation(t
     model = models.load_trained(cfg, run_dir / "adapter", task.num_labels, tok.pad_token_id)
     again = evaluate(model, task.test, task.objective, 64, torch.device("cpu"), False)
     assert again["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+
+
+def test_fedsb_checkpoint_holds_the_fixed_factors_a_resume_restores(tiny_overrides):
+    """A resumed run puts back the B and A it trained with, not a recomputation's (which another
+    device could round differently)."""
+    _, fed = build(tiny_overrides, algorithm="fedsb")
+    saved = fed.state()
+    module, b, a, _ = fedsb_layers(fed)[0]
+    with torch.no_grad():
+        module.lora_B["default"].parametrizations.weight[0].fixed.mul_(-1)
+        module.lora_A["default"].weight.add_(1.0)
+    fed.load_state(saved)
+    _, b2, a2, _ = fedsb_layers(fed)[0]
+    assert torch.equal(b2, b) and torch.equal(a2, a)
 
 
 def test_fedsb_refuses_a_rank_above_a_layers_size(tiny_overrides):

@@ -94,6 +94,19 @@ def test_a_4bit_base_computes_the_gradients_of_training_also_after_an_evaluation
     assert all(float(g.abs().max()) > 0 for g, n in zip(before, fed.flat.names) if "lora_B" in n)
 
 
+def test_fedsb_on_a_4bit_base_takes_its_gradients_through_the_quantized_layers(model_folders, tiny_overrides):
+    """Fed-SB's initialising gradients come from hooks on the layers' inputs and outputs (a 4-bit
+    weight has no gradient): its factors are a rank-r SVD of a non-zero signed step, and the run's
+    saved plain-LoRA adapter, reloaded onto the 4-bit base, scores what the run reported."""
+    overrides = llama(model_folders, tiny_overrides, quantization="4bit", algorithm="fedsb", server_rounds=2)
+    fed = federation(overrides)
+    rs = [p for n, p in zip(fed.flat.names, fed.flat.params) if n.endswith("parametrizations.weight.original")]
+    assert rs and all(float(torch.diagonal(r.detach()).abs().min()) > 0 for r in rs)
+    summary = run(overrides)
+    again = reloaded_test_metrics(Path(overrides["dir"]) / overrides["name"])
+    assert again["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
+
+
 # NF4 rounds each weight to one of 16 levels scaled by the absolute maximum of its block of 64
 # (FP4 alike; 8-bit: 256 levels per row): up to about 7% of that maximum per weight. The tiny
 # Llama's random weights (std 0.02) give logits near zero, where the loss hardly moves: the first

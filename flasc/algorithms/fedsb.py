@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from flasc.algorithms.base import FedAvg
 from flasc.federation.communication import VALUE_BYTES
-from flasc.models.params import FixedB
+from flasc.models.params import FixedB, fixed_b
 from flasc.options import ConfigError
 from flasc.runtime import seeding
 
@@ -32,6 +32,11 @@ def init_examples(cfg, task, clients: list[torch.Tensor]) -> tuple[torch.Tensor,
     held by the server) or from the union of the clients' training examples (clients). Returns
     (indices, the split they index, the clients that hold them; empty for validation)."""
     g = seeding.torch_generator(cfg.seed, "fedsb_init")
+    if cfg.fedsb_init_data == "validation" and not len(task.val):
+        raise ConfigError(
+            "fedsb_init_data: validation, and this data set's validation split is empty; expected "
+            "fedsb_init_data: clients (or a validation split)"
+        )
     if cfg.fedsb_init_data == "validation":
         order = torch.randperm(len(task.val), generator=g)
         return order[: cfg.fedsb_init_examples], task.val, []
@@ -45,34 +50,39 @@ def weight_gradients(model, layers: list, split, indices: torch.Tensor, cfg, obj
     """Per LoRA layer, the gradient of the examples' mean loss with respect to its base weight W
     (out × in, as the layer computes y = W x), Σ_tokens (∂L/∂y) xᵀ, from hooks on each layer's
     input and output: this works for quantized and transposed (Conv1D) bases alike, whose weight
-    has no gradient of its own. The model is in eval mode (no dropout); its adapter is the fresh one
-    (B = 0), so the model is the base."""
+    has no gradient of its own. The model is in eval mode (no dropout; which also turns
+    transformers' gradient checkpointing off, so that with gradient_checkpointing the examples go
+    one at a time); its adapter is the fresh one (B = 0), so the model is the base. The sums are
+    float32 on the CPU, one layer's product at a time on the device."""
     from flasc.tasks.evaluation import logits_of
 
-    sums = [torch.zeros(m.out_features, m.in_features, dtype=torch.float64, device=device) for m in layers]
-    total = sum(
-        objective.units(split.batch(indices[s : s + cfg.client_batch]))
-        for s in range(0, len(indices), cfg.client_batch)
-    )
+    sums = [torch.zeros(m.out_features, m.in_features) for m in layers]
+    size = 1 if cfg.gradient_checkpointing else cfg.client_batch
+    starts = range(0, len(indices), size)
+    total = sum(objective.units(split.batch(indices[s : s + size])) for s in starts)
+    if not total:
+        raise ConfigError(
+            f"fedsb_init_examples: the {len(indices)} examples drawn for the initialisation have nothing "
+            "the loss counts (no labels or response tokens); expected more examples"
+        )
 
     def hook(i):
-        def forward_hook(module, inputs, output):
-            if output.requires_grad:  # (gradient checkpointing: the forward recomputed in backward)
-                x = inputs[0].detach()
+        def forward_hook(module, args, kwargs, output):
+            x = (args[0] if args else next(iter(kwargs.values()))).detach()
 
-                def add(g):  # returns None: the gradient flows on unchanged
-                    sums[i].add_(g.reshape(-1, g.shape[-1]).double().T @ x.reshape(-1, x.shape[-1]).double())
+            def add(g):  # returns None: the gradient flows on unchanged
+                sums[i].add_((g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()).cpu())
 
-                output.register_hook(add)
+            output.register_hook(add)
 
         return forward_hook
 
-    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(layers)]
+    handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(layers)]
     was_training = model.training
     model.eval()
     try:
-        for s in range(0, len(indices), cfg.client_batch):
-            batch = split.batch(indices[s : s + cfg.client_batch])
+        for s in starts:
+            batch = split.batch(indices[s : s + size])
             loss, _, n = objective.train_terms(logits_of(model, batch, device, bf16), batch)
             (loss * (n / total)).backward()  # the mean over every example's units
             model.zero_grad(set_to_none=True)
@@ -100,7 +110,8 @@ class FedSB(FedAvg):
     holds (fedsb_init_data: validation, the default: no client sends anything, and the noise's ε
     covers every use of the clients' data), or from the union of the clients' training data
     (clients: the clients holding them each upload their gradient sum, out × in values a layer,
-    counted in round 1's bytes_up and as its setup_bytes_up). Each client downloads B and A once, with
+    counted in round 1's bytes_up and as its setup_bytes_up, and the initial head each downloads
+    first in bytes_down and setup_bytes_down). Each client downloads B and A once, with
     its first download. docs/algorithms.md ("What is sent") gives the bytes each way.
 
     The adapter is peft's, with lora_B's weight parametrized as B·R (FixedB); the saved adapter is
@@ -163,7 +174,7 @@ class FedSB(FedAvg):
             grads = weight_gradients(model, modules, split, indices, cfg, task.objective, device, cfg.bf16)
             out = []
             for g in grads:
-                b, sigma, a = sandwich_factors(-cfg.fedsb_init_lr * torch.sign(g), cfg.lora_rank)
+                b, sigma, a = sandwich_factors(-cfg.fedsb_init_lr * torch.sign(g.double()), cfg.lora_rank)
                 out.append((b.cpu(), sigma.cpu(), a.cpu()))
             return out
 
@@ -178,10 +189,16 @@ class FedSB(FedAvg):
                 lora_b.parametrizations.weight.original.copy_(torch.diag(sigma / scaling).to(lora_b.weight))
         shapes = [(m.out_features, m.in_features) for m in modules]
         factor_values = sum(cfg.lora_rank * (o + i) for o, i in shapes)
+        head = sum(p.numel() for p in model.parameters() if p.requires_grad) - sum(
+            r.numel() for r in (m.lora_B["default"].parametrizations.weight.original for m in modules)
+        )
         return {
+            "layers": modules,
             "fedsb_init_examples": len(indices),
             "fedsb_init_clients": len(holders),
             "factor_bytes": VALUE_BYTES * factor_values,
+            # a holder downloads the initial head, then sends its gradient sum of every layer
+            "init_bytes_down": VALUE_BYTES * len(holders) * head,
             "init_bytes_up": VALUE_BYTES * len(holders) * sum(o * i for o, i in shapes),
         }
 
@@ -210,14 +227,25 @@ class FedSB(FedAvg):
             info = {
                 **info,
                 "setup_bytes_up": self.setup["init_bytes_up"],
+                "setup_bytes_down": self.setup["init_bytes_down"],
                 "fedsb_init_examples": self.setup["fedsb_init_examples"],
                 "fedsb_init_clients": self.setup["fedsb_init_clients"],
             }
         return info
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "has_factors": self.has_factors.copy()}
+        """With the fixed factors themselves: recomputed on another device or library version, a
+        sign of G near zero could flip and move B·R·A (a resume restores them as they were)."""
+        factors = [
+            (fixed_b(m).detach().cpu().clone(), m.lora_A["default"].weight.detach().cpu().clone())
+            for m in self.setup["layers"]
+        ]
+        return {**super().state_dict(), "has_factors": self.has_factors.copy(), "factors": factors}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.has_factors = np.asarray(state["has_factors"]).copy()
+        with torch.no_grad():
+            for m, (b, a) in zip(self.setup["layers"], state["factors"]):
+                fixed_b(m).copy_(b)
+                m.lora_A["default"].weight.copy_(a)

@@ -105,9 +105,11 @@ def expand(study: dict, out_dir: str) -> list[RunSpec]:
         where = f"experiments[{i}]"
         if not isinstance(entry, dict) or "config" not in entry:
             raise StudyError(f"{where}: each entry needs 'config: NAME'")
-        bad = set(entry) - {"config", "overrides", "seeds", "name"}
+        bad = set(entry) - {"config", "overrides", "seeds", "name", "paired_with"}
         if bad:
-            raise StudyError(f"{where}: unknown key(s) {sorted(bad)}; allowed: config, overrides, seeds, name")
+            raise StudyError(
+                f"{where}: unknown key(s) {sorted(bad)}; allowed: config, overrides, seeds, name, paired_with"
+            )
         config_name = str(entry["config"])
         if config_mod.is_config_path(config_name):  # the runs start in the project folder: make it absolute
             config_name = str(Path(config_name).expanduser().resolve())
@@ -130,7 +132,14 @@ def expand(study: dict, out_dir: str) -> list[RunSpec]:
                     resolved = config_mod.load_config(config_name, values)
                 except config_mod.ConfigError as e:
                     raise StudyError(f"{where} ({name}): {e}") from None
-                specs.append(RunSpec(name, config_name, values, group, grid, dict(resolved)))
+                specs.append(RunSpec(name, config_name, values, group, grid, dict(resolved), entry.get("paired_with")))
+    groups = {s.group for s in specs}
+    for i, entry in enumerate(study["experiments"]):
+        if "paired_with" in entry and entry["paired_with"] not in groups:
+            raise StudyError(
+                f"experiments[{i}]: paired_with: {entry['paired_with']!r} is no group of this study; "
+                f"expected one of {', '.join(sorted(groups))}"
+            )
     names = [s.name for s in specs]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:

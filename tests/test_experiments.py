@@ -356,10 +356,19 @@ def test_paired_differences_to_the_studys_first_group_by_hand(tmp_path):
     md = study_tables.paired_table(specs, tmp_path)
     rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ff") or "| flasc" in line}
     # ffa: differences 0.05, 0.06, 0.03 -> mean 0.0467, std 0.01528, se 0.00882: beyond 2 se
-    assert rows["ffa"] == "| ffa | 3 | +0.0467 ± 0.0088 * |"
+    assert rows["ffa"] == "| ffa | fedavg | 3 | +0.0467 ± 0.0088 * |"
     # flasc: seeds 0 and 1 only, differences 0.02, -0.02 -> mean 0, se 0.02
-    assert rows["flasc"] == "| flasc | 2 | +0.0000 ± 0.0200 |"
+    assert rows["flasc"] == "| flasc | fedavg | 2 | +0.0000 ± 0.0200 |"
     assert (tmp_path / "paired.md").read_text() == md
+
+    # paired_with: flasc against ffa (0.82 - 0.85, 0.68 - 0.76: mean -0.055, se 0.025), ffa a reference only
+    study["experiments"][1]["paired_with"] = "ffa"
+    study["experiments"][2]["paired_with"] = "ffa"
+    md = study_tables.paired_table(rx.expand(study, str(tmp_path)), tmp_path)
+    assert [line for line in md.splitlines() if line.startswith("| f")] == ["| flasc | ffa | 2 | -0.0550 ± 0.0250 * |"]
+    study["experiments"][2]["paired_with"] = "dense"
+    with pytest.raises(rx.StudyError, match=r"experiments\[2\]: paired_with: 'dense' is no group of this study"):
+        rx.expand(study, str(tmp_path))
 
 
 def test_the_2025_study_joins_the_24_round_study_and_the_density_study_sweeps_flascs_densities():

@@ -27,6 +27,7 @@ class RunSpec:
     group: str  # the name without the seed: runs that differ only by seed
     axes: dict = field(default_factory=dict)  # the grid values of this run, for the table
     resolved: dict = field(default_factory=dict)
+    paired_with: str | None = None  # the group paired.md compares this one with (None: the study's first)
 
 
 def made_with(folder: Path, resolved: dict) -> bool:

@@ -141,6 +141,9 @@ def drift_table(specs, out_dir: Path) -> str | None:
 
 
 def paired_table(specs, out_dir: Path) -> str | None:
+    """paired.md: each group against its reference (the study's first group, or the entry's
+    paired_with; a group paired with itself is a reference only), seed by seed, mean ± standard
+    error of the differences in final test and personalised score; None when no group has one."""
     groups = list(dict.fromkeys(s.group for s in specs))
     summaries = {
         g: {
@@ -150,21 +153,26 @@ def paired_table(specs, out_dir: Path) -> str | None:
         }
         for g in groups
     }
-    reference, others = groups[0], [g for g in groups[1:] if set(summaries[g]) & set(summaries[groups[0]])]
+    chosen = {s.group: s.paired_with for s in specs if s.paired_with}
+    reference_of = {g: chosen.get(g, groups[0]) for g in groups}
+    others = [g for g in groups if reference_of[g] != g and set(summaries[g]) & set(summaries[reference_of[g]])]
     if not others:
         return None
-    metric = next(iter(summaries[reference].values())).get("primary_metric", "accuracy")
+    first = next(iter(summaries[reference_of[others[0]]].values()))
+    metric = first.get("primary_metric", "accuracy")
     short = "acc" if metric == "accuracy" else metric
     scores = [(f"test_{metric}", f"Δ test {short}"), (f"personal_{metric}_mean", f"Δ personal {short}")]
-    scores = [(k, label) for k, label in scores if any(k in s for s in summaries[reference].values())]
+    scores = [(k, label) for k, label in scores if any(k in s for g in groups for s in summaries[g].values())]
     lines = [
-        f"**Paired differences to {reference}** (per seed, the run minus {reference}'s run of that seed; "
-        "mean ± standard error over the seeds; * beyond two standard errors)",
+        "**Paired differences** (per seed, the run minus its reference's run of that seed: the study's "
+        "first group, or the entry's paired_with; mean ± standard error over the seeds; * beyond two "
+        "standard errors)",
         "",
-        "| run | seeds | " + " | ".join(label for _, label in scores) + " |",
-        "|" + "---|" * (len(scores) + 2),
+        "| run | vs | seeds | " + " | ".join(label for _, label in scores) + " |",
+        "|" + "---|" * (len(scores) + 3),
     ]
     for group in others:
+        reference = reference_of[group]
         seeds = sorted(set(summaries[group]) & set(summaries[reference]))
         cells = []
         for key, _ in scores:
@@ -179,7 +187,7 @@ def paired_table(specs, out_dir: Path) -> str | None:
                 continue
             se = statistics.stdev(diffs) / math.sqrt(len(diffs))
             cells.append(f"{mean:+.4f} ± {se:.4f}{' *' if abs(mean) > 2 * se else ''}")
-        lines.append(f"| {group} | {len(seeds)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {group} | {reference} | {len(seeds)} | " + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n"
     files.write_atomic(out_dir / "paired.md", md)
     return md

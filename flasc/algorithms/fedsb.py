@@ -118,7 +118,7 @@ class FedSB(FedAvg):
     a plain LoRA one, B·R in lora_B (models/saving.py)."""
 
     name = "fedsb"
-    options = (*FedAvg.options, "seed", "fedsb_init_examples", "fedsb_init_data", "fedsb_init_lr")
+    options = (*FedAvg.options, "seed", "lora_rank", "bf16", "fedsb_init_examples", "fedsb_init_data", "fedsb_init_lr")
     rank_tiers = False
     needs_linear_lora = True
     learns_a = None

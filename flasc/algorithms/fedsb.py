@@ -9,6 +9,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from flasc.algorithms.base import FedAvg
+from flasc.algorithms.flexlora import fixed_signs
 from flasc.federation.communication import VALUE_BYTES
 from flasc.models.params import FixedB, fixed_b
 from flasc.options import ConfigError
@@ -21,9 +22,8 @@ def sandwich_factors(update: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     its row of A positive, so that every device gives the same factors."""
     u, sigma, vh = torch.linalg.svd(update, full_matrices=False)
     u, sigma, vh = u[:, :rank], sigma[:rank], vh[:rank]
-    signs = torch.sign(vh.gather(1, vh.abs().argmax(1, keepdim=True))).squeeze(1)
-    signs[signs == 0] = 1
-    return u * signs, sigma, vh * signs[:, None]
+    u, vh = fixed_signs(u, vh)
+    return u, sigma, vh
 
 
 def init_examples(cfg, task, clients: list[torch.Tensor]) -> tuple[torch.Tensor, object, list[int]]:

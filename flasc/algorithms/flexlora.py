@@ -52,6 +52,15 @@ class FlexLoRA(FedAvg):
         return pseudo_grad, info
 
 
+def fixed_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular pairs (columns of u, rows of vh) with the sign that makes the largest-magnitude
+    entry of each row of vh positive: LAPACK and cuSOLVER choose differently, this is the same on
+    every device (the product u·diag(σ)·vh is unchanged)."""
+    signs = torch.sign(vh.gather(1, vh.abs().argmax(1, keepdim=True))).squeeze(1)
+    signs[signs == 0] = 1
+    return u * signs, vh * signs[:, None]
+
+
 def svd_factors(
     target: torch.Tensor,
     rank: int,
@@ -77,9 +86,7 @@ def svd_factors(
     if sigma.numel():
         rounding = torch.finfo(sigma.dtype).eps * max(target.shape) * sigma[0]
         r = min(r, int((sigma > rounding).sum()))
-    signs = torch.sign(vh[:r].gather(1, vh[:r].abs().argmax(1, keepdim=True))).squeeze(1)
-    signs[signs == 0] = 1
-    u, vh = u[:, :r] * signs, vh[:r] * signs[:, None]
+    u, vh = fixed_signs(u[:, :r], vh[:r])
     b = torch.zeros(target.shape[0], rank, dtype=target.dtype, device=target.device)
     a = torch.zeros(rank, target.shape[1], dtype=target.dtype, device=target.device)
     if split == "balanced":
